@@ -1,0 +1,270 @@
+//! Kernel/user shared types: every BPF map's key and value, and the constants both sides agree on.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding fields, because hash and LPM keys are
+//! compared byte for byte: an implicit padding byte left uninitialised on one side would make
+//! lookups miss. The layout of every type is pinned by `const` assertions below and by the
+//! offset tests at the bottom of this file.
+//!
+//! # The maps (defined in `gatekeeper-ebpf/src/main.rs`, written by `gatekeeper::maps`)
+//!
+//! | map            | type              | key                  | value          | written by |
+//! |----------------|-------------------|----------------------|----------------|------------|
+//! | `GK_EPOCH`     | array\[1\]        | `u32` index 0        | `u32` epoch    | daemon: one store flips the policy generation (`gen = epoch & 1`) |
+//! | `GK_GEN_CONFIG`| array\[2\]        | `u32` generation     | [`GenConfig`]  | daemon, only for the inactive generation |
+//! | `GK_IDS_V4`    | LPM trie          | [`LpmV4`]            | [`Identity`]   | daemon, only for the inactive generation |
+//! | `GK_IDS_V6`    | LPM trie          | [`LpmV6`]            | [`Identity`]   | daemon, only for the inactive generation |
+//! | `GK_PORT_CLASS`| array             | [`port_class_index`] | `u32` class    | daemon, only for the inactive generation |
+//! | `GK_POLICY`    | hash              | [`PolicyKey`]        | [`PolicyValue`]| daemon, only for the inactive generation |
+//! | `GK_FLOWS`     | LRU hash          | [`FlowKey`]          | [`FlowValue`]  | XDP program (create, refresh, revoke); daemon may clear |
+//! | `GK_STATS`     | per-CPU array     | outcome (`OUTCOME_*`)| [`Counter`]    | XDP program |
+//! | `GK_RULE_STATS`| per-CPU array     | rule slot            | [`Counter`]    | XDP program; daemon zeroes a slot before reusing it |
+//!
+//! Policy maps hold two generations side by side (the generation is the first byte of every key).
+//! The program reads the epoch once per packet and uses only that generation, so a packet is
+//! judged entirely by the old policy or entirely by the new one, never by a mix.
+#![no_std]
+
+/// Identity of addresses that belong to no segment.
+pub const ID_WORLD: u32 = 0;
+/// Wildcard identity in [`PolicyKey`]: a rule whose `from` or `to` is `any`.
+pub const ID_ANY: u32 = u32::MAX;
+/// No rule: in [`PolicyValue`] fields and as "no deciding rule".
+pub const NO_RULE: u32 = u32::MAX;
+
+/// [`Identity::flags`]: the address is in at least one `enforce` segment.
+pub const GOVERN_ENFORCE: u32 = 1;
+/// [`Identity::flags`]: the address is in at least one `monitor` segment.
+pub const GOVERN_MONITOR: u32 = 2;
+
+/// [`GenConfig::flags`]: some segment of this generation enforces (malformed packets whose
+/// addresses cannot be read are then dropped).
+pub const CFG_ANY_ENFORCE: u32 = 1;
+/// [`GenConfig::flags`]: some segment of this generation is in monitor mode.
+pub const CFG_ANY_MONITOR: u32 = 2;
+/// [`GenConfig::flags`]: some rule has `from: any` (look up `(ANY, dst)`).
+pub const CFG_SRC_ANY: u32 = 4;
+/// [`GenConfig::flags`]: some rule has `to: any` (look up `(src, ANY)`).
+pub const CFG_DST_ANY: u32 = 8;
+/// [`GenConfig::flags`]: some rule has both `from: any` and `to: any`.
+pub const CFG_ANY_ANY: u32 = 16;
+
+/// Protocol classes used in [`PolicyKey::proto`]. Rules can only name these protocols, so
+/// folding every other IP protocol into [`PROTO_OTHER`] loses nothing.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_OTHER: u8 = 255;
+
+/// Port class of packets that carry no port: non-first fragments, ICMP, other protocols.
+/// Only rules without a port restriction cover it.
+pub const PORT_CLASS_NONE: u32 = 0;
+/// Port-class array: per generation, per L4 protocol (TCP, UDP), one entry per port.
+pub const PORT_CLASS_ENTRIES: u32 = 2 * 2 * 65536;
+
+/// Index of `port` for `l4` (0 = TCP, 1 = UDP) in generation `gen` of `GK_PORT_CLASS`.
+#[inline(always)]
+pub const fn port_class_index(generation: u32, l4: u32, port: u16) -> u32 {
+    ((generation & 1) << 17) | ((l4 & 1) << 16) | port as u32
+}
+
+/// Per-packet outcomes: every packet increments exactly one of these in `GK_STATS`.
+pub const OUTCOME_PASS_NON_IP: u32 = 0;
+pub const OUTCOME_PASS_NEIGHBOR: u32 = 1;
+pub const OUTCOME_PASS_UNGOVERNED: u32 = 2;
+pub const OUTCOME_PASS_FLOW: u32 = 3;
+pub const OUTCOME_PASS_ALLOWED: u32 = 4;
+pub const OUTCOME_DROP_DENY_RULE: u32 = 5;
+pub const OUTCOME_DROP_DEFAULT: u32 = 6;
+pub const OUTCOME_MONITOR_DENY_RULE: u32 = 7;
+pub const OUTCOME_MONITOR_DEFAULT: u32 = 8;
+pub const OUTCOME_DROP_MALFORMED: u32 = 9;
+pub const OUTCOME_MONITOR_MALFORMED: u32 = 10;
+pub const OUTCOME_PASS_MALFORMED: u32 = 11;
+/// Events counted in addition to the outcome.
+pub const EVENT_FLOW_REVOKED: u32 = 12;
+pub const EVENT_FLOW_INSERT_FAILED: u32 = 13;
+pub const STATS_ENTRIES: u32 = 14;
+
+/// Rule slots available for per-rule counters.
+pub const MAX_RULES: u32 = 16384;
+
+/// Value of `GK_IDS_V4` / `GK_IDS_V6`: the segment-set identity of an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub id: u32,
+    /// `GOVERN_*` bits: the strongest modes among the address's segments.
+    pub flags: u32,
+}
+
+/// LPM key data for IPv4: generation byte then address; prefix length counts the 8 bits of the
+/// generation, so `/24` is stored with prefix length 32.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LpmV4 {
+    pub generation: u8,
+    pub addr: [u8; 4],
+    pub _pad: [u8; 3],
+}
+
+/// LPM key data for IPv6, laid out like [`LpmV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LpmV6 {
+    pub generation: u8,
+    pub addr: [u8; 16],
+    pub _pad: [u8; 3],
+}
+
+/// Key of `GK_POLICY`: who talks to whom, on which protocol class and port class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub generation: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    pub port_class: u32,
+    /// Source identity, or [`ID_ANY`] for rules `from: any`.
+    pub src: u32,
+    /// Destination identity, or [`ID_ANY`] for rules `to: any`.
+    pub dst: u32,
+}
+
+/// Value of `GK_POLICY`: the first (lowest slot) matching allow and deny rules for the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub allow_rule: u32,
+    pub deny_rule: u32,
+}
+
+impl Default for PolicyValue {
+    fn default() -> Self {
+        Self { allow_rule: NO_RULE, deny_rule: NO_RULE }
+    }
+}
+
+/// Per-generation settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenConfig {
+    /// `CFG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+    pub tcp_timeout_ns: u64,
+    pub udp_timeout_ns: u64,
+    pub icmp_timeout_ns: u64,
+}
+
+/// Key of `GK_FLOWS`: the two endpoints in a canonical order so both directions share one entry.
+/// IPv4 addresses use the first word of the address fields, the rest zero.
+/// ICMP echo flows use the echo identifier as both ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Address words exactly as they appear on the wire (network byte order).
+    pub addr_lo: [u32; 4],
+    pub addr_hi: [u32; 4],
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// [`FlowValue::flags`]: the flow was opened by the `lo` endpoint.
+pub const FLOW_ORIG_LO: u32 = 1;
+
+/// Value of `GK_FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// `bpf_ktime_get_ns` of the last packet seen (refreshed at most once a second).
+    pub last_seen_ns: u64,
+    /// Policy epoch the flow was last judged under; a different epoch means re-judge.
+    pub epoch: u32,
+    pub flags: u32,
+}
+
+/// Value of `GK_STATS` and `GK_RULE_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// Layouts are part of the kernel/user contract: any change must be deliberate.
+const _: () = assert!(core::mem::size_of::<Identity>() == 8);
+const _: () = assert!(core::mem::size_of::<LpmV4>() == 8);
+const _: () = assert!(core::mem::size_of::<LpmV6>() == 20);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 16);
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, contain only integers and byte arrays, and have no
+    // implicit padding (checked by the size assertions above and the offset tests below).
+    unsafe impl aya::Pod for Identity {}
+    unsafe impl aya::Pod for LpmV4 {}
+    unsafe impl aya::Pod for LpmV6 {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for GenConfig {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::offset_of;
+
+    use super::*;
+
+    #[test]
+    fn policy_key_layout() {
+        assert_eq!(offset_of!(PolicyKey, generation), 0);
+        assert_eq!(offset_of!(PolicyKey, proto), 1);
+        assert_eq!(offset_of!(PolicyKey, port_class), 4);
+        assert_eq!(offset_of!(PolicyKey, src), 8);
+        assert_eq!(offset_of!(PolicyKey, dst), 12);
+    }
+
+    #[test]
+    fn lpm_key_layout() {
+        assert_eq!(offset_of!(LpmV4, generation), 0);
+        assert_eq!(offset_of!(LpmV4, addr), 1);
+        assert_eq!(offset_of!(LpmV6, addr), 1);
+        assert_eq!(offset_of!(LpmV6, _pad), 17);
+    }
+
+    #[test]
+    fn flow_layout() {
+        assert_eq!(offset_of!(FlowKey, addr_hi), 16);
+        assert_eq!(offset_of!(FlowKey, port_lo), 32);
+        assert_eq!(offset_of!(FlowKey, port_hi), 34);
+        assert_eq!(offset_of!(FlowKey, proto), 36);
+        assert_eq!(offset_of!(FlowKey, family), 37);
+        assert_eq!(offset_of!(FlowValue, epoch), 8);
+        assert_eq!(offset_of!(GenConfig, tcp_timeout_ns), 8);
+        assert_eq!(offset_of!(Identity, flags), 4);
+        assert_eq!(offset_of!(PolicyValue, deny_rule), 4);
+        assert_eq!(offset_of!(Counter, bytes), 8);
+    }
+
+    #[test]
+    fn port_class_index_separates_generations_and_protocols() {
+        assert_eq!(port_class_index(0, 0, 0), 0);
+        assert_eq!(port_class_index(0, 1, 0), 65536);
+        assert_eq!(port_class_index(1, 0, 65535), 131072 + 65535);
+        assert_eq!(port_class_index(1, 1, 65535) + 1, PORT_CLASS_ENTRIES);
+    }
+}

@@ -1,0 +1,558 @@
+//! The gatekeeper XDP program: microsegmentation on every bridge port.
+//!
+//! Per packet: parse (through VLAN tags and IPv6 extension headers), look up the flow table
+//! (fast path for established flows), find the segment-set identity of source and destination
+//! (LPM tries), and judge a new flow against the compiled allow-list. Every packet ends in
+//! exactly one `OUTCOME_*` counter. The maps are described in one place, `gatekeeper-common`.
+//!
+//! Semantics are defined by the plain-Rust reference model in `gatekeeper::reference`; the
+//! differential tests hold this program to it.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    helpers::bpf_ktime_get_ns,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use gatekeeper_common::{
+    CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, Counter,
+    EVENT_FLOW_INSERT_FAILED, EVENT_FLOW_REVOKED, FLOW_ORIG_LO, FlowKey, FlowValue, GOVERN_ENFORCE,
+    GenConfig, ID_ANY, Identity, LpmV4, LpmV6, MAX_RULES, NO_RULE, OUTCOME_DROP_DEFAULT,
+    OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT,
+    OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_ALLOWED,
+    OUTCOME_PASS_FLOW, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP,
+    OUTCOME_PASS_UNGOVERNED, PORT_CLASS_ENTRIES, PORT_CLASS_NONE, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
+};
+
+// ---- Maps (documented in gatekeeper-common) -------------------------------------------------
+
+#[map]
+static GK_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+static GK_GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(2, 0);
+#[map]
+static GK_IDS_V4: LpmTrie<LpmV4, Identity> = LpmTrie::with_max_entries(1 << 18, 0);
+#[map]
+static GK_IDS_V6: LpmTrie<LpmV6, Identity> = LpmTrie::with_max_entries(1 << 18, 0);
+#[map]
+static GK_PORT_CLASS: Array<u32> = Array::with_max_entries(PORT_CLASS_ENTRIES, 0);
+// Not preallocated: sized for large policies, but only memory for what is there is used, and
+// lookups of a non-preallocated hash never alias a recycled element.
+#[map]
+static GK_POLICY: HashMap<PolicyKey, PolicyValue> =
+    HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+#[map]
+static GK_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(1 << 17, 0);
+#[map]
+static GK_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
+#[map]
+static GK_RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+// ---- Parsing ----------------------------------------------------------------------------------
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+/// 802.1ad outer tag plus 802.1Q inner tag; deeper stacks are not parsed (and are malformed).
+const MAX_VLAN_DEPTH: usize = 2;
+/// IPv6 extension headers skipped before giving up (the packet is then malformed).
+const MAX_EXT_HEADERS: usize = 8;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// A parsed IP packet. Addresses are kept as the words found on the wire.
+#[derive(Clone, Copy)]
+struct Packet {
+    family: u8,
+    proto: u8,
+    /// The L4 ports are meaningful for rules (TCP/UDP, not a non-first fragment).
+    has_ports: bool,
+    /// The packet belongs to a tracked flow kind (TCP, UDP, ICMP echo) and has its ports/id.
+    trackable: bool,
+    /// ICMPv6 neighbour discovery or multicast listener message: passes untouched.
+    neighbor: bool,
+    /// The header chain is broken or truncated after the addresses.
+    malformed: bool,
+    sport: u16,
+    dport: u16,
+    src: [u32; 4],
+    dst: [u32; 4],
+}
+
+enum Parsed {
+    NonIp,
+    /// An IP packet too broken to read its addresses from.
+    Unattributable,
+    Ip(Packet),
+}
+
+/// Reads `N` bytes at `offset`, checking the bounds immediately before the access so that the
+/// verifier sees the check (LLVM may not move it past the load).
+#[inline(always)]
+fn load<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + N > end {
+        return None;
+    }
+    // SAFETY: bounds checked above; `[u8; N]` has alignment 1.
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
+}
+
+#[inline(always)]
+fn be16(b0: u8, b1: u8) -> u16 {
+    u16::from_be_bytes([b0, b1])
+}
+
+#[inline(always)]
+fn word(b: &[u8; 4]) -> u32 {
+    u32::from_ne_bytes(*b)
+}
+
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Parsed {
+    let Some(eth) = load::<ETH_HLEN>(ctx, 0) else {
+        return Parsed::Unattributable;
+    };
+    let mut ethertype = be16(eth[12], eth[13]);
+    let mut offset = ETH_HLEN;
+    for _ in 0..MAX_VLAN_DEPTH {
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            let Some(tag) = load::<4>(ctx, offset) else {
+                return Parsed::Unattributable;
+            };
+            ethertype = be16(tag[2], tag[3]);
+            offset += 4;
+        }
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, offset),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset),
+        // A third VLAN tag: we cannot see what is inside, so we cannot let it through unjudged.
+        ETH_P_8021Q | ETH_P_8021AD => Parsed::Unattributable,
+        _ => Parsed::NonIp,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Parsed {
+    let Some(h) = load::<20>(ctx, offset) else {
+        return Parsed::Unattributable;
+    };
+    if h[0] >> 4 != 4 {
+        return Parsed::Unattributable;
+    }
+    let mut p = Packet {
+        family: 4,
+        proto: h[9],
+        has_ports: false,
+        trackable: false,
+        neighbor: false,
+        malformed: false,
+        sport: 0,
+        dport: 0,
+        src: [word(&[h[12], h[13], h[14], h[15]]), 0, 0, 0],
+        dst: [word(&[h[16], h[17], h[18], h[19]]), 0, 0, 0],
+    };
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if ihl < 20 || offset + ihl > ctx.data_end() - ctx.data() {
+        p.malformed = true;
+        return Parsed::Ip(p);
+    }
+    // A non-first fragment carries no L4 header: it is judged without ports.
+    if be16(h[6], h[7]) & 0x1fff != 0 {
+        return Parsed::Ip(p);
+    }
+    parse_l4(ctx, offset + ihl, p)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
+    let Some(h) = load::<40>(ctx, offset) else {
+        return Parsed::Unattributable;
+    };
+    if h[0] >> 4 != 6 {
+        return Parsed::Unattributable;
+    }
+    let mut p = Packet {
+        family: 6,
+        proto: h[6],
+        has_ports: false,
+        trackable: false,
+        neighbor: false,
+        malformed: false,
+        sport: 0,
+        dport: 0,
+        src: [
+            word(&[h[8], h[9], h[10], h[11]]),
+            word(&[h[12], h[13], h[14], h[15]]),
+            word(&[h[16], h[17], h[18], h[19]]),
+            word(&[h[20], h[21], h[22], h[23]]),
+        ],
+        dst: [
+            word(&[h[24], h[25], h[26], h[27]]),
+            word(&[h[28], h[29], h[30], h[31]]),
+            word(&[h[32], h[33], h[34], h[35]]),
+            word(&[h[36], h[37], h[38], h[39]]),
+        ],
+    };
+    let mut offset = offset + 40;
+    for _ in 0..MAX_EXT_HEADERS {
+        match p.proto {
+            // Hop-by-hop, routing, destination options: length in 8-octet units, not counting the first.
+            0 | 43 | 60 => {
+                let Some(e) = load::<2>(ctx, offset) else {
+                    p.malformed = true;
+                    return Parsed::Ip(p);
+                };
+                p.proto = e[0];
+                offset += (e[1] as usize + 1) * 8;
+            }
+            // Authentication header: length in 4-octet units, not counting the first two.
+            51 => {
+                let Some(e) = load::<2>(ctx, offset) else {
+                    p.malformed = true;
+                    return Parsed::Ip(p);
+                };
+                p.proto = e[0];
+                offset += (e[1] as usize + 2) * 4;
+            }
+            44 => {
+                let Some(e) = load::<8>(ctx, offset) else {
+                    p.malformed = true;
+                    return Parsed::Ip(p);
+                };
+                p.proto = e[0];
+                offset += 8;
+                if be16(e[2], e[3]) >> 3 != 0 {
+                    // Non-first fragment: no L4 header here.
+                    return Parsed::Ip(p);
+                }
+            }
+            _ => return parse_l4(ctx, offset, p),
+        }
+    }
+    // Still inside the extension header chain: too long to follow.
+    p.malformed = true;
+    Parsed::Ip(p)
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, offset: usize, mut p: Packet) -> Parsed {
+    match p.proto {
+        PROTO_TCP => {
+            let Some(t) = load::<20>(ctx, offset) else {
+                p.malformed = true;
+                return Parsed::Ip(p);
+            };
+            p.sport = be16(t[0], t[1]);
+            p.dport = be16(t[2], t[3]);
+            p.has_ports = true;
+            p.trackable = true;
+        }
+        PROTO_UDP => {
+            let Some(u) = load::<8>(ctx, offset) else {
+                p.malformed = true;
+                return Parsed::Ip(p);
+            };
+            p.sport = be16(u[0], u[1]);
+            p.dport = be16(u[2], u[3]);
+            p.has_ports = true;
+            p.trackable = true;
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let Some(i) = load::<8>(ctx, offset) else {
+                p.malformed = true;
+                return Parsed::Ip(p);
+            };
+            let ty = i[0];
+            let echo = if p.family == 4 {
+                p.proto == PROTO_ICMP && (ty == 8 || ty == 0)
+            } else {
+                p.proto == PROTO_ICMPV6 && (ty == 128 || ty == 129)
+            };
+            if echo {
+                // Both directions of an echo exchange share the identifier.
+                let id = be16(i[4], i[5]);
+                p.sport = id;
+                p.dport = id;
+                p.trackable = true;
+            }
+            p.neighbor = p.family == 6
+                && p.proto == PROTO_ICMPV6
+                && ((130..=137).contains(&ty) || ty == 143);
+        }
+        _ => {}
+    }
+    Parsed::Ip(p)
+}
+
+// ---- Lookups ----------------------------------------------------------------------------------
+
+#[inline(always)]
+fn identity(generation: u32, family: u8, addr: &[u32; 4]) -> Identity {
+    let found = if family == 4 {
+        let key = Key::new(
+            8 + 32,
+            LpmV4 { generation: generation as u8, addr: addr[0].to_ne_bytes(), _pad: [0; 3] },
+        );
+        GK_IDS_V4.get(&key).copied()
+    } else {
+        // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
+        let bytes: [u8; 16] = unsafe { core::mem::transmute(*addr) };
+        let key = Key::new(8 + 128, LpmV6 { generation: generation as u8, addr: bytes, _pad: [0; 3] });
+        GK_IDS_V6.get(&key).copied()
+    };
+    found.unwrap_or_default()
+}
+
+#[inline(always)]
+fn proto_class(proto: u8) -> u8 {
+    match proto {
+        PROTO_ICMP | PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => proto,
+        _ => PROTO_OTHER,
+    }
+}
+
+#[inline(always)]
+fn port_class(generation: u32, p: &Packet, dport: u16) -> u32 {
+    if !p.has_ports {
+        return PORT_CLASS_NONE;
+    }
+    let l4 = if p.proto == PROTO_TCP { 0 } else { 1 };
+    GK_PORT_CLASS.get(port_class_index(generation, l4, dport)).copied().unwrap_or(PORT_CLASS_NONE)
+}
+
+#[inline(always)]
+fn merge(key: &PolicyKey, allow: &mut u32, deny: &mut u32) {
+    // SAFETY: the map is not preallocated, so an element is never recycled under us; the value
+    // is copied out at once.
+    if let Some(v) = unsafe { GK_POLICY.get(key) } {
+        let v = *v;
+        if v.allow_rule < *allow {
+            *allow = v.allow_rule;
+        }
+        if v.deny_rule < *deny {
+            *deny = v.deny_rule;
+        }
+    }
+}
+
+/// Judges a flow start: `(allowed, deciding rule or NO_RULE)`. Deny beats allow; among rules of
+/// the deciding action the lowest slot counts.
+#[inline(always)]
+fn decide(cfg_flags: u32, generation: u32, proto: u8, port_class: u32, src: u32, dst: u32) -> (bool, u32) {
+    let mut allow = NO_RULE;
+    let mut deny = NO_RULE;
+    let mut key = PolicyKey {
+        generation: generation as u8,
+        proto: proto_class(proto),
+        _pad: [0; 2],
+        port_class,
+        src,
+        dst,
+    };
+    merge(&key, &mut allow, &mut deny);
+    if cfg_flags & CFG_DST_ANY != 0 {
+        key.dst = ID_ANY;
+        merge(&key, &mut allow, &mut deny);
+    }
+    if cfg_flags & CFG_SRC_ANY != 0 {
+        key.src = ID_ANY;
+        key.dst = dst;
+        merge(&key, &mut allow, &mut deny);
+    }
+    if cfg_flags & CFG_ANY_ANY != 0 {
+        key.src = ID_ANY;
+        key.dst = ID_ANY;
+        merge(&key, &mut allow, &mut deny);
+    }
+    if deny != NO_RULE {
+        (false, deny)
+    } else if allow != NO_RULE {
+        (true, allow)
+    } else {
+        (false, NO_RULE)
+    }
+}
+
+/// The flow key in canonical order, and whether the packet's source is the `lo` endpoint.
+#[inline(always)]
+fn flow_key(p: &Packet) -> (FlowKey, bool) {
+    let src_lo = (p.src[0], p.src[1], p.src[2], p.src[3], p.sport)
+        <= (p.dst[0], p.dst[1], p.dst[2], p.dst[3], p.dport);
+    let (a, pa, b, pb) = if src_lo {
+        (p.src, p.sport, p.dst, p.dport)
+    } else {
+        (p.dst, p.dport, p.src, p.sport)
+    };
+    let key = FlowKey {
+        addr_lo: a,
+        addr_hi: b,
+        port_lo: pa,
+        port_hi: pb,
+        proto: p.proto,
+        family: p.family,
+        _pad: [0; 2],
+    };
+    (key, src_lo)
+}
+
+#[inline(always)]
+fn flow_timeout(cfg: &GenConfig, proto: u8) -> u64 {
+    match proto {
+        PROTO_TCP => cfg.tcp_timeout_ns,
+        PROTO_UDP => cfg.udp_timeout_ns,
+        _ => cfg.icmp_timeout_ns,
+    }
+}
+
+#[inline(always)]
+fn count(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU value, and XDP runs with preemption off: no concurrent writer.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+fn denied(enforce: bool, rule: u32) -> (u32, u32) {
+    let outcome = match (enforce, rule != NO_RULE) {
+        (true, true) => OUTCOME_DROP_DENY_RULE,
+        (true, false) => OUTCOME_DROP_DEFAULT,
+        (false, true) => OUTCOME_MONITOR_DENY_RULE,
+        (false, false) => OUTCOME_MONITOR_DEFAULT,
+    };
+    (outcome, rule)
+}
+
+// ---- The program --------------------------------------------------------------------------------
+
+#[xdp]
+pub fn gatekeeper(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (outcome, rule) = judge(&ctx, bytes);
+    count(&GK_STATS, outcome, bytes);
+    if rule < MAX_RULES {
+        count(&GK_RULE_STATS, rule, bytes);
+    }
+    match outcome {
+        OUTCOME_DROP_DENY_RULE | OUTCOME_DROP_DEFAULT | OUTCOME_DROP_MALFORMED => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// Returns `(OUTCOME_*, deciding rule slot or NO_RULE)`.
+#[inline(always)]
+fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
+    // One read of the epoch decides the generation for the whole packet.
+    let epoch = GK_EPOCH.get(0).copied().unwrap_or(0);
+    let generation = epoch & 1;
+    let cfg = GK_GEN_CONFIG.get(generation).copied().unwrap_or_default();
+
+    let p = match parse(ctx) {
+        Parsed::NonIp => return (OUTCOME_PASS_NON_IP, NO_RULE),
+        Parsed::Unattributable => {
+            // Nobody can say which segment this packet governs: assume the strictest mode present.
+            let outcome = if cfg.flags & CFG_ANY_ENFORCE != 0 {
+                OUTCOME_DROP_MALFORMED
+            } else if cfg.flags & CFG_ANY_MONITOR != 0 {
+                OUTCOME_MONITOR_MALFORMED
+            } else {
+                OUTCOME_PASS_MALFORMED
+            };
+            return (outcome, NO_RULE);
+        }
+        Parsed::Ip(p) => p,
+    };
+    if p.neighbor {
+        return (OUTCOME_PASS_NEIGHBOR, NO_RULE);
+    }
+
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (fkey, src_lo) = flow_key(&p);
+    // Flow state before the policy: an established flow under the current epoch costs one lookup.
+    let mut stale: Option<FlowValue> = None;
+    if p.trackable {
+        if let Some(fv) = GK_FLOWS.get_ptr_mut(&fkey) {
+            // SAFETY: LRU elements can be recycled under us; we copy the value out and only
+            // write back plain integers, which at worst refresh an unrelated entry.
+            let v = unsafe { *fv };
+            let age = now.saturating_sub(v.last_seen_ns);
+            if age <= flow_timeout(&cfg, p.proto) {
+                if v.epoch == epoch {
+                    if age > NS_PER_SEC {
+                        unsafe { (*fv).last_seen_ns = now };
+                    }
+                    return (OUTCOME_PASS_FLOW, NO_RULE);
+                }
+                stale = Some(v);
+            }
+        }
+    }
+
+    let src = identity(generation, p.family, &p.src);
+    let dst = identity(generation, p.family, &p.dst);
+    let governing = src.flags | dst.flags;
+    if governing == 0 {
+        let outcome = if p.malformed { OUTCOME_PASS_MALFORMED } else { OUTCOME_PASS_UNGOVERNED };
+        return (outcome, NO_RULE);
+    }
+    let enforce = governing & GOVERN_ENFORCE != 0;
+    if p.malformed {
+        let outcome = if enforce { OUTCOME_DROP_MALFORMED } else { OUTCOME_MONITOR_MALFORMED };
+        return (outcome, NO_RULE);
+    }
+
+    // A flow opened under an older policy is judged again, in its original direction.
+    if let Some(v) = stale {
+        let orig_lo = v.flags & FLOW_ORIG_LO != 0;
+        let (os, od, odport) = if orig_lo == src_lo {
+            (src.id, dst.id, p.dport)
+        } else {
+            (dst.id, src.id, p.sport)
+        };
+        let pc = port_class(generation, &p, odport);
+        let (allowed, _) = decide(cfg.flags, generation, p.proto, pc, os, od);
+        if allowed {
+            let renewed = FlowValue { last_seen_ns: now, epoch, flags: v.flags };
+            if GK_FLOWS.insert(&fkey, &renewed, 0).is_err() {
+                count(&GK_STATS, EVENT_FLOW_INSERT_FAILED, bytes);
+            }
+            return (OUTCOME_PASS_FLOW, NO_RULE);
+        }
+        let _ = GK_FLOWS.remove(&fkey);
+        count(&GK_STATS, EVENT_FLOW_REVOKED, bytes);
+    }
+
+    let pc = port_class(generation, &p, p.dport);
+    let (allowed, rule) = decide(cfg.flags, generation, p.proto, pc, src.id, dst.id);
+    if !allowed {
+        return denied(enforce, rule);
+    }
+    if p.trackable {
+        let value = FlowValue { last_seen_ns: now, epoch, flags: if src_lo { FLOW_ORIG_LO } else { 0 } };
+        if GK_FLOWS.insert(&fkey, &value, 0).is_err() {
+            count(&GK_STATS, EVENT_FLOW_INSERT_FAILED, bytes);
+        }
+    }
+    (OUTCOME_PASS_ALLOWED, rule)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,12 @@
+//! Gatekeeper: agentless microsegmentation for OT networks.
+//!
+//! * [`policy`]: the declarative document and its validation; [`selector`]: tag selectors.
+//! * [`segment`]: which addresses belong to which segments.
+//! * [`compile`]: policy to map contents, with stable numbering and small deltas.
+//! * [`maps`]: loading the XDP program, writing a compiled policy atomically, reading counters.
+//! * [`reference`]: the plain-Rust reference model of the data-plane semantics.
+//! * [`config`], [`daemon`]: the `gatekeeper run` daemon.
+pub mod compile;
+pub mod policy;
+pub mod segment;
+pub mod selector;

@@ -1,0 +1,521 @@
+//! The declarative policy document (assets, segments, rules) and its validation.
+//!
+//! [`PolicyDocument`] is what users write (YAML or JSON); [`Policy`] is the validated form every
+//! other module works on. Validation collects every problem it finds, each naming the entry and
+//! field, so one `gatekeeper check` run shows all of them.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::Path,
+};
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::selector::{self, Selector};
+
+/// What users write.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    #[serde(default)]
+    pub assets: Vec<AssetSpec>,
+    #[serde(default)]
+    pub segments: Vec<SegmentSpec>,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssetSpec {
+    pub name: String,
+    #[serde(default)]
+    pub ips: Vec<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, Scalar>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub ports: Vec<Scalar>,
+    #[serde(default)]
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// A YAML/JSON scalar accepted where a string is meant (`floor: 3`, `ports: [502, "1-2"]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Int(i64),
+    Str(String),
+    Bool(bool),
+    Float(f64),
+}
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Int(i) => write!(f, "{i}"),
+            Self::Str(s) => f.write_str(s),
+            Self::Bool(b) => write!(f, "{b}"),
+            Self::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// How a segment governs traffic to and from its members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Default deny: what no rule allows is dropped.
+    #[default]
+    Enforce,
+    /// What no rule allows passes and is counted as would-drop.
+    Monitor,
+    /// The segment only names addresses for rules; it governs nothing by itself.
+    Label,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+}
+
+impl Protocol {
+    /// IP protocol number, `None` for any.
+    pub fn number(self) -> Option<u8> {
+        match self {
+            Self::Any => None,
+            Self::Tcp => Some(6),
+            Self::Udp => Some(17),
+            Self::Icmp => Some(1),
+            Self::Icmpv6 => Some(58),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// The reserved endpoint name matching every address.
+pub const ANY: &str = "any";
+
+/// A rule endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Any,
+    Segment(String),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str(ANY),
+            Self::Segment(s) => f.write_str(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Asset {
+    pub name: String,
+    pub prefixes: Vec<IpNet>,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub name: String,
+    pub selector: Option<Selector>,
+    pub cidrs: Vec<IpNet>,
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub name: String,
+    pub from: Endpoint,
+    pub to: Endpoint,
+    pub protocol: Protocol,
+    /// Inclusive port ranges; empty means every port (and port-less packets).
+    pub ports: Vec<(u16, u16)>,
+    pub action: Action,
+    pub expires: Option<DateTime<Utc>>,
+}
+
+impl Rule {
+    /// Whether the rule still matches at `now`.
+    pub fn live(&self, now: DateTime<Utc>) -> bool {
+        self.expires.is_none_or(|e| e > now)
+    }
+}
+
+/// A validated policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    pub assets: Vec<Asset>,
+    pub segments: Vec<Segment>,
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// The earliest expiry still in the future: when the policy must be compiled again.
+    pub fn next_expiry(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.rules.iter().filter_map(|r| r.expires).filter(|e| *e > now).min()
+    }
+}
+
+/// One problem in a policy document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The entry, e.g. `rules[2] "hmi-to-plc"`.
+    pub entry: String,
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.entry, self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.entry, self.field, self.reason)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{source_name}: cannot read: {error}")]
+    Read { source_name: String, error: std::io::Error },
+    #[error("{source_name}: {error}")]
+    Syntax { source_name: String, error: String },
+    #[error("{source_name}: {} problem(s):\n  {}", problems.len(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid { source_name: String, problems: Vec<Problem> },
+}
+
+impl PolicyDocument {
+    /// Parses YAML (JSON is YAML too). `source_name` names the input in errors.
+    pub fn from_yaml(text: &str, source_name: &str) -> Result<Self, PolicyError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str(text)
+            .map_err(|e| PolicyError::Syntax { source_name: source_name.to_string(), error: e.to_string() })
+    }
+
+    pub fn validate(&self, source_name: &str) -> Result<Policy, PolicyError> {
+        let mut problems = Vec::new();
+        let policy = validate(self, &mut problems);
+        if problems.is_empty() {
+            Ok(policy)
+        } else {
+            Err(PolicyError::Invalid { source_name: source_name.to_string(), problems })
+        }
+    }
+}
+
+/// Reads, parses and validates a policy file.
+pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
+    let name = path.display().to_string();
+    let text =
+        std::fs::read_to_string(path).map_err(|error| PolicyError::Read { source_name: name.clone(), error })?;
+    PolicyDocument::from_yaml(&text, &name)?.validate(&name)
+}
+
+/// Names: 1 to 63 of letters, digits, `.`, `_`, `-`, starting with a letter or digit.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Parses an address (a host prefix) or a CIDR whose host bits are zero.
+pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    let net: IpNet = text.parse().map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
+    if net.trunc() != net {
+        return Err(format!("{text:?} has host bits set; did you mean {}?", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// Parses `502`, `"502"` or `"20000-20010"`.
+pub fn parse_port_range(spec: &Scalar) -> Result<(u16, u16), String> {
+    let port = |s: &str| -> Result<u16, String> {
+        s.trim().parse::<u16>().map_err(|_| format!("{s:?} is not a port (0-65535)"))
+    };
+    match spec {
+        Scalar::Int(i) => u16::try_from(*i).map(|p| (p, p)).map_err(|_| format!("{i} is not a port (0-65535)")),
+        Scalar::Str(s) => {
+            let (lo, hi) = match s.split_once('-') {
+                Some((a, b)) => (port(a)?, port(b)?),
+                None => {
+                    let p = port(s)?;
+                    (p, p)
+                }
+            };
+            if lo > hi {
+                return Err(format!("range {s:?} runs backwards"));
+            }
+            Ok((lo, hi))
+        }
+        other => Err(format!("{other} is not a port or port range")),
+    }
+}
+
+fn entry(kind: &str, index: usize, name: &str) -> String {
+    format!("{kind}[{index}] {name:?}")
+}
+
+fn check_names<'a>(kind: &str, names: impl Iterator<Item = &'a str>, problems: &mut Vec<Problem>) {
+    let mut seen = HashSet::new();
+    for (i, name) in names.enumerate() {
+        if !valid_name(name) {
+            problems.push(Problem {
+                entry: entry(kind, i, name),
+                field: "name",
+                reason: "names are 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit".into(),
+            });
+        } else if !seen.insert(name) {
+            problems.push(Problem { entry: entry(kind, i, name), field: "name", reason: "duplicate name".into() });
+        }
+    }
+}
+
+fn validate(doc: &PolicyDocument, problems: &mut Vec<Problem>) -> Policy {
+    check_names("assets", doc.assets.iter().map(|a| a.name.as_str()), problems);
+    check_names("segments", doc.segments.iter().map(|s| s.name.as_str()), problems);
+    check_names("rules", doc.rules.iter().map(|r| r.name.as_str()), problems);
+
+    let mut policy = Policy::default();
+    for (i, a) in doc.assets.iter().enumerate() {
+        let e = || entry("assets", i, &a.name);
+        let mut prefixes = Vec::new();
+        for ip in &a.ips {
+            match parse_prefix(ip) {
+                Ok(p) => prefixes.push(p),
+                Err(reason) => problems.push(Problem { entry: e(), field: "ips", reason }),
+            }
+        }
+        let mut tags = BTreeMap::new();
+        for (k, v) in &a.tags {
+            let v = v.to_string();
+            if !selector::valid_key(k) {
+                problems.push(Problem { entry: e(), field: "tags", reason: format!("invalid tag key {k:?}") });
+            } else if !selector::valid_value(&v) {
+                problems.push(Problem {
+                    entry: e(),
+                    field: "tags",
+                    reason: format!("invalid value {v:?} for tag {k:?} (letters, digits, '.', '_', '-'; at most 63)"),
+                });
+            }
+            tags.insert(k.clone(), v);
+        }
+        prefixes.sort();
+        prefixes.dedup();
+        policy.assets.push(Asset { name: a.name.clone(), prefixes, tags });
+    }
+
+    let segment_names: HashSet<&str> = doc.segments.iter().map(|s| s.name.as_str()).collect();
+    for (i, s) in doc.segments.iter().enumerate() {
+        let e = || entry("segments", i, &s.name);
+        if s.name == ANY {
+            problems.push(Problem { entry: e(), field: "name", reason: "\"any\" is reserved for rules".into() });
+        }
+        let selector = match s.selector.as_deref().map(Selector::parse) {
+            None => None,
+            Some(Ok(sel)) => Some(sel),
+            Some(Err(err)) => {
+                problems.push(Problem { entry: e(), field: "selector", reason: err.to_string() });
+                None
+            }
+        };
+        let mut cidrs = Vec::new();
+        for c in &s.cidrs {
+            match parse_prefix(c) {
+                Ok(p) => cidrs.push(p),
+                Err(reason) => problems.push(Problem { entry: e(), field: "cidrs", reason }),
+            }
+        }
+        cidrs.sort();
+        cidrs.dedup();
+        policy.segments.push(Segment { name: s.name.clone(), selector, cidrs, mode: s.mode });
+    }
+
+    for (i, r) in doc.rules.iter().enumerate() {
+        let e = || entry("rules", i, &r.name);
+        let mut endpoint = |field: &'static str, name: &str| {
+            if name == ANY {
+                Endpoint::Any
+            } else {
+                if !segment_names.contains(name) {
+                    problems.push(Problem { entry: e(), field, reason: format!("unknown segment {name:?}") });
+                }
+                Endpoint::Segment(name.to_string())
+            }
+        };
+        let from = endpoint("from", &r.from);
+        let to = endpoint("to", &r.to);
+        let mut ports = Vec::new();
+        if !r.ports.is_empty() && !matches!(r.protocol, Protocol::Tcp | Protocol::Udp) {
+            problems.push(Problem {
+                entry: e(),
+                field: "ports",
+                reason: format!("ports need protocol tcp or udp, not {:?}", r.protocol),
+            });
+        } else {
+            for p in &r.ports {
+                match parse_port_range(p) {
+                    Ok(range) => ports.push(range),
+                    Err(reason) => problems.push(Problem { entry: e(), field: "ports", reason }),
+                }
+            }
+        }
+        policy.rules.push(Rule {
+            name: r.name.clone(),
+            from,
+            to,
+            protocol: r.protocol,
+            ports,
+            action: r.action,
+            expires: r.expires,
+        });
+    }
+    policy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+assets:
+  - name: plc-1
+    ips: [10.0.0.10, "fd00::10"]
+    tags: {role: plc, site: plant-1, floor: 3}
+segments:
+  - name: plc
+    selector: role=plc,site=plant-1
+    mode: enforce
+  - name: publishers
+    cidrs: [192.0.2.0/28]
+rules:
+  - name: hmi-to-plc-modbus
+    from: publishers
+    to: plc
+    protocol: tcp
+    ports: [502, "20000-20010"]
+    action: allow
+    expires: 2026-12-31T00:00:00Z
+"#;
+
+    #[test]
+    fn sample_document_validates() {
+        let p = PolicyDocument::from_yaml(SAMPLE, "sample").unwrap().validate("sample").unwrap();
+        assert_eq!(p.assets[0].prefixes.len(), 2);
+        assert_eq!(p.assets[0].tags["floor"], "3");
+        assert_eq!(p.segments[1].mode, Mode::Enforce, "mode defaults to enforce");
+        assert_eq!(p.rules[0].ports, vec![(502, 502), (20000, 20010)]);
+        assert_eq!(p.rules[0].from, Endpoint::Segment("publishers".into()));
+        assert!(p.rules[0].expires.is_some());
+    }
+
+    fn problems(yaml: &str) -> Vec<String> {
+        match PolicyDocument::from_yaml(yaml, "t.yaml").and_then(|d| d.validate("t.yaml")) {
+            Ok(_) => vec![],
+            Err(PolicyError::Invalid { problems, .. }) => problems.iter().map(ToString::to_string).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_entry_and_field() {
+        let got = problems(
+            r#"
+assets:
+  - {name: a, ips: [10.0.0.300, 10.0.0.5/24], tags: {"bad key": x}}
+  - {name: a}
+segments:
+  - {name: s, selector: "role in (x"}
+  - {name: any}
+rules:
+  - {name: r, from: nope, to: s, protocol: icmp, ports: [1]}
+  - {name: r2, from: any, to: s, protocol: tcp, ports: ["9-1", 70000]}
+"#,
+        );
+        let expect = [
+            "assets[1] \"a\": name: duplicate name",
+            "assets[0] \"a\": ips: \"10.0.0.300\" is not an IP address or CIDR",
+            "assets[0] \"a\": ips: \"10.0.0.5/24\" has host bits set; did you mean 10.0.0.0/24?",
+            "assets[0] \"a\": tags: invalid tag key \"bad key\"",
+            "segments[0] \"s\": selector: bad selector \"role in (x\" at position 10: expected ',' or ')' in the set",
+            "segments[1] \"any\": name: \"any\" is reserved for rules",
+            "rules[0] \"r\": from: unknown segment \"nope\"",
+            "rules[0] \"r\": ports: ports need protocol tcp or udp, not Icmp",
+            "rules[1] \"r2\": ports: range \"9-1\" runs backwards",
+            "rules[1] \"r2\": ports: 70000 is not a port (0-65535)",
+        ];
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_enums_are_syntax_errors() {
+        let got = problems("segments:\n  - {name: s, selecter: role=plc}\n");
+        assert!(got[0].contains("unknown field `selecter`"), "{got:?}");
+        let got = problems("segments:\n  - {name: s, mode: audit}\n");
+        assert!(got[0].contains("unknown variant `audit`"), "{got:?}");
+        assert!(got[0].starts_with("t.yaml: "), "{got:?}");
+    }
+
+    #[test]
+    fn empty_document_is_an_empty_policy() {
+        assert_eq!(PolicyDocument::from_yaml("  \n", "x").unwrap(), PolicyDocument::default());
+    }
+}

@@ -1,0 +1,158 @@
+//! Segment membership: which prefixes belong to which segments.
+//!
+//! An address belongs to every segment that selects it, either through an asset whose tags
+//! match the segment's selector (all of the asset's prefixes) or through the segment's own
+//! `cidrs`. Because the data plane answers with the *longest* matching prefix, each prefix is
+//! given the union of its own segments and those of every prefix containing it.
+
+use std::collections::{BTreeSet, HashMap};
+
+use ipnet::IpNet;
+
+use crate::policy::Policy;
+
+/// Segment indices (into `Policy::segments`), sorted.
+pub type SegmentSet = BTreeSet<usize>;
+
+/// For each asset prefix or segment CIDR: the segments that name it directly.
+pub fn direct_members(policy: &Policy) -> HashMap<IpNet, SegmentSet> {
+    // Index assets by tag so a selector with an `=`/`in` requirement looks at few assets.
+    let mut by_tag: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+    for (i, asset) in policy.assets.iter().enumerate() {
+        for (k, v) in &asset.tags {
+            by_tag.entry((k.as_str(), v.as_str())).or_default().push(i);
+        }
+    }
+    let mut direct: HashMap<IpNet, SegmentSet> = HashMap::new();
+    for (s, segment) in policy.segments.iter().enumerate() {
+        for net in &segment.cidrs {
+            direct.entry(*net).or_default().insert(s);
+        }
+        let Some(selector) = &segment.selector else { continue };
+        let mut add = |i: usize| {
+            let asset = &policy.assets[i];
+            if selector.matches(&asset.tags) {
+                for net in &asset.prefixes {
+                    direct.entry(*net).or_default().insert(s);
+                }
+            }
+        };
+        match selector.candidates() {
+            Some(pairs) => {
+                let mut seen = BTreeSet::new();
+                for pair in pairs {
+                    for &i in by_tag.get(&pair).map(Vec::as_slice).unwrap_or_default() {
+                        if seen.insert(i) {
+                            add(i);
+                        }
+                    }
+                }
+            }
+            None => (0..policy.assets.len()).for_each(&mut add),
+        }
+    }
+    direct
+}
+
+/// The set of segments of each prefix: its own plus those of every prefix containing it.
+pub fn effective(direct: &HashMap<IpNet, SegmentSet>) -> HashMap<IpNet, SegmentSet> {
+    let mut lengths: [BTreeSet<u8>; 2] = [BTreeSet::new(), BTreeSet::new()];
+    for net in direct.keys() {
+        lengths[usize::from(matches!(net, IpNet::V6(_)))].insert(net.prefix_len());
+    }
+    direct
+        .iter()
+        .map(|(net, own)| {
+            let mut set = own.clone();
+            for &len in lengths[usize::from(matches!(net, IpNet::V6(_)))].range(..net.prefix_len()) {
+                let Ok(outer) = IpNet::new(net.addr(), len) else { continue };
+                if let Some(segs) = direct.get(&outer.trunc()) {
+                    set.extend(segs);
+                }
+            }
+            (*net, set)
+        })
+        .collect()
+}
+
+/// The segments an address belongs to, straight from the definition (used by the reference
+/// model and for `members` listings; the compiler uses the prefix tables above).
+pub fn segments_of(policy: &Policy, addr: std::net::IpAddr) -> SegmentSet {
+    let mut set = SegmentSet::new();
+    for (s, segment) in policy.segments.iter().enumerate() {
+        let by_cidr = segment.cidrs.iter().any(|n| n.contains(&addr));
+        let by_asset = || {
+            segment.selector.as_ref().is_some_and(|sel| {
+                policy
+                    .assets
+                    .iter()
+                    .any(|a| sel.matches(&a.tags) && a.prefixes.iter().any(|n| n.contains(&addr)))
+            })
+        };
+        if by_cidr || by_asset() {
+            set.insert(s);
+        }
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicyDocument;
+
+    fn policy(yaml: &str) -> Policy {
+        PolicyDocument::from_yaml(yaml, "t").unwrap().validate("t").unwrap()
+    }
+
+    #[test]
+    fn nested_prefixes_combine() {
+        let p = policy(
+            r#"
+assets:
+  - {name: plc, ips: [10.0.0.10], tags: {role: plc}}
+  - {name: lab, ips: [10.0.0.0/28], tags: {role: lab}}
+segments:
+  - {name: plant, cidrs: [10.0.0.0/16]}
+  - {name: plc, selector: role=plc}
+  - {name: lab, selector: role=lab}
+"#,
+        );
+        let eff = effective(&direct_members(&p));
+        let get = |s: &str| eff[&s.parse::<IpNet>().unwrap()].iter().copied().collect::<Vec<_>>();
+        assert_eq!(get("10.0.0.10/32"), vec![0, 1, 2]);
+        assert_eq!(get("10.0.0.0/28"), vec![0, 2]);
+        assert_eq!(get("10.0.0.0/16"), vec![0]);
+        for addr in ["10.0.0.10", "10.0.0.3", "10.0.9.9", "10.1.0.0"] {
+            let addr = addr.parse().unwrap();
+            let lpm = eff
+                .iter()
+                .filter(|(n, _)| n.contains(&addr))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            assert_eq!(lpm, segments_of(&p, addr), "{addr}");
+        }
+    }
+
+    #[test]
+    fn selector_index_and_scan_agree() {
+        let p = policy(
+            r#"
+assets:
+  - {name: a, ips: [10.0.0.1], tags: {role: plc, site: x}}
+  - {name: b, ips: [10.0.0.2], tags: {role: hmi}}
+  - {name: c, ips: [10.0.0.3], tags: {site: x}}
+segments:
+  - {name: s1, selector: "role in (plc,hmi),site=x"}
+  - {name: s2, selector: "!role"}
+  - {name: s3, selector: "role!=plc"}
+"#,
+        );
+        let d = direct_members(&p);
+        let get = |s: &str| d[&s.parse::<IpNet>().unwrap()].iter().copied().collect::<Vec<_>>();
+        assert_eq!(get("10.0.0.1/32"), vec![0]);
+        assert_eq!(get("10.0.0.2/32"), vec![2]);
+        assert_eq!(get("10.0.0.3/32"), vec![1, 2]);
+    }
+}
