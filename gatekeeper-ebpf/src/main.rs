@@ -237,13 +237,23 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
             _ => return parse_l4(ctx, offset, p),
         }
     }
-    // Still inside the extension header chain: too long to follow.
-    p.malformed = true;
-    Parsed::Ip(p)
+    match p.proto {
+        // Still inside the extension header chain: too long to follow.
+        0 | 43 | 60 | 51 | 44 => {
+            p.malformed = true;
+            Parsed::Ip(p)
+        }
+        _ => parse_l4(ctx, offset, p),
+    }
 }
 
 #[inline(always)]
 fn parse_l4(ctx: &XdpContext, offset: usize, mut p: Packet) -> Parsed {
+    // Headers claimed to run past the end of the frame.
+    if ctx.data() + offset > ctx.data_end() {
+        p.malformed = true;
+        return Parsed::Ip(p);
+    }
     match p.proto {
         PROTO_TCP => {
             let Some(t) = load::<20>(ctx, offset) else {

@@ -10,3 +10,7 @@ pub mod compile;
 pub mod policy;
 pub mod segment;
 pub mod selector;
+pub mod maps;
+pub mod reference;
+pub mod config;
+pub mod daemon;

@@ -1,1 +1,74 @@
-fn main(){}
+//! The `gatekeeper` binary: the daemon and its command-line tools.
+use std::{path::PathBuf, process::ExitCode};
+
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use gatekeeper::{
+    compile::{Capacity, Compiler, Timeouts},
+    config::Config,
+    policy,
+};
+
+#[derive(Parser)]
+#[command(name = "gatekeeper", version, about = "Agentless microsegmentation gatekeeper for OT networks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to the bridge ports and enforce the policy (SIGHUP reloads, SIGTERM detaches).
+    Run {
+        #[arg(long, short, default_value = "/etc/gatekeeper/gatekeeper.toml")]
+        config: PathBuf,
+    },
+    /// Validate a policy file without touching the data plane.
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GATEKEEPER_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(config),
+        Command::Check { file } => check(file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(gatekeeper::daemon::run(config))
+}
+
+fn check(file: PathBuf) -> anyhow::Result<()> {
+    let policy = policy::load_file(&file)?;
+    let compiled = Compiler::new(Timeouts::default(), Capacity::default()).compile(&policy, Utc::now())?;
+    let live = policy.rules.iter().filter(|r| r.live(Utc::now())).count();
+    println!(
+        "{}: OK: {} assets, {} segments, {} rules ({} expired); {} prefixes, {} identities, {} policy entries",
+        file.display(),
+        policy.assets.len(),
+        policy.segments.len(),
+        policy.rules.len(),
+        policy.rules.len() - live,
+        compiled.v4.len() + compiled.v6.len(),
+        compiled.identities.len(),
+        compiled.policy.len(),
+    );
+    Ok(())
+}

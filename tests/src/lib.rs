@@ -1,0 +1,5 @@
+//! Test support for gatekeeper: hand-built frames for BPF_PROG_TEST_RUN and a lab of network
+//! namespaces (hosts, a bridge appliance, veth links) for real traffic. `cargo xtask demo` uses
+//! the same lab.
+pub mod lab;
+pub mod packet;

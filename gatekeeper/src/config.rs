@@ -1,0 +1,130 @@
+//! The daemon's TOML configuration.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{compile::Timeouts, maps::XdpAttachMode};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub dataplane: DataplaneConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Bridge ports to attach to.
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub xdp_mode: XdpAttachMode,
+    /// Flow-table entries (LRU: the least recently used flow is evicted when full).
+    #[serde(default = "default_flow_table_size")]
+    pub flow_table_size: u32,
+    #[serde(default)]
+    pub flow_timeouts: FlowTimeouts,
+}
+
+fn default_flow_table_size() -> u32 {
+    1 << 17
+}
+
+/// Idle timeouts in seconds.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowTimeouts {
+    pub tcp: u64,
+    pub udp: u64,
+    pub icmp: u64,
+}
+
+impl Default for FlowTimeouts {
+    fn default() -> Self {
+        let t = Timeouts::default();
+        Self { tcp: t.tcp_secs, udp: t.udp_secs, icmp: t.icmp_secs }
+    }
+}
+
+impl From<FlowTimeouts> for Timeouts {
+    fn from(t: FlowTimeouts) -> Self {
+        Self { tcp_secs: t.tcp, udp_secs: t.udp, icmp_secs: t.icmp }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy document, re-read on SIGHUP.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("{path}: {error}")]
+    Parse { path: String, error: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: p.clone(), error })?;
+        Self::parse(&text, &p)
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), error: e.to_string() })?;
+        let bad = |error: String| ConfigError::Parse { path: path.into(), error };
+        if cfg.dataplane.interfaces.is_empty() {
+            return Err(bad("[dataplane] interfaces: list at least one bridge port".into()));
+        }
+        for (i, name) in cfg.dataplane.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+                return Err(bad(format!("[dataplane] interfaces[{i}]: {name:?} is not an interface name")));
+            }
+            if cfg.dataplane.interfaces[..i].contains(name) {
+                return Err(bad(format!("[dataplane] interfaces[{i}]: {name:?} is listed twice")));
+            }
+        }
+        if cfg.dataplane.flow_table_size == 0 {
+            return Err(bad("[dataplane] flow_table_size: must be at least 1".into()));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = Config::parse(
+            "[dataplane]\ninterfaces = [\"eth1\", \"eth2\"]\nxdp_mode = \"generic\"\n[policy]\nfile = \"/etc/gatekeeper/policy.yaml\"\n",
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(c.dataplane.interfaces, ["eth1", "eth2"]);
+        assert_eq!(c.dataplane.xdp_mode, XdpAttachMode::Generic);
+        assert_eq!(c.dataplane.flow_timeouts, FlowTimeouts::default());
+        assert_eq!(c.policy.file.as_deref(), Some(Path::new("/etc/gatekeeper/policy.yaml")));
+    }
+
+    #[test]
+    fn rejects_bad_configs_precisely() {
+        for (text, want) in [
+            ("[dataplane]\ninterfaces = []\n", "list at least one"),
+            ("[dataplane]\ninterfaces = [\"a\", \"a\"]\n", "listed twice"),
+            ("[dataplane]\ninterfaces = [\"a\"]\nxdp_mode = \"turbo\"\n", "unknown variant `turbo`"),
+            ("[dataplane]\ninterfaces = [\"a\"]\nflow_tabel_size = 3\n", "unknown field `flow_tabel_size`"),
+            ("[policy]\nfile = \"x\"\n", "missing field `dataplane`"),
+        ] {
+            let e = Config::parse(text, "c.toml").unwrap_err().to_string();
+            assert!(e.starts_with("c.toml: ") && e.contains(want), "{text:?}: {e}");
+        }
+    }
+}

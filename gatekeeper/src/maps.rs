@@ -1,0 +1,404 @@
+//! The data plane from user space: load the XDP program, attach it, write compiled policies into
+//! its maps atomically, and read its counters.
+//!
+//! # Atomic apply
+//! Policy maps hold two generations; the program uses the one selected by the epoch it reads
+//! once per packet. An apply writes the [`Delta`] into the *inactive* generation, flips the epoch
+//! with one 4-byte store, waits for every packet still running on the old generation to finish
+//! (an RCU grace period, via `membarrier(MEMBARRIER_CMD_GLOBAL)`), then writes the same delta into
+//! the old generation so both match again. Packets therefore see the old policy or the new one,
+//! never a mix, and a change touching a few assets writes a few entries. The epoch change also
+//! makes every established flow be judged again under the new policy on its next packet.
+//! If writing the inactive generation fails, it is rolled back and the epoch never moves.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use gatekeeper_common::{
+    Counter, FlowKey, FlowValue, GenConfig, Identity, LpmV4, LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
+    OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED,
+    OUTCOME_PASS_MALFORMED, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
+};
+
+use crate::compile::{Compiled, Delta, diff};
+
+/// The XDP object built by `build.rs` from `gatekeeper-ebpf`.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper"));
+const PROGRAM_NAME: &str = "gatekeeper";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP program: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("map {map}: {error}")]
+    Map { map: &'static str, error: MapError },
+    #[error("the XDP program object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("interface {interface}: cannot attach in {mode} mode: {error}")]
+    Attach { interface: String, mode: &'static str, error: ProgramError },
+    #[error("{0}")]
+    System(String),
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |error| DataplaneError::Map { map, error }
+}
+
+/// How to attach to an interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAttachMode {
+    /// Native (driver) mode if the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// Counters summed over CPUs, by outcome (`OUTCOME_*` / `EVENT_*` index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub by_outcome: Vec<Counter>,
+}
+
+impl Stats {
+    fn sum(&self, outcomes: &[u32]) -> u64 {
+        outcomes.iter().map(|&o| self.by_outcome[o as usize].packets).sum()
+    }
+    pub fn dropped(&self) -> u64 {
+        self.sum(&[OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_MALFORMED])
+    }
+    pub fn would_drop(&self) -> u64 {
+        self.sum(&[OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_MALFORMED])
+    }
+    pub fn malformed(&self) -> u64 {
+        self.sum(&[OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_MALFORMED])
+    }
+    pub fn total(&self) -> u64 {
+        self.by_outcome[..=OUTCOME_PASS_MALFORMED as usize].iter().map(|c| c.packets).sum()
+    }
+    pub fn passed(&self) -> u64 {
+        self.total() - self.dropped()
+    }
+}
+
+/// Sizes chosen at load time.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub flow_table_size: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { flow_table_size: 1 << 17 }
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub epoch: u32,
+    /// Entries written per generation.
+    pub entries: usize,
+}
+
+/// The loaded program, its maps and its attachments.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    epoch: u32,
+    applied: Compiled,
+    links: Vec<(String, XdpLinkId, &'static str)>,
+}
+
+impl Dataplane {
+    /// Loads the XDP program and creates its maps (empty: every packet passes as ungoverned).
+    pub fn load(options: LoadOptions) -> Result<Self, DataplaneError> {
+        // Older kernels charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless elsewhere.
+        let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: plain syscall with a valid pointer.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+        let mut ebpf =
+            EbpfLoader::new().map_max_entries("GK_FLOWS", options.flow_table_size.max(1)).load(PROGRAM_OBJECT)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(DataplaneError::System(format!("the XDP object has no program {PROGRAM_NAME}")))?
+            .try_into()?;
+        program.load()?;
+        Ok(Self { ebpf, epoch: 0, applied: Compiled::empty(), links: Vec::new() })
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// What the maps hold now.
+    pub fn applied(&self) -> &Compiled {
+        &self.applied
+    }
+
+    fn program(&self) -> Result<&Xdp, DataplaneError> {
+        let p = self.ebpf.program(PROGRAM_NAME).ok_or(DataplaneError::System("program missing".into()))?;
+        Ok(p.try_into()?)
+    }
+
+    fn program_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        let p = self.ebpf.program_mut(PROGRAM_NAME).ok_or(DataplaneError::System("program missing".into()))?;
+        Ok(p.try_into()?)
+    }
+
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    /// Attaches to `interface`; returns the mode used ("native" or "generic").
+    pub fn attach(&mut self, interface: &str, mode: XdpAttachMode) -> Result<&'static str, DataplaneError> {
+        let tries: &[(XdpMode, &'static str)] = match mode {
+            XdpAttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+            XdpAttachMode::Native => &[(XdpMode::Driver, "native")],
+            XdpAttachMode::Generic => &[(XdpMode::Skb, "generic")],
+        };
+        let mut last = None;
+        for &(m, name) in tries {
+            match self.program_mut()?.attach(interface, m) {
+                Ok(id) => {
+                    self.links.push((interface.to_string(), id, name));
+                    return Ok(name);
+                }
+                Err(error) => last = Some((name, error)),
+            }
+        }
+        let (mode, error) = last.ok_or(DataplaneError::System("no attach mode".into()))?;
+        Err(DataplaneError::Attach { interface: interface.to_string(), mode, error })
+    }
+
+    /// Interfaces attached, with their mode.
+    pub fn attachments(&self) -> Vec<(String, &'static str)> {
+        self.links.iter().map(|(i, _, m)| (i.clone(), *m)).collect()
+    }
+
+    /// Detaches from every interface (traffic then flows unfiltered).
+    pub fn detach_all(&mut self) -> Result<(), DataplaneError> {
+        let links = std::mem::take(&mut self.links);
+        let mut first_err = None;
+        for (_, id, _) in links {
+            if let Err(e) = self.program_mut()?.detach(id) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// Makes `new` the policy in force, atomically for traffic. On error nothing changed.
+    pub fn apply(&mut self, new: Compiled) -> Result<ApplyReport, DataplaneError> {
+        let delta = diff(&self.applied, &new);
+        let old_gen = self.epoch & 1;
+        let new_gen = old_gen ^ 1;
+        for &slot in &delta.new_slots {
+            self.zero_rule_counter(slot)?;
+        }
+        if let Err(e) = self.write(new_gen, &delta) {
+            // Undo what reached the inactive generation so it mirrors the active one again.
+            let undo = diff(&new, &self.applied);
+            if let Err(undo_err) = self.write_lenient(new_gen, &undo) {
+                tracing::error!(error = %undo_err, "could not roll back the inactive policy generation");
+            }
+            return Err(e);
+        }
+        let epoch = self.epoch.wrapping_add(1);
+        let mut epoch_map: Array<_, u32> = Array::try_from(self.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
+        epoch_map.set(0, epoch, 0).map_err(map_err("GK_EPOCH"))?;
+        self.epoch = epoch;
+        synchronize_rcu();
+        // The old generation is unused now; bring it up to date for the next apply. A failure
+        // here leaves it inconsistent, so it is rewritten in full next time.
+        let synced = self.write(old_gen, &delta);
+        self.applied = new;
+        if let Err(e) = synced {
+            tracing::error!(error = %e, "could not update the standby policy generation; rebuilding it");
+            self.rebuild_generation(old_gen)?;
+        }
+        Ok(ApplyReport { epoch, entries: delta.len() })
+    }
+
+    /// Rewrites generation `generation` from scratch from `self.applied`.
+    fn rebuild_generation(&mut self, generation: u32) -> Result<(), DataplaneError> {
+        let g = generation as u8;
+        let mut lpm4: LpmTrie<_, LpmV4, Identity> =
+            LpmTrie::try_from(self.map("GK_IDS_V4")?).map_err(map_err("GK_IDS_V4"))?;
+        let keys: Vec<_> = lpm4.keys().filter_map(Result::ok).filter(|k| k.data().generation == g).collect();
+        for k in keys {
+            let _ = lpm4.remove(&k);
+        }
+        let mut lpm6: LpmTrie<_, LpmV6, Identity> =
+            LpmTrie::try_from(self.map("GK_IDS_V6")?).map_err(map_err("GK_IDS_V6"))?;
+        let keys: Vec<_> = lpm6.keys().filter_map(Result::ok).filter(|k| k.data().generation == g).collect();
+        for k in keys {
+            let _ = lpm6.remove(&k);
+        }
+        let mut policy: HashMap<_, PolicyKey, PolicyValue> =
+            HashMap::try_from(self.map("GK_POLICY")?).map_err(map_err("GK_POLICY"))?;
+        let keys: Vec<_> = policy.keys().filter_map(Result::ok).filter(|k| k.generation == g).collect();
+        for k in keys {
+            let _ = policy.remove(&k);
+        }
+        let mut ports: Vec<(u32, u16, u32)> = Vec::new();
+        for l4 in 0..2u32 {
+            for (port, class) in self.applied.port_classes[l4 as usize].iter().enumerate() {
+                ports.push((l4, port as u16, *class));
+            }
+        }
+        let full = Delta { ports, config: Some(self.applied.config), ..diff(&Compiled::empty(), &self.applied) };
+        self.write(generation, &full)
+    }
+
+    fn zero_rule_counter(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::System(format!("{what}: {e}")))?;
+        let mut stats: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(self.map("GK_RULE_STATS")?).map_err(map_err("GK_RULE_STATS"))?;
+        let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])
+            .map_err(|e| DataplaneError::System(format!("per-CPU values: {e}")))?;
+        stats.set(slot, zeros, 0).map_err(map_err("GK_RULE_STATS"))
+    }
+
+    fn write_lenient(&mut self, generation: u32, delta: &Delta) -> Result<(), DataplaneError> {
+        self.write_impl(generation, delta, true)
+    }
+
+    fn write(&mut self, generation: u32, delta: &Delta) -> Result<(), DataplaneError> {
+        self.write_impl(generation, delta, false)
+    }
+
+    fn write_impl(&mut self, generation: u32, delta: &Delta, lenient: bool) -> Result<(), DataplaneError> {
+        let g = generation as u8;
+        let mut first_err: Option<DataplaneError> = None;
+        let mut note = |r: Result<(), DataplaneError>| -> Result<(), DataplaneError> {
+            match r {
+                Err(e) if lenient => {
+                    first_err.get_or_insert(e);
+                    Ok(())
+                }
+                other => other,
+            }
+        };
+        {
+            let mut lpm: LpmTrie<_, LpmV4, Identity> =
+                LpmTrie::try_from(self.map("GK_IDS_V4")?).map_err(map_err("GK_IDS_V4"))?;
+            for (net, v) in &delta.v4 {
+                let key =
+                    Key::new(8 + u32::from(net.prefix_len()), LpmV4 { generation: g, addr: net.addr().octets(), _pad: [0; 3] });
+                note(match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V4")))?;
+            }
+        }
+        {
+            let mut lpm: LpmTrie<_, LpmV6, Identity> =
+                LpmTrie::try_from(self.map("GK_IDS_V6")?).map_err(map_err("GK_IDS_V6"))?;
+            for (net, v) in &delta.v6 {
+                let key =
+                    Key::new(8 + u32::from(net.prefix_len()), LpmV6 { generation: g, addr: net.addr().octets(), _pad: [0; 3] });
+                note(match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V6")))?;
+            }
+        }
+        {
+            let mut classes: Array<_, u32> = Array::try_from(self.map("GK_PORT_CLASS")?).map_err(map_err("GK_PORT_CLASS"))?;
+            for &(l4, port, class) in &delta.ports {
+                note(classes.set(port_class_index(generation, l4, port), class, 0).map_err(map_err("GK_PORT_CLASS")))?;
+            }
+        }
+        {
+            let mut policy: HashMap<_, PolicyKey, PolicyValue> =
+                HashMap::try_from(self.map("GK_POLICY")?).map_err(map_err("GK_POLICY"))?;
+            for (k, v) in &delta.policy {
+                let key = PolicyKey { generation: g, ..*k };
+                note(match v { Some(v) => policy.insert(key, v, 0), None => ignore_missing(policy.remove(&key)) }.map_err(map_err("GK_POLICY")))?;
+            }
+        }
+        if let Some(cfg) = delta.config {
+            let mut config: Array<_, GenConfig> =
+                Array::try_from(self.map("GK_GEN_CONFIG")?).map_err(map_err("GK_GEN_CONFIG"))?;
+            note(config.set(generation, cfg, 0).map_err(map_err("GK_GEN_CONFIG")))?;
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Counters by outcome, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats, DataplaneError> {
+        let map = self.ebpf.map("GK_STATS").ok_or(DataplaneError::MissingMap("GK_STATS"))?;
+        let stats: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err("GK_STATS"))?;
+        let mut by_outcome = Vec::with_capacity(STATS_ENTRIES as usize);
+        for i in 0..STATS_ENTRIES {
+            by_outcome.push(sum(&stats.get(&i, 0).map_err(map_err("GK_STATS"))?));
+        }
+        Ok(Stats { by_outcome })
+    }
+
+    /// The counter of the rule in `slot`, summed over CPUs.
+    pub fn rule_counter(&self, slot: u32) -> Result<Counter, DataplaneError> {
+        let map = self.ebpf.map("GK_RULE_STATS").ok_or(DataplaneError::MissingMap("GK_RULE_STATS"))?;
+        let stats: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err("GK_RULE_STATS"))?;
+        Ok(sum(&stats.get(&slot, 0).map_err(map_err("GK_RULE_STATS"))?))
+    }
+
+    /// Number of entries in the flow table.
+    pub fn flow_count(&self) -> Result<usize, DataplaneError> {
+        let map = self.ebpf.map("GK_FLOWS").ok_or(DataplaneError::MissingMap("GK_FLOWS"))?;
+        let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(map).map_err(map_err("GK_FLOWS"))?;
+        Ok(flows.keys().filter(Result::is_ok).count())
+    }
+
+    /// Forgets every flow (tests use it between independent cases).
+    pub fn clear_flows(&mut self) -> Result<(), DataplaneError> {
+        let mut flows: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(self.map("GK_FLOWS")?).map_err(map_err("GK_FLOWS"))?;
+        let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = flows.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Runs the program once on `frame` through BPF_PROG_TEST_RUN: returns the XDP action.
+    pub fn test_run(&self, frame: &[u8]) -> Result<u32, DataplaneError> {
+        let opts = TestRunOptions { data_in: Some(frame), repeat: 1, ..Default::default() };
+        Ok(self.program()?.test_run(opts)?.return_value)
+    }
+
+    /// Runs the program `repeat` times on `frame`: returns the action and mean time per run.
+    pub fn test_run_timed(&self, frame: &[u8], repeat: u32) -> Result<(u32, std::time::Duration), DataplaneError> {
+        let opts = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
+        let r = self.program()?.test_run(opts)?;
+        Ok((r.return_value, r.duration))
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        let _ = self.detach_all();
+    }
+}
+
+/// Removing what is already gone is not an error: the goal state is reached.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+fn sum(values: &PerCpuValues<Counter>) -> Counter {
+    values.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+}
+
+/// Waits until every CPU has left any RCU read-side section, so no XDP invocation that read
+/// the old epoch is still running. `MEMBARRIER_CMD_GLOBAL` is `synchronize_rcu()` in the kernel.
+fn synchronize_rcu() {
+    // SAFETY: membarrier takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, 1 /* MEMBARRIER_CMD_GLOBAL */, 0, 0) };
+    if r != 0 {
+        // nohz_full kernels refuse it; an XDP invocation lasts microseconds, so wait well past that.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
