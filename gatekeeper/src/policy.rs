@@ -232,7 +232,7 @@ pub enum PolicyError {
     Read { source_name: String, error: std::io::Error },
     #[error("{source_name}: {error}")]
     Syntax { source_name: String, error: String },
-    #[error("{source_name}: {} problem(s):\n  {}", problems.len(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    #[error("{source_name}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid { source_name: String, problems: Vec<Problem> },
 }
 

@@ -1,0 +1,166 @@
+//! Real traffic through the lab bridge with the daemon enforcing a policy file: TCP, UDP and
+//! ICMP, IPv4 and IPv6, replies, monitor mode, reloads, cut sessions, rejected policies, and a
+//! clean detach. Needs root (network namespaces, XDP).
+
+use std::time::Duration;
+
+use gatekeeper_tests::lab::{Lab, Reach, Servers, echo, gatekeeper_bin};
+
+const SHORT: Duration = Duration::from_millis(700);
+const LONG: Duration = Duration::from_secs(3);
+
+const HOSTS: &[(&str, u8)] = &[("hmi", 1), ("eng", 2), ("plc1", 11), ("plc2", 12), ("hist", 20), ("office", 30)];
+
+/// The lab policy; `hmi_tags` lets tests move the HMI in and out of its segment.
+fn policy(hmi_tags: &str) -> String {
+    format!(
+        r#"
+assets:
+  - {{name: hmi-1, ips: [10.0.0.1, "fd00::1"], tags: {hmi_tags}}}
+  - {{name: eng-ws, ips: [10.0.0.2, "fd00::2"], tags: {{role: eng}}}}
+  - {{name: plc-1, ips: [10.0.0.11, "fd00::b"], tags: {{role: plc}}}}
+  - {{name: plc-2, ips: [10.0.0.12, "fd00::c"], tags: {{role: plc}}}}
+  - {{name: historian, ips: [10.0.0.20, "fd00::14"], tags: {{role: historian}}}}
+segments:
+  - {{name: hmi, selector: role=hmi, mode: label}}
+  - {{name: eng, selector: role=eng, mode: label}}
+  - {{name: plc, selector: role=plc, mode: enforce}}
+  - {{name: historian, selector: role=historian, mode: monitor}}
+rules:
+  - {{name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502]}}
+  - {{name: hmi-enip-io, from: hmi, to: plc, protocol: udp, ports: [2222]}}
+  - {{name: hmi-ping, from: hmi, to: plc, protocol: icmp}}
+  - {{name: hmi-ping6, from: hmi, to: plc, protocol: icmpv6}}
+  - {{name: plc-to-historian, from: plc, to: historian, protocol: tcp, ports: [4840]}}
+"#
+    )
+}
+
+const HMI: &str = "{role: hmi}";
+
+struct Setup {
+    lab: Lab,
+    _servers: Vec<Servers>,
+}
+
+fn setup() -> Setup {
+    let lab = Lab::new(HOSTS).expect("lab (needs root, iproute2)");
+    let servers = ["plc1", "plc2", "hist", "office"]
+        .iter()
+        .map(|h| Servers::start(lab.host(h), &[22, 502, 4840], &[2222]).expect("echo servers"))
+        .collect();
+    Setup { lab, _servers: servers }
+}
+
+fn tcp(lab: &Lab, from: &str, to: &str, port: u16, v6: bool, timeout: Duration) -> Reach {
+    lab.host(from).tcp(lab.host(to).addr(v6), port, timeout).expect("tcp attempt")
+}
+
+#[test]
+fn enforces_segments_with_real_traffic_v4_and_v6() {
+    let s = setup();
+    let lab = &s.lab;
+    // Before the daemon: everything reaches everything.
+    assert_eq!(tcp(lab, "eng", "plc1", 502, false, LONG), Reach::Echoed);
+    let daemon = lab.start_daemon(&gatekeeper_bin().unwrap(), &policy(HMI)).unwrap();
+    assert_eq!(lab.xdp_attached().unwrap().len(), HOSTS.len(), "XDP on every bridge port");
+
+    for v6 in [false, true] {
+        let fam = if v6 { "IPv6" } else { "IPv4" };
+        // Allowed: HMI to PLC Modbus, with replies (the echo comes back).
+        assert_eq!(tcp(lab, "hmi", "plc1", 502, v6, LONG), Reach::Echoed, "{fam} hmi->plc1:502");
+        assert_eq!(tcp(lab, "hmi", "plc2", 502, v6, LONG), Reach::Echoed, "{fam} hmi->plc2:502");
+        // Denied port to an allowed peer.
+        assert_eq!(tcp(lab, "hmi", "plc1", 22, v6, SHORT), Reach::Silent, "{fam} hmi->plc1:22");
+        // Engineering workstation has no rule.
+        assert_eq!(tcp(lab, "eng", "plc1", 502, v6, SHORT), Reach::Silent, "{fam} eng->plc1:502");
+        // Lateral movement between PLCs.
+        assert_eq!(tcp(lab, "plc1", "plc2", 502, v6, SHORT), Reach::Silent, "{fam} plc1->plc2:502");
+        assert_eq!(tcp(lab, "plc1", "plc2", 22, v6, SHORT), Reach::Silent, "{fam} plc1->plc2:22");
+        // The PLC cannot open a connection back to the HMI (replies only).
+        assert_eq!(tcp(lab, "plc1", "hmi", 502, v6, SHORT), Reach::Silent, "{fam} plc1->hmi:502");
+        // UDP: allowed port with its reply; denied source.
+        let udp = |from: &str, to: &str, t| lab.host(from).udp(lab.host(to).addr(v6), 2222, t).unwrap();
+        assert_eq!(udp("hmi", "plc1", LONG), Reach::Echoed, "{fam} udp hmi->plc1:2222");
+        assert_eq!(udp("eng", "plc1", SHORT), Reach::Silent, "{fam} udp eng->plc1:2222");
+        // ICMP echo.
+        assert!(lab.host("hmi").ping(lab.host("plc1").addr(v6)).unwrap(), "{fam} ping hmi->plc1");
+        assert!(!lab.host("eng").ping(lab.host("plc1").addr(v6)).unwrap(), "{fam} ping eng->plc1");
+        // Ungoverned traffic passes untouched.
+        assert_eq!(tcp(lab, "eng", "office", 22, v6, LONG), Reach::Echoed, "{fam} eng->office (ungoverned)");
+        // Monitor mode: not allowed, but passes.
+        assert_eq!(tcp(lab, "eng", "hist", 4840, v6, LONG), Reach::Echoed, "{fam} eng->historian (monitor)");
+        assert_eq!(tcp(lab, "plc1", "hist", 4840, v6, LONG), Reach::Echoed, "{fam} plc1->historian (allowed)");
+    }
+    let log = daemon.stop().unwrap();
+    // The counters printed on exit saw the drops and the monitor-mode would-drops.
+    let field = |name: &str| -> u64 {
+        let line = log.lines().find(|l| l.contains("gatekeeper stopped")).expect("stop line");
+        let v = line.split(&format!("{name}=")).nth(1).expect(name);
+        v.split_whitespace().next().and_then(|n| n.parse().ok()).expect(name)
+    };
+    assert!(field("dropped") > 0 && field("would_drop") > 0, "{log}");
+    // Detached cleanly: no XDP left and traffic flows again.
+    assert!(lab.xdp_attached().unwrap().is_empty(), "XDP still attached after SIGTERM");
+    assert_eq!(tcp(lab, "eng", "plc1", 502, false, LONG), Reach::Echoed);
+}
+
+#[test]
+fn tag_change_on_reload_opens_and_cuts_established_sessions() {
+    let s = setup();
+    let lab = &s.lab;
+    let mut daemon = lab.start_daemon(&gatekeeper_bin().unwrap(), &policy("{}")).unwrap();
+    // Without its tag the HMI cannot reach the PLC.
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, SHORT), Reach::Silent);
+    // Tag it: allowed after the reload.
+    daemon.reload(&policy(HMI)).unwrap().unwrap();
+    let plc = lab.host("plc1").addr(false);
+    let mut session = lab.host("hmi").connect(plc, 502, LONG).unwrap().expect("connect after tagging");
+    assert!(echo(&mut session, b"read coils\n", LONG), "established Modbus session works");
+    let plc6 = lab.host("plc1").addr(true);
+    let mut session6 = lab.host("hmi").connect(plc6, 502, LONG).unwrap().expect("connect v6 after tagging");
+    assert!(echo(&mut session6, b"read coils\n", LONG));
+    // A reload that keeps the HMI tagged keeps the session.
+    daemon.reload(&policy("{role: hmi, site: plant-1}")).unwrap().unwrap();
+    assert!(echo(&mut session, b"still here\n", LONG), "unrelated change keeps established sessions");
+    // The HMI is compromised: remove its tag. The open session is cut at once.
+    daemon.reload(&policy("{quarantine: 'yes'}")).unwrap().unwrap();
+    assert!(!echo(&mut session, b"write coil\n", SHORT), "session survived the tag removal");
+    assert!(!echo(&mut session6, b"write coil\n", SHORT), "IPv6 session survived the tag removal");
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, SHORT), Reach::Silent, "new sessions blocked too");
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn broken_policy_on_reload_leaves_the_old_one_in_force() {
+    let s = setup();
+    let lab = &s.lab;
+    let mut daemon = lab.start_daemon(&gatekeeper_bin().unwrap(), &policy(HMI)).unwrap();
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, LONG), Reach::Echoed);
+
+    let broken = policy(HMI).replace("from: hmi, to: plc, protocol: tcp", "from: hmi, to: plcs, protocol: tcp");
+    let err = daemon.reload(&broken).unwrap().expect_err("broken policy applied");
+    assert!(err.contains("policy.yaml") && err.contains("rules[0] \"hmi-modbus\": to:"), "{err}");
+    assert!(err.contains("unknown segment"), "{err}");
+    let garbage = "assets: [ {name: x, ips: [10.0.0.1] ";
+    let err = daemon.reload(garbage).unwrap().expect_err("garbage applied");
+    assert!(err.contains("policy.yaml"), "{err}");
+    let bad_cidr = policy(HMI).replace("10.0.0.11", "10.0.0.311");
+    let err = daemon.reload(&bad_cidr).unwrap().expect_err("bad address applied");
+    assert!(err.contains("10.0.0.311"), "{err}");
+
+    // The old policy is still enforced, exactly.
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, LONG), Reach::Echoed);
+    assert_eq!(tcp(lab, "eng", "plc1", 502, false, SHORT), Reach::Silent);
+    assert_eq!(tcp(lab, "plc1", "plc2", 502, true, SHORT), Reach::Silent);
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn daemon_refuses_to_start_on_a_broken_policy() {
+    let lab = Lab::new(&[("a", 1), ("b", 2)]).unwrap();
+    let err = lab.start_daemon(&gatekeeper_bin().unwrap(), "segments:\n  - {name: s, selector: 'role in (x'}\n");
+    let msg = format!("{:#}", err.err().expect("daemon started with a broken policy"));
+    assert!(msg.contains("selector") && msg.contains("segments[0]"), "{msg}");
+    assert!(lab.xdp_attached().unwrap().is_empty(), "nothing attached");
+}
