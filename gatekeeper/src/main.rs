@@ -56,7 +56,18 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
 }
 
 fn check(file: PathBuf) -> anyhow::Result<()> {
-    let policy = policy::load_file(&file)?;
+    let policy = match policy::load_file(&file) {
+        Ok(p) => p,
+        // One problem per line: a file can have many.
+        Err(policy::PolicyError::Invalid { source_name, problems }) => {
+            anyhow::bail!(
+                "{source_name}: {} problem(s):\n  {}",
+                problems.len(),
+                problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  ")
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
     let compiled = Compiler::new(Timeouts::default(), Capacity::default()).compile(&policy, Utc::now())?;
     let live = policy.rules.iter().filter(|r| r.live(Utc::now())).count();
     println!(
