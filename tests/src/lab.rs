@@ -384,12 +384,11 @@ impl Daemon {
             if self.count(&pred) >= n {
                 return Ok(());
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()? {
                     self.child = None;
                     bail!("gatekeeper exited ({status}):\n{}", self.log());
                 }
-            }
             if Instant::now() > deadline {
                 bail!("timed out waiting for gatekeeper; log:\n{}", self.log());
             }
@@ -416,7 +415,7 @@ impl Daemon {
         self.signal(libc::SIGHUP)?;
         self.wait_for_log(|l| applied(l) || rejected(l), a0 + r0 + 1, Duration::from_secs(20))?;
         if self.count(&rejected) > r0 {
-            let msg = self.log().lines().filter(|l| rejected(l)).last().unwrap_or_default().to_string();
+            let msg = self.log().lines().rfind(|l| rejected(l)).unwrap_or_default().to_string();
             return Ok(Err(msg));
         }
         Ok(Ok(()))

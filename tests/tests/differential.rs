@@ -225,9 +225,9 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
                 random_frame(&mut rng)
             };
             // Remember plain frames for later replies.
-            if let gatekeeper::reference::Frame::Ip(h) = gatekeeper::reference::parse(&frame) {
-                if !h.malformed {
-                    if let Some((sp, dp_)) = h.flow_ports {
+            if let gatekeeper::reference::Frame::Ip(h) = gatekeeper::reference::parse(&frame)
+                && !h.malformed
+                    && let Some((sp, dp_)) = h.flow_ports {
                         let l4 = match h.proto {
                             6 => L4::Tcp { sport: sp, dport: dp_ },
                             17 => L4::Udp { sport: sp, dport: dp_ },
@@ -237,8 +237,6 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
                             history.push(Frame::new(h.src, h.dst, l4));
                         }
                     }
-                }
-            }
             let expected = m.judge(&frame);
             let slot_before = expected.rule.map(|s| dp.rule_counter(s).expect("rule counter").packets);
             let before = counters(dp);

@@ -89,7 +89,7 @@ pub fn run() -> anyhow::Result<()> {
         case("plc2", "hmi", Probe::Tcp(502), false, "PLC opening a session", false),
     ];
     step("Sending real traffic through the bridge");
-    eprintln!("    {:<7}    {:<7} {:<34} {:<8} {}", "from", "to", "traffic", "policy", "observed");
+    eprintln!("    {:<7}    {:<7} {:<34} {:<8} observed", "from", "to", "traffic", "policy");
     let mut wrong = 0;
     for c in &cases {
         check_interrupt()?;
