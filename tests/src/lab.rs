@@ -284,7 +284,82 @@ impl Lab {
 
     /// Starts the daemon in the appliance namespace with `policy` (YAML).
     pub fn start_daemon(&self, gatekeeper: &Path, policy: &str) -> anyhow::Result<Daemon> {
-        Daemon::start(self, gatekeeper, policy)
+        Daemon::start(self, gatekeeper, policy, "")
+    }
+
+    /// Like [`Lab::start_daemon`], with `extra` TOML added to the `[dataplane]` section (it may
+    /// open sub-tables such as `[dataplane.flow_timeouts]`).
+    pub fn start_daemon_with(&self, gatekeeper: &Path, policy: &str, extra: &str) -> anyhow::Result<Daemon> {
+        Daemon::start(self, gatekeeper, policy, extra)
+    }
+}
+
+/// A raw packet socket on a host's `eth0`: sends hand-built frames (VLAN tags and all, which
+/// needs no 802.1Q support in the kernel) and watches what arrives.
+pub struct RawSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RawSocket {
+    pub fn open(host: &Host) -> anyhow::Result<Self> {
+        in_netns(&host.netns, || -> anyhow::Result<Self> {
+            use std::os::fd::FromRawFd;
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket calls with valid arguments; the fd is owned right away.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+                if fd < 0 {
+                    bail!("packet socket: {}", std::io::Error::last_os_error());
+                }
+                let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+                let ifindex = libc::if_nametoindex(c"eth0".as_ptr());
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = proto;
+                addr.sll_ifindex = ifindex as i32;
+                let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                if libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) != 0 {
+                    bail!("bind packet socket: {}", std::io::Error::last_os_error());
+                }
+                Ok(Self { fd })
+            }
+        })?
+    }
+
+    pub fn send(&self, frame: &[u8]) -> anyhow::Result<()> {
+        // SAFETY: valid buffer and fd.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n < 0 {
+            bail!("send: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a frame containing every one of `needles`.
+    pub fn saw(&self, needles: &[&[u8]], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 4096];
+        while Instant::now() < deadline {
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+            // SAFETY: valid option buffer, valid receive buffer.
+            let n = unsafe {
+                libc::setsockopt(
+                    self.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+            };
+            if n > 0 {
+                let got = &buf[..n as usize];
+                if needles.iter().all(|nd| got.windows(nd.len()).any(|w| w == *nd)) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
@@ -337,7 +412,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn start(lab: &Lab, gatekeeper: &Path, policy: &str) -> anyhow::Result<Self> {
+    fn start(lab: &Lab, gatekeeper: &Path, policy: &str, extra: &str) -> anyhow::Result<Self> {
         let policy_path = lab.dir.join("policy.yaml");
         let config_path = lab.dir.join("gatekeeper.toml");
         let log_path = lab.dir.join("gatekeeper.log");
@@ -346,7 +421,7 @@ impl Daemon {
         fs::write(
             &config_path,
             format!(
-                "[dataplane]\ninterfaces = [{}]\nxdp_mode = \"auto\"\n\n[policy]\nfile = {:?}\n",
+                "[dataplane]\ninterfaces = [{}]\nxdp_mode = \"auto\"\n{extra}\n\n[policy]\nfile = {:?}\n",
                 interfaces.join(", "),
                 policy_path.display().to_string()
             ),

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use gatekeeper_tests::lab::{Lab, Reach, Servers, echo, gatekeeper_bin};
+use gatekeeper_tests::{
+    lab::{Lab, RawSocket, Reach, Servers, echo, gatekeeper_bin},
+    packet::{Frame, L4},
+};
 
 const SHORT: Duration = Duration::from_millis(700);
 const LONG: Duration = Duration::from_secs(3);
@@ -163,4 +166,127 @@ fn daemon_refuses_to_start_on_a_broken_policy() {
     let msg = format!("{:#}", err.err().expect("daemon started with a broken policy"));
     assert!(msg.contains("selector") && msg.contains("segments[0]"), "{msg}");
     assert!(lab.xdp_attached().unwrap().is_empty(), "nothing attached");
+}
+
+/// Sends a TCP SYN from `from` to `to` in `vlans` tags and reports whether it reached `to`.
+fn tagged_syn_arrives(lab: &Lab, from: &str, to: &str, v6: bool, vlans: &[(u16, u16)], sport: u16, wait: Duration) -> bool {
+    let (src, dst) = (lab.host(from).addr(v6), lab.host(to).addr(v6));
+    let mut frame = Frame::new(src, dst, L4::Tcp { sport, dport: 502 });
+    frame.vlans = vlans.to_vec();
+    let mut bytes = frame.build();
+    bytes[..6].copy_from_slice(&[0xff; 6]); // broadcast: the bridge floods it to every port
+    let octets = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let watch = RawSocket::open(lab.host(to)).unwrap();
+    RawSocket::open(lab.host(from)).unwrap().send(&bytes).unwrap();
+    let ports = [sport.to_be_bytes(), 502u16.to_be_bytes()].concat();
+    watch.saw(&[&octets(src), &octets(dst), &ports], wait)
+}
+
+#[test]
+fn vlan_and_qinq_tagged_traffic_is_judged_like_untagged() {
+    let lab = Lab::new(&[("hmi", 1), ("eng", 2), ("plc1", 11)]).unwrap();
+    let q: &[(u16, u16)] = &[(0x8100, 100)];
+    let qinq: &[(u16, u16)] = &[(0x88a8, 200), (0x8100, 10)];
+    let triple: &[(u16, u16)] = &[(0x88a8, 200), (0x8100, 10), (0x8100, 11)];
+    // Without gatekeeper the bridge forwards tagged frames (the baseline that makes the
+    // negative checks below meaningful).
+    assert!(tagged_syn_arrives(&lab, "eng", "plc1", false, qinq, 47000, LONG), "bridge does not forward QinQ");
+    let policy = policy(HMI);
+    let daemon = lab.start_daemon(&gatekeeper_bin().unwrap(), &policy).unwrap();
+    let mut sport = 47001;
+    for v6 in [false, true] {
+        for tags in [q, qinq] {
+            let what = format!("v6={v6} tags={tags:x?}");
+            sport += 1;
+            assert!(tagged_syn_arrives(&lab, "hmi", "plc1", v6, tags, sport, LONG), "allowed {what}");
+            sport += 1;
+            assert!(!tagged_syn_arrives(&lab, "eng", "plc1", v6, tags, sport, SHORT), "denied {what} got through");
+        }
+        // Three tags are more than the data plane parses: dropped, even from the HMI.
+        sport += 1;
+        assert!(!tagged_syn_arrives(&lab, "hmi", "plc1", v6, triple, sport, SHORT), "triple-tagged frame got through");
+    }
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn an_expiring_rule_stops_matching_without_a_reload() {
+    let s = setup();
+    let lab = &s.lab;
+    let expires = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let policy = policy(HMI).replace(
+        "{name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502]}",
+        &format!("{{name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502], expires: {}}}", expires.to_rfc3339()),
+    );
+    let daemon = lab.start_daemon(&gatekeeper_bin().unwrap(), &policy).unwrap();
+    let plc = lab.host("plc1").addr(false);
+    let mut session = lab.host("hmi").connect(plc, 502, LONG).unwrap().expect("allowed before expiry");
+    assert!(echo(&mut session, b"before\n", LONG));
+    let wait = (expires - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(800);
+    std::thread::sleep(wait);
+    assert!(!echo(&mut session, b"after\n", SHORT), "session outlived its rule");
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, SHORT), Reach::Silent, "expired rule still matches");
+    assert!(daemon.log().contains("reason=\"rule expiry\""), "{}", daemon.log());
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn idle_flows_age_out() {
+    use gatekeeper_tests::lab::in_netns;
+    use std::net::UdpSocket;
+    let lab = Lab::new(&[("hmi", 1), ("plc1", 11)]).unwrap();
+    let policy = "assets:\n  - {name: hmi, ips: [10.0.0.1], tags: {role: hmi}}\n  - {name: plc, ips: [10.0.0.11], tags: {role: plc}}\n\
+segments:\n  - {name: hmi, selector: role=hmi, mode: label}\n  - {name: plc, selector: role=plc}\n\
+rules:\n  - {name: io, from: hmi, to: plc, protocol: udp, ports: [2222]}\n";
+    let daemon = lab
+        .start_daemon_with(&gatekeeper_bin().unwrap(), policy, "[dataplane.flow_timeouts]\nudp = 2\n")
+        .unwrap();
+    let hmi = in_netns(&lab.host("hmi").netns, || UdpSocket::bind("10.0.0.1:40000")).unwrap().unwrap();
+    let plc = in_netns(&lab.host("plc1").netns, || UdpSocket::bind("10.0.0.11:2222")).unwrap().unwrap();
+    hmi.set_read_timeout(Some(SHORT)).unwrap();
+    plc.set_read_timeout(Some(LONG)).unwrap();
+    let mut buf = [0u8; 16];
+    // Unsolicited PLC -> HMI: no rule, no flow.
+    plc.send_to(b"unsolicited", "10.0.0.1:40000").unwrap();
+    assert!(hmi.recv_from(&mut buf).is_err(), "unsolicited datagram passed");
+    // The HMI opens the flow; the PLC's answers ride on it.
+    hmi.send_to(b"open", "10.0.0.11:2222").unwrap();
+    assert!(plc.recv_from(&mut buf).is_ok(), "allowed datagram");
+    plc.send_to(b"reply", "10.0.0.1:40000").unwrap();
+    assert!(hmi.recv_from(&mut buf).is_ok(), "reply on the flow");
+    std::thread::sleep(Duration::from_millis(500));
+    plc.send_to(b"reply", "10.0.0.1:40000").unwrap();
+    assert!(hmi.recv_from(&mut buf).is_ok(), "flow still alive after 0.5 s");
+    // Idle past the 2 s UDP timeout: the flow is gone.
+    std::thread::sleep(Duration::from_millis(3500));
+    plc.send_to(b"late", "10.0.0.1:40000").unwrap();
+    assert!(hmi.recv_from(&mut buf).is_err(), "reply passed after the flow idled out");
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn daemon_names_an_interface_it_cannot_attach_to() {
+    let lab = Lab::new(&[("a", 1), ("b", 2)]).unwrap();
+    let config = lab.dir.join("bad.toml");
+    let policy = lab.dir.join("p.yaml");
+    std::fs::write(&policy, "segments: [{name: s, cidrs: [10.0.0.0/24]}]\n").unwrap();
+    std::fs::write(
+        &config,
+        format!("[dataplane]\ninterfaces = [\"p-a\", \"nosuch0\"]\n[policy]\nfile = {:?}\n", policy.display().to_string()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.appliance])
+        .arg(gatekeeper_bin().unwrap())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("nosuch0"), "{stderr}");
+    assert!(lab.xdp_attached().unwrap().is_empty(), "p-a left attached after the failure");
 }

@@ -100,6 +100,33 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     build(false)?;
     step("Running every test (unit, differential against the reference model, lab with real traffic)");
     let mut c = cargo();
-    c.arg("test").args(args);
-    run(&mut c)
+    c.arg("test").args(args).stdout(std::process::Stdio::piped());
+    let mut child = c.spawn().context("running cargo test")?;
+    // Pass the output through and add up the per-binary results for one closing line.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(word).map(|n| n.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim().parse().unwrap_or(0)))
+                        .unwrap_or(0)
+                };
+                passed += count("passed");
+                failed += count("failed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
