@@ -7,7 +7,7 @@ use chrono::Utc;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    compile::{Capacity, CompileError, Compiler},
+    compile::{CompileError, Compiler},
     config::Config,
     maps::{ApplyReport, Dataplane, DataplaneError, LoadOptions},
     policy::{self, Policy, PolicyError},
@@ -33,8 +33,9 @@ pub struct Enforcer {
 
 impl Enforcer {
     pub fn new(config: &Config) -> Result<Self, EnforceError> {
-        let dataplane = Dataplane::load(LoadOptions { flow_table_size: config.dataplane.flow_table_size })?;
-        let compiler = Compiler::new(config.dataplane.flow_timeouts.into(), Capacity::default());
+        let options = LoadOptions { flow_table_size: config.dataplane.flow_table_size, ..LoadOptions::default() };
+        let dataplane = Dataplane::load(options)?;
+        let compiler = Compiler::new(config.dataplane.flow_timeouts.into(), options.capacity());
         Ok(Self { compiler, dataplane, policy: Policy::default() })
     }
 

@@ -22,7 +22,7 @@ use gatekeeper_common::{
     OUTCOME_PASS_MALFORMED, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
 };
 
-use crate::compile::{Compiled, Delta, diff};
+use crate::compile::{Capacity, Compiled, Delta, diff};
 
 /// The XDP object built by `build.rs` from `gatekeeper-ebpf`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper"));
@@ -90,11 +90,20 @@ impl Stats {
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     pub flow_table_size: u32,
+    /// `GK_POLICY` entries, both generations together.
+    pub policy_entries: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { flow_table_size: 1 << 17 }
+        Self { flow_table_size: 1 << 17, policy_entries: 1 << 20 }
+    }
+}
+
+impl LoadOptions {
+    /// What one generation may hold: half of each map, since an apply holds two at once.
+    pub fn capacity(&self) -> Capacity {
+        Capacity { policy: self.policy_entries as usize / 2, ..Capacity::default() }
     }
 }
 
@@ -122,7 +131,10 @@ impl Dataplane {
         // SAFETY: plain syscall with a valid pointer.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
         let mut ebpf =
-            EbpfLoader::new().map_max_entries("GK_FLOWS", options.flow_table_size.max(1)).load(PROGRAM_OBJECT)?;
+            EbpfLoader::new()
+                .map_max_entries("GK_FLOWS", options.flow_table_size.max(1))
+                .map_max_entries("GK_POLICY", options.policy_entries.max(2))
+                .load(PROGRAM_OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(DataplaneError::System(format!("the XDP object has no program {PROGRAM_NAME}")))?
@@ -360,6 +372,14 @@ impl Dataplane {
         Ok(())
     }
 
+    /// A handle on the loaded program for [`test_run_fd`], usable from other threads while
+    /// this `Dataplane` applies policies.
+    pub fn program_fd(&self) -> Result<std::os::fd::OwnedFd, DataplaneError> {
+        use std::os::fd::AsFd as _;
+        let fd = self.program()?.fd()?.as_fd().try_clone_to_owned();
+        fd.map_err(|e| DataplaneError::System(format!("dup program fd: {e}")))
+    }
+
     /// Runs the program once on `frame` through BPF_PROG_TEST_RUN: returns the XDP action.
     pub fn test_run(&self, frame: &[u8]) -> Result<u32, DataplaneError> {
         let opts = TestRunOptions { data_in: Some(frame), repeat: 1, ..Default::default() };
@@ -401,4 +421,47 @@ fn synchronize_rcu() {
         // nohz_full kernels refuse it; an XDP invocation lasts microseconds, so wait well past that.
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// `BPF_PROG_TEST_RUN` on a program fd: runs it `repeat` times on `frame`; returns the last
+/// action and the mean time per run in nanoseconds.
+pub fn test_run_fd(prog: std::os::fd::BorrowedFd<'_>, frame: &[u8], repeat: u32) -> std::io::Result<(u32, u32)> {
+    use std::os::fd::AsRawFd as _;
+    /// The `test` member of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut attr = TestAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed; `frame` outlives the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, std::mem::size_of::<TestAttr>() as u32)
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((attr.retval, attr.duration))
 }
