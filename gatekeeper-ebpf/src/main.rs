@@ -84,6 +84,24 @@ struct Packet {
     dst: [u32; 4],
 }
 
+impl Packet {
+    #[inline(always)]
+    fn new(family: u8, proto: u8, src: [u32; 4], dst: [u32; 4]) -> Self {
+        Self {
+            family,
+            proto,
+            has_ports: false,
+            trackable: false,
+            neighbor: false,
+            malformed: false,
+            sport: 0,
+            dport: 0,
+            src,
+            dst,
+        }
+    }
+}
+
 enum Parsed {
     NonIp,
     /// An IP packet too broken to read its addresses from.
@@ -147,18 +165,12 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Parsed {
     if h[0] >> 4 != 4 {
         return Parsed::Unattributable;
     }
-    let mut p = Packet {
-        family: 4,
-        proto: h[9],
-        has_ports: false,
-        trackable: false,
-        neighbor: false,
-        malformed: false,
-        sport: 0,
-        dport: 0,
-        src: [word(&[h[12], h[13], h[14], h[15]]), 0, 0, 0],
-        dst: [word(&[h[16], h[17], h[18], h[19]]), 0, 0, 0],
-    };
+    let mut p = Packet::new(
+        4,
+        h[9],
+        [word(&[h[12], h[13], h[14], h[15]]), 0, 0, 0],
+        [word(&[h[16], h[17], h[18], h[19]]), 0, 0, 0],
+    );
     let ihl = ((h[0] & 0x0f) as usize) * 4;
     if ihl < 20 || offset + ihl > ctx.data_end() - ctx.data() {
         p.malformed = true;
@@ -179,28 +191,22 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
     if h[0] >> 4 != 6 {
         return Parsed::Unattributable;
     }
-    let mut p = Packet {
-        family: 6,
-        proto: h[6],
-        has_ports: false,
-        trackable: false,
-        neighbor: false,
-        malformed: false,
-        sport: 0,
-        dport: 0,
-        src: [
+    let mut p = Packet::new(
+        6,
+        h[6],
+        [
             word(&[h[8], h[9], h[10], h[11]]),
             word(&[h[12], h[13], h[14], h[15]]),
             word(&[h[16], h[17], h[18], h[19]]),
             word(&[h[20], h[21], h[22], h[23]]),
         ],
-        dst: [
+        [
             word(&[h[24], h[25], h[26], h[27]]),
             word(&[h[28], h[29], h[30], h[31]]),
             word(&[h[32], h[33], h[34], h[35]]),
             word(&[h[36], h[37], h[38], h[39]]),
         ],
-    };
+    );
     let mut offset = offset + 40;
     for _ in 0..MAX_EXT_HEADERS {
         match p.proto {
