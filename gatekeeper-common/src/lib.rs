@@ -11,13 +11,19 @@
 //! |----------------|-------------------|----------------------|----------------|------------|
 //! | `GK_EPOCH`     | array\[1\]        | `u32` index 0        | `u32` epoch    | daemon: one store flips the policy generation (`gen = epoch & 1`) |
 //! | `GK_GEN_CONFIG`| array\[2\]        | `u32` generation     | [`GenConfig`]  | daemon, only for the inactive generation |
-//! | `GK_IDS_V4`    | LPM trie          | [`LpmV4`]            | [`Identity`]   | daemon, only for the inactive generation |
-//! | `GK_IDS_V6`    | LPM trie          | [`LpmV6`]            | [`Identity`]   | daemon, only for the inactive generation |
+//! | `GK_HOSTS_V4`  | hash              | [`HostV4`]           | [`Identity`]   | daemon, only for the inactive generation (/32 entries) |
+//! | `GK_HOSTS_V6`  | hash              | [`HostV6`]           | [`Identity`]   | daemon, only for the inactive generation (/128 entries) |
+//! | `GK_IDS_V4`    | LPM trie          | [`LpmV4`]            | [`Identity`]   | daemon, only for the inactive generation (shorter prefixes) |
+//! | `GK_IDS_V6`    | LPM trie          | [`LpmV6`]            | [`Identity`]   | daemon, only for the inactive generation (shorter prefixes) |
 //! | `GK_PORT_CLASS`| array             | [`port_class_index`] | `u32` class    | daemon, only for the inactive generation |
 //! | `GK_POLICY`    | hash              | [`PolicyKey`]        | [`PolicyValue`]| daemon, only for the inactive generation |
 //! | `GK_FLOWS`     | LRU hash          | [`FlowKey`]          | [`FlowValue`]  | XDP program (create, refresh, revoke); daemon may clear |
 //! | `GK_STATS`     | per-CPU array     | outcome (`OUTCOME_*`)| [`Counter`]    | XDP program |
 //! | `GK_RULE_STATS`| per-CPU array     | rule slot            | [`Counter`]    | XDP program; daemon zeroes a slot before reusing it |
+//!
+//! Host addresses (the usual asset) are looked up in a hash first: one lookup, whatever the
+//! number of assets; only addresses not found there walk the LPM trie of shorter prefixes. Each
+//! host entry already carries the segments of every prefix containing it.
 //!
 //! Policy maps hold two generations side by side (the generation is the first byte of every key).
 //! The program reads the epoch once per packet and uses only that generation, so a packet is
@@ -86,8 +92,13 @@ pub const EVENT_FLOW_REVOKED: u32 = 12;
 pub const EVENT_FLOW_INSERT_FAILED: u32 = 13;
 pub const STATS_ENTRIES: u32 = 14;
 
+/// Default map sizes (both generations together); the daemon can choose others at load time.
+pub const DEFAULT_HOST_ENTRIES: u32 = 1 << 18;
+pub const DEFAULT_PREFIX_ENTRIES: u32 = 1 << 16;
+pub const DEFAULT_POLICY_ENTRIES: u32 = 1 << 20;
+pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 17;
 /// Rule slots available for per-rule counters.
-pub const MAX_RULES: u32 = 16384;
+pub const DEFAULT_RULE_SLOTS: u32 = 1 << 15;
 
 /// Value of `GK_IDS_V4` / `GK_IDS_V6`: the segment-set identity of an address.
 #[repr(C)]
@@ -115,6 +126,24 @@ pub struct LpmV6 {
     pub generation: u8,
     pub addr: [u8; 16],
     pub _pad: [u8; 3],
+}
+
+/// Key of `GK_HOSTS_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostV4 {
+    pub generation: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 4],
+}
+
+/// Key of `GK_HOSTS_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostV6 {
+    pub generation: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
 }
 
 /// Key of `GK_POLICY`: who talks to whom, on which protocol class and port class.
@@ -200,6 +229,8 @@ pub struct Counter {
 const _: () = assert!(core::mem::size_of::<Identity>() == 8);
 const _: () = assert!(core::mem::size_of::<LpmV4>() == 8);
 const _: () = assert!(core::mem::size_of::<LpmV6>() == 20);
+const _: () = assert!(core::mem::size_of::<HostV4>() == 8);
+const _: () = assert!(core::mem::size_of::<HostV6>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<GenConfig>() == 32);
@@ -215,6 +246,8 @@ mod pod {
     unsafe impl aya::Pod for Identity {}
     unsafe impl aya::Pod for LpmV4 {}
     unsafe impl aya::Pod for LpmV6 {}
+    unsafe impl aya::Pod for HostV4 {}
+    unsafe impl aya::Pod for HostV6 {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for GenConfig {}
@@ -244,6 +277,12 @@ mod tests {
         assert_eq!(offset_of!(LpmV4, addr), 1);
         assert_eq!(offset_of!(LpmV6, addr), 1);
         assert_eq!(offset_of!(LpmV6, _pad), 17);
+    }
+
+    #[test]
+    fn host_key_layout() {
+        assert_eq!(offset_of!(HostV4, addr), 4);
+        assert_eq!(offset_of!(HostV6, addr), 4);
     }
 
     #[test]

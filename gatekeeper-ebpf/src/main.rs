@@ -20,7 +20,8 @@ use aya_ebpf::{
 use gatekeeper_common::{
     CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, Counter,
     EVENT_FLOW_INSERT_FAILED, EVENT_FLOW_REVOKED, FLOW_ORIG_LO, FlowKey, FlowValue, GOVERN_ENFORCE,
-    GenConfig, ID_ANY, Identity, LpmV4, LpmV6, MAX_RULES, NO_RULE, OUTCOME_DROP_DEFAULT,
+    DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
+    DEFAULT_RULE_SLOTS, GenConfig, HostV4, HostV6, ID_ANY, Identity, LpmV4, LpmV6, NO_RULE, OUTCOME_DROP_DEFAULT,
     OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT,
     OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_ALLOWED,
     OUTCOME_PASS_FLOW, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP,
@@ -34,23 +35,27 @@ use gatekeeper_common::{
 static GK_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static GK_GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(2, 0);
+// Hashes are not preallocated: sized for large policies, they only use memory for what is
+// there, and a lookup never aliases a recycled element.
 #[map]
-static GK_IDS_V4: LpmTrie<LpmV4, Identity> = LpmTrie::with_max_entries(1 << 18, 0);
+static GK_HOSTS_V4: HashMap<HostV4, Identity> = HashMap::with_max_entries(DEFAULT_HOST_ENTRIES, BPF_F_NO_PREALLOC);
 #[map]
-static GK_IDS_V6: LpmTrie<LpmV6, Identity> = LpmTrie::with_max_entries(1 << 18, 0);
+static GK_HOSTS_V6: HashMap<HostV6, Identity> = HashMap::with_max_entries(DEFAULT_HOST_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static GK_IDS_V4: LpmTrie<LpmV4, Identity> = LpmTrie::with_max_entries(DEFAULT_PREFIX_ENTRIES, 0);
+#[map]
+static GK_IDS_V6: LpmTrie<LpmV6, Identity> = LpmTrie::with_max_entries(DEFAULT_PREFIX_ENTRIES, 0);
 #[map]
 static GK_PORT_CLASS: Array<u32> = Array::with_max_entries(PORT_CLASS_ENTRIES, 0);
-// Not preallocated: sized for large policies, but only memory for what is there is used, and
-// lookups of a non-preallocated hash never alias a recycled element.
 #[map]
 static GK_POLICY: HashMap<PolicyKey, PolicyValue> =
-    HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(DEFAULT_POLICY_ENTRIES, BPF_F_NO_PREALLOC);
 #[map]
-static GK_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(1 << 17, 0);
+static GK_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 #[map]
 static GK_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 #[map]
-static GK_RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+static GK_RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DEFAULT_RULE_SLOTS, 0);
 
 // ---- Parsing ----------------------------------------------------------------------------------
 
@@ -310,21 +315,29 @@ fn parse_l4(ctx: &XdpContext, offset: usize, mut p: Packet) -> Parsed {
 
 // ---- Lookups ----------------------------------------------------------------------------------
 
+/// The identity of an address: a host entry if there is one (one hash lookup), else the
+/// longest matching shorter prefix.
 #[inline(always)]
 fn identity(generation: u32, family: u8, addr: &[u32; 4]) -> Identity {
-    let found = if family == 4 {
-        let key = Key::new(
-            8 + 32,
-            LpmV4 { generation: generation as u8, addr: addr[0].to_ne_bytes(), _pad: [0; 3] },
-        );
-        GK_IDS_V4.get(&key).copied()
+    let g = generation as u8;
+    if family == 4 {
+        let bytes = addr[0].to_ne_bytes();
+        // SAFETY: non-preallocated hash: the element is not recycled under us; copied at once.
+        if let Some(v) = unsafe { GK_HOSTS_V4.get(&HostV4 { generation: g, _pad: [0; 3], addr: bytes }) } {
+            return *v;
+        }
+        let key = Key::new(8 + 32, LpmV4 { generation: g, addr: bytes, _pad: [0; 3] });
+        GK_IDS_V4.get(&key).copied().unwrap_or_default()
     } else {
         // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
         let bytes: [u8; 16] = unsafe { core::mem::transmute(*addr) };
-        let key = Key::new(8 + 128, LpmV6 { generation: generation as u8, addr: bytes, _pad: [0; 3] });
-        GK_IDS_V6.get(&key).copied()
-    };
-    found.unwrap_or_default()
+        // SAFETY: as above.
+        if let Some(v) = unsafe { GK_HOSTS_V6.get(&HostV6 { generation: g, _pad: [0; 3], addr: bytes }) } {
+            return *v;
+        }
+        let key = Key::new(8 + 128, LpmV6 { generation: g, addr: bytes, _pad: [0; 3] });
+        GK_IDS_V6.get(&key).copied().unwrap_or_default()
+    }
 }
 
 #[inline(always)]
@@ -457,7 +470,8 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (outcome, rule) = judge(&ctx, bytes);
     count(&GK_STATS, outcome, bytes);
-    if rule < MAX_RULES {
+    if rule != NO_RULE {
+        // Out-of-range slots find no counter: the per-CPU array bounds the index itself.
         count(&GK_RULE_STATS, rule, bytes);
     }
     match outcome {

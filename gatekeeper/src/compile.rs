@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use gatekeeper_common::{
     CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, GOVERN_ENFORCE, GOVERN_MONITOR,
-    GenConfig, ID_ANY, ID_WORLD, Identity, MAX_RULES, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
+    DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_RULE_SLOTS, GenConfig, ID_ANY, ID_WORLD,
+    Identity, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
     PolicyKey, PolicyValue,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -41,17 +42,28 @@ impl Default for Timeouts {
 }
 
 /// How many entries each policy map may hold for one generation (half the map: during an apply
-/// the old and the new generation are both present).
+/// the old and the new generation are both present), and how many rules have counter slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
+    pub hosts_v4: usize,
     pub prefixes_v4: usize,
+    pub hosts_v6: usize,
     pub prefixes_v6: usize,
     pub policy: usize,
+    pub rules: usize,
 }
 
 impl Default for Capacity {
     fn default() -> Self {
-        Self { prefixes_v4: 1 << 17, prefixes_v6: 1 << 17, policy: 1 << 19 }
+        let half = |n: u32| n as usize / 2;
+        Self {
+            hosts_v4: half(DEFAULT_HOST_ENTRIES),
+            prefixes_v4: half(DEFAULT_PREFIX_ENTRIES),
+            hosts_v6: half(DEFAULT_HOST_ENTRIES),
+            prefixes_v6: half(DEFAULT_PREFIX_ENTRIES),
+            policy: half(DEFAULT_POLICY_ENTRIES),
+            rules: DEFAULT_RULE_SLOTS as usize,
+        }
     }
 }
 
@@ -164,21 +176,32 @@ impl Compiler {
     /// Compiles `policy` as it stands at `now` (expired rules are left out). On error the
     /// compiler's numbering is left as it was.
     pub fn compile(&mut self, policy: &Policy, now: DateTime<Utc>) -> Result<Compiled, CompileError> {
-        if policy.rules.len() > MAX_RULES as usize {
-            return Err(CompileError::Capacity { what: "rule", needed: policy.rules.len(), max: MAX_RULES as usize });
+        let cap = self.capacity;
+        if policy.rules.len() > cap.rules {
+            return Err(CompileError::Capacity { what: "rule", needed: policy.rules.len(), max: cap.rules });
         }
         let effective = segment::effective(&segment::direct_members(policy));
-        let (n4, n6) = effective.keys().fold((0, 0), |(a, b), n| match n {
-            IpNet::V4(_) => (a + 1, b),
-            IpNet::V6(_) => (a, b + 1),
-        });
-        let cap = self.capacity;
-        if n4 > cap.prefixes_v4 {
-            return Err(CompileError::Capacity { what: "IPv4 prefix", needed: n4, max: cap.prefixes_v4 });
+        // Host entries go to the host hashes, shorter prefixes to the LPM tries.
+        let (mut h4, mut n4, mut h6, mut n6) = (0, 0, 0, 0);
+        for net in effective.keys() {
+            match net {
+                IpNet::V4(n) if n.prefix_len() == 32 => h4 += 1,
+                IpNet::V4(_) => n4 += 1,
+                IpNet::V6(n) if n.prefix_len() == 128 => h6 += 1,
+                IpNet::V6(_) => n6 += 1,
+            }
         }
-        if n6 > cap.prefixes_v6 {
-            return Err(CompileError::Capacity { what: "IPv6 prefix", needed: n6, max: cap.prefixes_v6 });
+        for (what, needed, max) in [
+            ("IPv4 host", h4, cap.hosts_v4),
+            ("IPv4 prefix", n4, cap.prefixes_v4),
+            ("IPv6 host", h6, cap.hosts_v6),
+            ("IPv6 prefix", n6, cap.prefixes_v6),
+        ] {
+            if needed > max {
+                return Err(CompileError::Capacity { what, needed, max });
+            }
         }
+        let (n4, n6) = (h4 + n4, h6 + n6);
 
         // Identities: stable numbers for segment sets still in use, fresh ones for new sets.
         let mut sets: BTreeMap<Vec<usize>, Identity> = BTreeMap::new();
@@ -243,11 +266,11 @@ impl Compiler {
                 used.insert(s);
             }
         }
-        let mut free = (0..MAX_RULES).filter(|s| !used.contains(s));
+        let mut free = (0..cap.rules as u32).filter(|s| !used.contains(s));
         for r in &policy.rules {
             if !slots.contains_key(&r.name) {
-                // There are at most MAX_RULES rules, so a free slot always exists.
-                let s = free.next().unwrap_or(MAX_RULES - 1);
+                // There are at most `cap.rules` rules, so a free slot always exists.
+                let s = free.next().unwrap_or(0);
                 slots.insert(r.name.clone(), s);
             }
         }
@@ -454,9 +477,10 @@ rules:
 
     #[test]
     fn capacity_is_checked_before_anything_changes() {
-        let mut c = Compiler::new(Timeouts::default(), Capacity { prefixes_v4: 2, prefixes_v6: 2, policy: 10 });
+        let cap = Capacity { hosts_v4: 2, policy: 10, ..Capacity::default() };
+        let mut c = Compiler::new(Timeouts::default(), cap);
         let err = c.compile(&policy(BASE), Utc::now()).unwrap_err();
-        assert_eq!(err, CompileError::Capacity { what: "IPv4 prefix", needed: 3, max: 2 });
+        assert_eq!(err, CompileError::Capacity { what: "IPv4 host", needed: 3, max: 2 });
         assert!(c.ids.is_empty() && c.slots.is_empty());
     }
 }

@@ -17,7 +17,8 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use gatekeeper_common::{
-    Counter, FlowKey, FlowValue, GenConfig, Identity, LpmV4, LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
+    Counter, DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
+    DEFAULT_RULE_SLOTS, FlowKey, FlowValue, GenConfig, HostV4, HostV6, Identity, LpmV4, LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
     OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED,
     OUTCOME_PASS_MALFORMED, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
 };
@@ -86,24 +87,42 @@ impl Stats {
     }
 }
 
-/// Sizes chosen at load time.
+/// Map sizes chosen at load time (both generations together).
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     pub flow_table_size: u32,
-    /// `GK_POLICY` entries, both generations together.
+    /// Entries of each host hash (IPv4, IPv6).
+    pub host_entries: u32,
+    /// Entries of each LPM trie (IPv4, IPv6).
+    pub prefix_entries: u32,
     pub policy_entries: u32,
+    pub rule_slots: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { flow_table_size: 1 << 17, policy_entries: 1 << 20 }
+        Self {
+            flow_table_size: DEFAULT_FLOW_ENTRIES,
+            host_entries: DEFAULT_HOST_ENTRIES,
+            prefix_entries: DEFAULT_PREFIX_ENTRIES,
+            policy_entries: DEFAULT_POLICY_ENTRIES,
+            rule_slots: DEFAULT_RULE_SLOTS,
+        }
     }
 }
 
 impl LoadOptions {
     /// What one generation may hold: half of each map, since an apply holds two at once.
     pub fn capacity(&self) -> Capacity {
-        Capacity { policy: self.policy_entries as usize / 2, ..Capacity::default() }
+        let half = |n: u32| n as usize / 2;
+        Capacity {
+            hosts_v4: half(self.host_entries),
+            prefixes_v4: half(self.prefix_entries),
+            hosts_v6: half(self.host_entries),
+            prefixes_v6: half(self.prefix_entries),
+            policy: half(self.policy_entries),
+            rules: self.rule_slots as usize,
+        }
     }
 }
 
@@ -133,7 +152,12 @@ impl Dataplane {
         let mut ebpf =
             EbpfLoader::new()
                 .map_max_entries("GK_FLOWS", options.flow_table_size.max(1))
+                .map_max_entries("GK_HOSTS_V4", options.host_entries.max(2))
+                .map_max_entries("GK_HOSTS_V6", options.host_entries.max(2))
+                .map_max_entries("GK_IDS_V4", options.prefix_entries.max(2))
+                .map_max_entries("GK_IDS_V6", options.prefix_entries.max(2))
                 .map_max_entries("GK_POLICY", options.policy_entries.max(2))
+                .map_max_entries("GK_RULE_STATS", options.rule_slots.max(1))
                 .load(PROGRAM_OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -251,6 +275,18 @@ impl Dataplane {
         for k in keys {
             let _ = lpm6.remove(&k);
         }
+        let mut hosts4: HashMap<_, HostV4, Identity> =
+            HashMap::try_from(self.map("GK_HOSTS_V4")?).map_err(map_err("GK_HOSTS_V4"))?;
+        let keys: Vec<_> = hosts4.keys().filter_map(Result::ok).filter(|k| k.generation == g).collect();
+        for k in keys {
+            let _ = hosts4.remove(&k);
+        }
+        let mut hosts6: HashMap<_, HostV6, Identity> =
+            HashMap::try_from(self.map("GK_HOSTS_V6")?).map_err(map_err("GK_HOSTS_V6"))?;
+        let keys: Vec<_> = hosts6.keys().filter_map(Result::ok).filter(|k| k.generation == g).collect();
+        for k in keys {
+            let _ = hosts6.remove(&k);
+        }
         let mut policy: HashMap<_, PolicyKey, PolicyValue> =
             HashMap::try_from(self.map("GK_POLICY")?).map_err(map_err("GK_POLICY"))?;
         let keys: Vec<_> = policy.keys().filter_map(Result::ok).filter(|k| k.generation == g).collect();
@@ -297,21 +333,37 @@ impl Dataplane {
             }
         };
         {
+            let [hosts, lpm] = self.ebpf.maps_disjoint_mut(["GK_HOSTS_V4", "GK_IDS_V4"]);
+            let mut hosts: HashMap<_, HostV4, Identity> =
+                HashMap::try_from(hosts.ok_or(DataplaneError::MissingMap("GK_HOSTS_V4"))?).map_err(map_err("GK_HOSTS_V4"))?;
             let mut lpm: LpmTrie<_, LpmV4, Identity> =
-                LpmTrie::try_from(self.map("GK_IDS_V4")?).map_err(map_err("GK_IDS_V4"))?;
+                LpmTrie::try_from(lpm.ok_or(DataplaneError::MissingMap("GK_IDS_V4"))?).map_err(map_err("GK_IDS_V4"))?;
             for (net, v) in &delta.v4 {
-                let key =
-                    Key::new(8 + u32::from(net.prefix_len()), LpmV4 { generation: g, addr: net.addr().octets(), _pad: [0; 3] });
-                note(match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V4")))?;
+                let addr = net.addr().octets();
+                if net.prefix_len() == 32 {
+                    let key = HostV4 { generation: g, _pad: [0; 3], addr };
+                    note(match v { Some(v) => hosts.insert(key, v, 0), None => ignore_missing(hosts.remove(&key)) }.map_err(map_err("GK_HOSTS_V4")))?;
+                } else {
+                    let key = Key::new(8 + u32::from(net.prefix_len()), LpmV4 { generation: g, addr, _pad: [0; 3] });
+                    note(match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V4")))?;
+                }
             }
         }
         {
+            let [hosts, lpm] = self.ebpf.maps_disjoint_mut(["GK_HOSTS_V6", "GK_IDS_V6"]);
+            let mut hosts: HashMap<_, HostV6, Identity> =
+                HashMap::try_from(hosts.ok_or(DataplaneError::MissingMap("GK_HOSTS_V6"))?).map_err(map_err("GK_HOSTS_V6"))?;
             let mut lpm: LpmTrie<_, LpmV6, Identity> =
-                LpmTrie::try_from(self.map("GK_IDS_V6")?).map_err(map_err("GK_IDS_V6"))?;
+                LpmTrie::try_from(lpm.ok_or(DataplaneError::MissingMap("GK_IDS_V6"))?).map_err(map_err("GK_IDS_V6"))?;
             for (net, v) in &delta.v6 {
-                let key =
-                    Key::new(8 + u32::from(net.prefix_len()), LpmV6 { generation: g, addr: net.addr().octets(), _pad: [0; 3] });
-                note(match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V6")))?;
+                let addr = net.addr().octets();
+                if net.prefix_len() == 128 {
+                    let key = HostV6 { generation: g, _pad: [0; 3], addr };
+                    note(match v { Some(v) => hosts.insert(key, v, 0), None => ignore_missing(hosts.remove(&key)) }.map_err(map_err("GK_HOSTS_V6")))?;
+                } else {
+                    let key = Key::new(8 + u32::from(net.prefix_len()), LpmV6 { generation: g, addr, _pad: [0; 3] });
+                    note(match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V6")))?;
+                }
             }
         }
         {
