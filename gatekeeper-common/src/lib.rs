@@ -210,7 +210,7 @@ pub const FLOW_ORIG_LO: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// `bpf_ktime_get_ns` of the last packet seen (refreshed at most once a second).
+    /// `bpf_ktime_get_coarse_ns` of the last packet seen (refreshed at most once a second).
     pub last_seen_ns: u64,
     /// Policy epoch the flow was last judged under; a different epoch means re-judge.
     pub epoch: u32,

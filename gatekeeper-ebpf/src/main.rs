@@ -12,7 +12,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
@@ -507,12 +507,14 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
         return (OUTCOME_PASS_NEIGHBOR, NO_RULE);
     }
 
-    let now = unsafe { bpf_ktime_get_ns() };
-    let (fkey, src_lo) = flow_key(&p);
+    let (fkey, src_lo) = if p.trackable { flow_key(&p) } else { (FlowKey::default(), false) };
     // Flow state before the policy: an established flow under the current epoch costs one lookup.
+    // The coarse clock (tick resolution) is plenty for timeouts of seconds, and much cheaper.
+    let mut now = 0;
     let mut stale: Option<FlowValue> = None;
     if p.trackable {
         if let Some(fv) = GK_FLOWS.get_ptr_mut(&fkey) {
+            now = unsafe { bpf_ktime_get_coarse_ns() };
             // SAFETY: LRU elements can be recycled under us; we copy the value out and only
             // write back plain integers, which at worst refresh an unrelated entry.
             let v = unsafe { *fv };
@@ -569,6 +571,9 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
         return denied(enforce, rule);
     }
     if p.trackable {
+        if now == 0 {
+            now = unsafe { bpf_ktime_get_coarse_ns() };
+        }
         let value = FlowValue { last_seen_ns: now, epoch, flags: if src_lo { FLOW_ORIG_LO } else { 0 } };
         if GK_FLOWS.insert(&fkey, &value, 0).is_err() {
             count(&GK_STATS, EVENT_FLOW_INSERT_FAILED, bytes);

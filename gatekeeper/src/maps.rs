@@ -28,6 +28,8 @@ use crate::compile::{Capacity, Compiled, Delta, diff};
 /// The XDP object built by `build.rs` from `gatekeeper-ebpf`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper"));
 const PROGRAM_NAME: &str = "gatekeeper";
+/// Helper programs for benchmarks (`gk_empty`, `gk_redirect`, `gk_sink`); see `gatekeeper-ebpf/src/bench.rs`.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper-bench"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -132,6 +134,10 @@ pub struct ApplyReport {
     pub epoch: u32,
     /// Entries written per generation.
     pub entries: usize,
+    /// From the start of the apply to the epoch flip: when packets start seeing the new policy.
+    pub enforced_after: std::time::Duration,
+    /// The whole apply, including the wait for in-flight packets and the standby update.
+    pub total: std::time::Duration,
 }
 
 /// The loaded program, its maps and its attachments.
@@ -230,6 +236,7 @@ impl Dataplane {
 
     /// Makes `new` the policy in force, atomically for traffic. On error nothing changed.
     pub fn apply(&mut self, new: Compiled) -> Result<ApplyReport, DataplaneError> {
+        let started = std::time::Instant::now();
         let delta = diff(&self.applied, &new);
         let old_gen = self.epoch & 1;
         let new_gen = old_gen ^ 1;
@@ -248,6 +255,7 @@ impl Dataplane {
         let mut epoch_map: Array<_, u32> = Array::try_from(self.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
         epoch_map.set(0, epoch, 0).map_err(map_err("GK_EPOCH"))?;
         self.epoch = epoch;
+        let enforced_after = started.elapsed();
         synchronize_rcu();
         // The old generation is unused now; bring it up to date for the next apply. A failure
         // here leaves it inconsistent, so it is rewritten in full next time.
@@ -257,7 +265,7 @@ impl Dataplane {
             tracing::error!(error = %e, "could not update the standby policy generation; rebuilding it");
             self.rebuild_generation(old_gen)?;
         }
-        Ok(ApplyReport { epoch, entries: delta.len() })
+        Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: started.elapsed() })
     }
 
     /// Rewrites generation `generation` from scratch from `self.applied`.
@@ -478,6 +486,23 @@ fn synchronize_rcu() {
 /// `BPF_PROG_TEST_RUN` on a program fd: runs it `repeat` times on `frame`; returns the last
 /// action and the mean time per run in nanoseconds.
 pub fn test_run_fd(prog: std::os::fd::BorrowedFd<'_>, frame: &[u8], repeat: u32) -> std::io::Result<(u32, u32)> {
+    test_run_raw(prog, frame, repeat, 0, 0)
+}
+
+/// `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`: the program's redirects really
+/// transmit, `batch` frames at a time. Runs in the calling thread's network namespace.
+pub fn test_run_live_fd(prog: std::os::fd::BorrowedFd<'_>, frame: &[u8], repeat: u32, batch: u32) -> std::io::Result<()> {
+    const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+    test_run_raw(prog, frame, repeat, BPF_F_TEST_XDP_LIVE_FRAMES, batch).map(|_| ())
+}
+
+fn test_run_raw(
+    prog: std::os::fd::BorrowedFd<'_>,
+    frame: &[u8],
+    repeat: u32,
+    flags: u32,
+    batch_size: u32,
+) -> std::io::Result<(u32, u32)> {
     use std::os::fd::AsRawFd as _;
     /// The `test` member of `union bpf_attr`.
     #[repr(C)]
@@ -506,6 +531,8 @@ pub fn test_run_fd(prog: std::os::fd::BorrowedFd<'_>, frame: &[u8], repeat: u32)
         data_size_in: frame.len() as u32,
         data_in: frame.as_ptr() as u64,
         repeat,
+        flags,
+        batch_size,
         ..Default::default()
     };
     // SAFETY: attr is a valid bpf_attr prefix of the size passed; `frame` outlives the call.

@@ -34,6 +34,19 @@ enum Cmd {
     },
     /// Build a lab bridge with OT hosts, enforce a sample policy and show what is allowed and blocked.
     Demo,
+    /// Measure per-packet cost, bridge throughput against nftables and policy apply time; writes
+    /// bench/results/ and the figures in README.md. Takes several minutes. Needs root.
+    Bench {
+        /// Compare with an earlier results file (e.g. bench/results/latest.json).
+        #[arg(long)]
+        compare: Option<String>,
+        /// Sections to run: program, bridge, control (default: all).
+        #[arg(long)]
+        only: Option<String>,
+        /// A quick run on tiny sizes (what `cargo xtask test` runs); leaves README.md alone.
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +56,7 @@ fn main() -> ExitCode {
         Cmd::Build { release } => setup::all().and_then(|()| build(release)),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo::run(),
+        Cmd::Bench { compare, only, smoke } => bench(compare, only, smoke),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -129,4 +143,26 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("no test ran");
     }
     Ok(())
+}
+
+fn bench(compare: Option<String>, only: Option<String>, smoke: bool) -> anyhow::Result<()> {
+    require_root("cargo xtask bench")?;
+    setup::all()?;
+    step("Building the benchmark (release)");
+    run(cargo().args(["build", "--release", "-p", "gatekeeper-bench"]))?;
+    step("Benchmarking (progress below; figures at the end)");
+    let mut c = std::process::Command::new(workspace_root().join("target/release/gatekeeper-bench"));
+    c.current_dir(workspace_root());
+    if smoke {
+        c.arg("--smoke");
+    } else {
+        c.args(["--readme", "README.md"]);
+    }
+    if let Some(old) = compare {
+        c.args(["--compare", &old]);
+    }
+    if let Some(only) = only {
+        c.args(["--only", &only]);
+    }
+    run(&mut c)
 }

@@ -10,7 +10,12 @@ use anyhow::{Context, bail};
 use crate::{run, step};
 
 /// Debian packages the lab and tests use.
-const PACKAGES: &[(&str, &str)] = &[("iproute2", "ip, for the lab's namespaces, veths and bridge"), ("iputils-ping", "ping, for ICMP checks")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip and bridge, for the lab's namespaces, veths and bridge"),
+    ("iputils-ping", "ping, for ICMP checks"),
+    ("nftables", "nft, the baseline the benchmark compares against"),
+    ("procps", "sysctl, for the benchmark lab"),
+];
 
 pub fn all() -> anyhow::Result<()> {
     nightly_rust_src()?;
