@@ -50,10 +50,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Control> {
         let asset = &mut policy.assets[i];
         let seg: usize = asset.tags["seg"].parse()?;
         asset.tags.insert("seg".into(), ((seg + 1) % segments).to_string());
+        let name = policy.assets[i].name.clone();
         let t = Instant::now();
-        let compiled = compiler.compile(&policy, Utc::now())?;
+        let delta = compiler.update_assets(&policy, &[name.as_str()], dp.applied(), Utc::now())?;
         let c = t.elapsed().as_secs_f64() * 1e3;
-        let r = dp.apply(compiled)?;
+        let r = dp.apply_delta(delta)?;
         let (e, a) = (r.enforced_after.as_secs_f64() * 1e3, r.total.as_secs_f64() * 1e3);
         entries = r.entries;
         cc.push(c);

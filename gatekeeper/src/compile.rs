@@ -9,23 +9,23 @@
 //!   flow start, whatever the number of rules or assets.
 //!
 //! The [`Compiler`] keeps identity numbers and rule slots stable across compilations, so a small
-//! change to the policy is a small [`Delta`] to the maps.
+//! change to the policy is a small [`Delta`] to the maps. When only assets change (tags,
+//! addresses, assets added or removed), [`Compiler::update_assets`] computes the delta from the
+//! changed assets alone, without recompiling the policy: the cost of a tag change does not grow
+//! with the number of assets.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use gatekeeper_common::{
     CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, GOVERN_ENFORCE, GOVERN_MONITOR,
-    DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_RULE_SLOTS, GenConfig, ID_ANY, ID_WORLD,
+    DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_RULE_SLOTS, GenConfig, ID_ANY,
     Identity, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
     PolicyKey, PolicyValue,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::{
-    policy::{Action, Endpoint, Mode, Policy, Protocol},
-    segment,
-};
+use crate::policy::{Action, Endpoint, Mode, Policy, Protocol, Segment};
 
 /// Flow-table idle timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +114,10 @@ pub struct Delta {
     pub config: Option<GenConfig>,
     /// Counter slots newly given to a rule (to be zeroed before use).
     pub new_slots: Vec<u32>,
+    /// Identities appearing (with their segment names) or disappearing; bookkeeping only.
+    pub identities: Vec<(u32, Option<Vec<String>>)>,
+    /// The new rule slots, when they change; bookkeeping only.
+    pub rule_slots: Option<BTreeMap<String, u32>>,
 }
 
 impl Delta {
@@ -124,6 +128,74 @@ impl Delta {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Compiled {
+    /// Applies `delta` to this description of the maps.
+    pub fn apply(&mut self, delta: &Delta) {
+        fn upd<K: Eq + std::hash::Hash + Copy, V: Copy>(m: &mut HashMap<K, V>, changes: &[(K, Option<V>)]) {
+            for (k, v) in changes {
+                match v {
+                    Some(v) => m.insert(*k, *v),
+                    None => m.remove(k),
+                };
+            }
+        }
+        upd(&mut self.v4, &delta.v4);
+        upd(&mut self.v6, &delta.v6);
+        upd(&mut self.policy, &delta.policy);
+        for &(l4, port, class) in &delta.ports {
+            self.port_classes[l4 as usize & 1][usize::from(port)] = class;
+        }
+        if let Some(c) = delta.config {
+            self.config = c;
+        }
+        for (id, names) in &delta.identities {
+            match names {
+                Some(n) => self.identities.insert(*id, n.clone()),
+                None => self.identities.remove(id),
+            };
+        }
+        if let Some(slots) = &delta.rule_slots {
+            self.rule_slots = slots.clone();
+        }
+    }
+
+    /// The contents with identity numbers replaced by their segment names, for comparing two
+    /// compilations that numbered identities differently.
+    #[allow(clippy::type_complexity)]
+    pub fn canonical(
+        &self,
+    ) -> (BTreeMap<IpNet, (Vec<String>, u32)>, BTreeMap<(Option<Vec<String>>, Option<Vec<String>>, u8, u32), (u32, u32)>) {
+        let name = |id: u32| self.identities.get(&id).cloned().unwrap_or_else(|| vec![format!("?{id}")]);
+        let side = |id: u32| (id != ID_ANY).then(|| name(id));
+        let prefixes = self
+            .v4
+            .iter()
+            .map(|(n, i)| (IpNet::V4(*n), (name(i.id), i.flags)))
+            .chain(self.v6.iter().map(|(n, i)| (IpNet::V6(*n), (name(i.id), i.flags))))
+            .collect();
+        let policy = self
+            .policy
+            .iter()
+            .map(|(k, v)| ((side(k.src), side(k.dst), k.proto, k.port_class), (v.allow_rule, v.deny_rule)))
+            .collect();
+        (prefixes, policy)
+    }
+
+    /// The delta that undoes `delta` when applied after it (to roll back a failed write).
+    pub fn inverse(&self, delta: &Delta) -> Delta {
+        Delta {
+            v4: delta.v4.iter().map(|(k, _)| (*k, self.v4.get(k).copied())).collect(),
+            v6: delta.v6.iter().map(|(k, _)| (*k, self.v6.get(k).copied())).collect(),
+            ports: delta.ports.iter().map(|&(l4, p, _)| (l4, p, self.port_classes[l4 as usize & 1][usize::from(p)])).collect(),
+            policy: delta.policy.iter().map(|(k, _)| (*k, self.policy.get(k).copied())).collect(),
+            config: delta.config.map(|_| self.config),
+            new_slots: vec![],
+            identities: delta.identities.iter().map(|(id, _)| (*id, self.identities.get(id).cloned())).collect(),
+            rule_slots: delta.rule_slots.as_ref().map(|_| self.rule_slots.clone()),
+        }
     }
 }
 
@@ -148,6 +220,9 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Delta {
         }
     }
     let old_slots: BTreeSet<u32> = old.rule_slots.values().copied().collect();
+    let mut identities: Vec<(u32, Option<Vec<String>>)> =
+        new.identities.iter().filter(|(id, n)| old.identities.get(id) != Some(n)).map(|(id, n)| (*id, Some(n.clone()))).collect();
+    identities.extend(old.identities.keys().filter(|id| !new.identities.contains_key(id)).map(|id| (*id, None)));
     Delta {
         v4: diff_maps(&old.v4, &new.v4),
         v6: diff_maps(&old.v6, &new.v6),
@@ -155,6 +230,144 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Delta {
         policy: diff_maps(&old.policy, &new.policy),
         config: (old.config != new.config).then_some(new.config),
         new_slots: new.rule_slots.values().copied().filter(|s| !old_slots.contains(s)).collect(),
+        identities,
+        rule_slots: (old.rule_slots != new.rule_slots).then(|| new.rule_slots.clone()),
+    }
+}
+
+/// A live rule, ready to generate policy entries.
+#[derive(Debug, Clone)]
+struct RuleGen {
+    slot: u32,
+    action: Action,
+    /// Segment index, or `None` for `any`.
+    from: Option<usize>,
+    to: Option<usize>,
+    /// Protocol class and the port classes it covers.
+    classes: Vec<(u8, Vec<u32>)>,
+}
+
+impl RuleGen {
+    /// Emits every key of this rule for the given sides into `out` (lowest slot wins).
+    fn emit(&self, srcs: &[u32], dsts: &[u32], out: &mut HashMap<PolicyKey, PolicyValue>) {
+        for (proto, classes) in &self.classes {
+            for &src in srcs {
+                for &dst in dsts {
+                    for &port_class in classes {
+                        let key = PolicyKey { generation: 0, proto: *proto, _pad: [0; 2], port_class, src, dst };
+                        let v = out.entry(key).or_default();
+                        let field = match self.action {
+                            Action::Allow => &mut v.allow_rule,
+                            Action::Deny => &mut v.deny_rule,
+                        };
+                        *field = (*field).min(self.slot);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keys only (for deletions).
+    fn keys(&self, srcs: &[u32], dsts: &[u32], out: &mut BTreeSet<PolicyKey>) {
+        for (proto, classes) in &self.classes {
+            for &src in srcs {
+                for &dst in dsts {
+                    for &port_class in classes {
+                        out.insert(PolicyKey { generation: 0, proto: *proto, _pad: [0; 2], port_class, src, dst });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the last full compilation knew, so asset changes can be compiled on their own.
+#[derive(Debug, Default)]
+struct Base {
+    segments: Vec<Segment>,
+    /// Asset name to (prefixes, segments selecting it).
+    assets: HashMap<String, (Vec<IpNet>, Vec<usize>)>,
+    /// Prefix to the segments naming it directly, with how many assets/CIDRs do.
+    direct: HashMap<IpNet, BTreeMap<usize, u32>>,
+    /// Direct prefixes per (family, length), to walk only lengths in use.
+    lengths: [BTreeMap<u8, usize>; 2],
+    /// Segment set to its identity and the number of prefixes that have it.
+    sets: HashMap<Vec<usize>, (Identity, usize)>,
+    id_sets: HashMap<u32, Vec<usize>>,
+    /// Segment to the identities containing it.
+    members: Vec<BTreeSet<u32>>,
+    rules: Vec<RuleGen>,
+    /// Segment to the rules naming it (from or to).
+    rules_of: Vec<Vec<usize>>,
+    counts: [usize; 4],
+}
+
+fn family(net: &IpNet) -> usize {
+    usize::from(matches!(net, IpNet::V6(_)))
+}
+
+fn is_host(net: &IpNet) -> bool {
+    net.prefix_len() == net.max_prefix_len()
+}
+
+impl Base {
+    /// The segments of `net`: its own and those of every direct prefix containing it.
+    fn effective(&self, net: &IpNet) -> Vec<usize> {
+        let mut set: BTreeSet<usize> = BTreeSet::new();
+        for (&len, _) in self.lengths[family(net)].range(..=net.prefix_len()) {
+            let Ok(outer) = IpNet::new(net.addr(), len) else { continue };
+            if let Some(segs) = self.direct.get(&outer.trunc()) {
+                set.extend(segs.keys());
+            }
+        }
+        set.into_iter().collect()
+    }
+
+    fn add_direct(&mut self, net: IpNet, seg: usize) {
+        let e = self.direct.entry(net).or_default();
+        if e.is_empty() {
+            *self.lengths[family(&net)].entry(net.prefix_len()).or_default() += 1;
+        }
+        *e.entry(seg).or_default() += 1;
+    }
+
+    fn remove_direct(&mut self, net: IpNet, seg: usize) {
+        let Some(e) = self.direct.get_mut(&net) else { return };
+        if let Some(c) = e.get_mut(&seg) {
+            *c -= 1;
+            if *c == 0 {
+                e.remove(&seg);
+            }
+        }
+        if e.is_empty() {
+            self.direct.remove(&net);
+            let l = self.lengths[family(&net)].entry(net.prefix_len()).or_default();
+            *l = l.saturating_sub(1);
+            if *l == 0 {
+                self.lengths[family(&net)].remove(&net.prefix_len());
+            }
+        }
+    }
+
+    fn flags(&self, set: &[usize]) -> u32 {
+        set.iter().fold(0, |f, &s| {
+            f | match self.segments[s].mode {
+                Mode::Enforce => GOVERN_ENFORCE,
+                Mode::Monitor => GOVERN_MONITOR,
+                Mode::Label => 0,
+            }
+        })
+    }
+
+    fn side(&self, seg: Option<usize>) -> Vec<u32> {
+        match seg {
+            None => vec![ID_ANY],
+            Some(s) => self.members[s].iter().copied().collect(),
+        }
+    }
+
+    fn segments_of(&self, tags: &BTreeMap<String, String>) -> Vec<usize> {
+        (0..self.segments.len()).filter(|&s| self.segments[s].selector.as_ref().is_some_and(|sel| sel.matches(tags))).collect()
     }
 }
 
@@ -164,6 +377,7 @@ pub struct Compiler {
     ids: HashMap<Vec<String>, u32>,
     next_id: u32,
     slots: HashMap<String, u32>,
+    base: Option<Base>,
     pub timeouts: Timeouts,
     pub capacity: Capacity,
 }
@@ -173,6 +387,33 @@ impl Compiler {
         Self { timeouts, capacity, ..Default::default() }
     }
 
+    /// Forgets what the last compilation knew (after the data plane refused it): the next change
+    /// is compiled in full.
+    pub fn reset(&mut self) {
+        self.base = None;
+    }
+
+    fn check_counts(&self, counts: [usize; 4]) -> Result<(), CompileError> {
+        let cap = self.capacity;
+        for (what, needed, max) in [
+            ("IPv4 host", counts[0], cap.hosts_v4),
+            ("IPv4 prefix", counts[1], cap.prefixes_v4),
+            ("IPv6 host", counts[2], cap.hosts_v6),
+            ("IPv6 prefix", counts[3], cap.prefixes_v6),
+        ] {
+            if needed > max {
+                return Err(CompileError::Capacity { what, needed, max });
+            }
+        }
+        Ok(())
+    }
+
+    fn names(segments: &[Segment], set: &[usize]) -> Vec<String> {
+        let mut v: Vec<String> = set.iter().map(|&s| segments[s].name.clone()).collect();
+        v.sort();
+        v
+    }
+
     /// Compiles `policy` as it stands at `now` (expired rules are left out). On error the
     /// compiler's numbering is left as it was.
     pub fn compile(&mut self, policy: &Policy, now: DateTime<Utc>) -> Result<Compiled, CompileError> {
@@ -180,78 +421,84 @@ impl Compiler {
         if policy.rules.len() > cap.rules {
             return Err(CompileError::Capacity { what: "rule", needed: policy.rules.len(), max: cap.rules });
         }
-        let effective = segment::effective(&segment::direct_members(policy));
-        // Host entries go to the host hashes, shorter prefixes to the LPM tries.
-        let (mut h4, mut n4, mut h6, mut n6) = (0, 0, 0, 0);
-        for net in effective.keys() {
-            match net {
-                IpNet::V4(n) if n.prefix_len() == 32 => h4 += 1,
-                IpNet::V4(_) => n4 += 1,
-                IpNet::V6(n) if n.prefix_len() == 128 => h6 += 1,
-                IpNet::V6(_) => n6 += 1,
-            }
-        }
-        for (what, needed, max) in [
-            ("IPv4 host", h4, cap.hosts_v4),
-            ("IPv4 prefix", n4, cap.prefixes_v4),
-            ("IPv6 host", h6, cap.hosts_v6),
-            ("IPv6 prefix", n6, cap.prefixes_v6),
-        ] {
-            if needed > max {
-                return Err(CompileError::Capacity { what, needed, max });
-            }
-        }
-        let (n4, n6) = (h4 + n4, h6 + n6);
+        let mut base = Base { segments: policy.segments.clone(), ..Base::default() };
 
-        // Identities: stable numbers for segment sets still in use, fresh ones for new sets.
-        let mut sets: BTreeMap<Vec<usize>, Identity> = BTreeMap::new();
-        for segs in effective.values() {
-            sets.entry(segs.iter().copied().collect()).or_default();
+        // Direct membership, with an index by tag so a selector with an `=`/`in` requirement
+        // looks at few assets.
+        let mut by_tag: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for (i, asset) in policy.assets.iter().enumerate() {
+            for (k, v) in &asset.tags {
+                by_tag.entry((k.as_str(), v.as_str())).or_default().push(i);
+            }
         }
-        let names = |set: &[usize]| -> Vec<String> {
-            let mut v: Vec<String> = set.iter().map(|&s| policy.segments[s].name.clone()).collect();
-            v.sort();
-            v
-        };
+        let mut asset_segs: Vec<Vec<usize>> = vec![Vec::new(); policy.assets.len()];
+        for (s, segment) in policy.segments.iter().enumerate() {
+            for net in &segment.cidrs {
+                base.add_direct(*net, s);
+            }
+            let Some(selector) = &segment.selector else { continue };
+            let mut consider = |i: usize| {
+                if selector.matches(&policy.assets[i].tags) && asset_segs[i].last() != Some(&s) {
+                    asset_segs[i].push(s);
+                }
+            };
+            match selector.candidates() {
+                Some(pairs) => pairs.iter().flat_map(|p| by_tag.get(p).map(Vec::as_slice).unwrap_or_default()).for_each(|&i| consider(i)),
+                None => (0..policy.assets.len()).for_each(consider),
+            }
+        }
+        for (i, asset) in policy.assets.iter().enumerate() {
+            for net in &asset.prefixes {
+                for &s in &asset_segs[i] {
+                    base.add_direct(*net, s);
+                }
+            }
+        }
+
+        // Effective sets and their identities.
+        let mut prefix_sets: Vec<(IpNet, Vec<usize>)> = Vec::with_capacity(base.direct.len());
+        let mut counts = [0usize; 4];
+        for net in base.direct.keys() {
+            counts[family(net) * 2 + usize::from(!is_host(net))] += 1;
+            prefix_sets.push((*net, base.effective(net)));
+        }
+        self.check_counts(counts)?;
         let mut ids: HashMap<Vec<String>, u32> = HashMap::new();
         let mut next_id = self.next_id;
         let mut identities = BTreeMap::new();
-        for (set, ident) in &mut sets {
-            let key = names(set);
-            let id = if set.is_empty() {
-                ID_WORLD
-            } else if let Some(&id) = self.ids.get(&key) {
-                id
-            } else {
-                next_id += 1;
-                next_id
+        let (mut v4, mut v6) = (HashMap::new(), HashMap::new());
+        for (net, set) in prefix_sets {
+            let ident = match base.sets.get_mut(&set) {
+                Some((ident, n)) => {
+                    *n += 1;
+                    *ident
+                }
+                None => {
+                    let key = Self::names(&base.segments, &set);
+                    let id = match self.ids.get(&key) {
+                        Some(&id) => id,
+                        None => {
+                            next_id += 1;
+                            next_id
+                        }
+                    };
+                    let ident = Identity { id, flags: base.flags(&set) };
+                    identities.insert(id, key.clone());
+                    ids.insert(key, id);
+                    base.id_sets.insert(id, set.clone());
+                    base.sets.insert(set, (ident, 1));
+                    ident
+                }
             };
-            ident.id = id;
-            for &s in set.iter() {
-                ident.flags |= match policy.segments[s].mode {
-                    Mode::Enforce => GOVERN_ENFORCE,
-                    Mode::Monitor => GOVERN_MONITOR,
-                    Mode::Label => 0,
-                };
-            }
-            identities.insert(id, key.clone());
-            ids.insert(key, id);
-        }
-        let mut v4 = HashMap::with_capacity(n4);
-        let mut v6 = HashMap::with_capacity(n6);
-        for (net, segs) in &effective {
-            let set: Vec<usize> = segs.iter().copied().collect();
-            let ident = sets[&set];
             match net {
-                IpNet::V4(n) => v4.insert(*n, ident),
-                IpNet::V6(n) => v6.insert(*n, ident),
+                IpNet::V4(n) => v4.insert(n, ident),
+                IpNet::V6(n) => v6.insert(n, ident),
             };
         }
-        // Segment index to the identities containing it.
-        let mut members: Vec<Vec<u32>> = vec![Vec::new(); policy.segments.len()];
-        for (set, ident) in &sets {
+        base.members = vec![BTreeSet::new(); policy.segments.len()];
+        for (set, (ident, _)) in &base.sets {
             for &s in set {
-                members[s].push(ident.id);
+                base.members[s].insert(ident.id);
             }
         }
         let segment_index: HashMap<&str, usize> =
@@ -308,20 +555,11 @@ impl Compiler {
         // Policy entries.
         let mut entries: HashMap<PolicyKey, PolicyValue> = HashMap::new();
         let mut flags = 0;
+        base.rules_of = vec![Vec::new(); policy.segments.len()];
         for r in &live {
-            let slot = slots[&r.name];
-            let side = |e: &Endpoint| -> Vec<u32> {
-                match e {
-                    Endpoint::Any => vec![ID_ANY],
-                    Endpoint::Segment(s) => segment_index.get(s.as_str()).map(|&i| members[i].clone()).unwrap_or_default(),
-                }
-            };
-            let (srcs, dsts) = (side(&r.from), side(&r.to));
-            flags |= match (&r.from, &r.to) {
-                (Endpoint::Any, Endpoint::Any) => CFG_ANY_ANY,
-                (Endpoint::Any, _) => CFG_SRC_ANY,
-                (_, Endpoint::Any) => CFG_DST_ANY,
-                _ => 0,
+            let seg = |e: &Endpoint| match e {
+                Endpoint::Any => None,
+                Endpoint::Segment(s) => segment_index.get(s.as_str()).copied(),
             };
             let protos: &[u8] = match r.protocol {
                 Protocol::Any => &[PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER],
@@ -330,43 +568,51 @@ impl Compiler {
                 Protocol::Icmp => &[PROTO_ICMP],
                 Protocol::Icmpv6 => &[PROTO_ICMPV6],
             };
-            for &proto in protos {
-                let l4 = match proto {
-                    PROTO_TCP => Some(0),
-                    PROTO_UDP => Some(1),
-                    _ => None,
-                };
-                let classes: BTreeSet<u32> = match l4 {
-                    Some(l4) if r.ports.is_empty() => (0..=max_class[l4]).collect(),
-                    Some(l4) => r
-                        .ports
-                        .iter()
-                        .flat_map(|&(lo, hi)| port_classes[l4][usize::from(lo)]..=port_classes[l4][usize::from(hi)])
-                        .collect(),
-                    None => BTreeSet::from([0]),
-                };
-                for &src in &srcs {
-                    for &dst in &dsts {
-                        for &port_class in &classes {
-                            let key = PolicyKey { generation: 0, proto, _pad: [0; 2], port_class, src, dst };
-                            let v = entries.entry(key).or_default();
-                            let field = match r.action {
-                                Action::Allow => &mut v.allow_rule,
-                                Action::Deny => &mut v.deny_rule,
-                            };
-                            *field = (*field).min(slot);
-                            // Entries only grow: stop as soon as the table is too big.
-                            if entries.len() > cap.policy {
-                                return Err(CompileError::Capacity {
-                                    what: "policy",
-                                    needed: entries.len(),
-                                    max: cap.policy,
-                                });
-                            }
-                        }
-                    }
-                }
+            let classes = protos
+                .iter()
+                .map(|&proto| {
+                    let l4 = match proto {
+                        PROTO_TCP => Some(0),
+                        PROTO_UDP => Some(1),
+                        _ => None,
+                    };
+                    let classes: BTreeSet<u32> = match l4 {
+                        Some(l4) if r.ports.is_empty() => (0..=max_class[l4]).collect(),
+                        Some(l4) => r
+                            .ports
+                            .iter()
+                            .flat_map(|&(lo, hi)| port_classes[l4][usize::from(lo)]..=port_classes[l4][usize::from(hi)])
+                            .collect(),
+                        None => BTreeSet::from([0]),
+                    };
+                    (proto, classes.into_iter().collect())
+                })
+                .collect();
+            let g = RuleGen { slot: slots[&r.name], action: r.action, from: seg(&r.from), to: seg(&r.to), classes };
+            // A rule naming a segment that does not exist matches nothing (validation prevents it).
+            if matches!(r.from, Endpoint::Segment(_)) && g.from.is_none() || matches!(r.to, Endpoint::Segment(_)) && g.to.is_none() {
+                continue;
             }
+            flags |= match (g.from, g.to) {
+                (None, None) => CFG_ANY_ANY,
+                (None, _) => CFG_SRC_ANY,
+                (_, None) => CFG_DST_ANY,
+                _ => 0,
+            };
+            let (srcs, dsts) = (base.side(g.from), base.side(g.to));
+            let work: usize = g.classes.iter().map(|(_, c)| c.len()).sum::<usize>() * srcs.len() * dsts.len();
+            if entries.len() + work > cap.policy.saturating_mul(4) {
+                return Err(CompileError::Capacity { what: "policy", needed: entries.len() + work, max: cap.policy });
+            }
+            g.emit(&srcs, &dsts, &mut entries);
+            if entries.len() > cap.policy {
+                return Err(CompileError::Capacity { what: "policy", needed: entries.len(), max: cap.policy });
+            }
+            let index = base.rules.len();
+            for s in [g.from, g.to].into_iter().flatten().collect::<BTreeSet<_>>() {
+                base.rules_of[s].push(index);
+            }
+            base.rules.push(g);
         }
         for s in &policy.segments {
             flags |= match s.mode {
@@ -384,11 +630,195 @@ impl Compiler {
             icmp_timeout_ns: t.icmp_secs.saturating_mul(1_000_000_000),
         };
 
-        // Success: commit the numbering.
+        // Success: commit the numbering and what incremental updates need.
+        for (i, asset) in policy.assets.iter().enumerate() {
+            base.assets.insert(asset.name.clone(), (asset.prefixes.clone(), std::mem::take(&mut asset_segs[i])));
+        }
+        base.counts = counts;
+        self.base = Some(base);
         self.ids = ids;
         self.next_id = next_id;
         self.slots = slots.iter().map(|(k, v)| (k.clone(), *v)).collect();
         Ok(Compiled { v4, v6, port_classes, policy: entries, config, rule_slots: slots, identities })
+    }
+
+    /// The delta for a policy that differs from the last compiled one only in the assets named
+    /// in `changed` (tags or addresses edited, assets added or removed). `applied` is what the
+    /// maps hold: the result of the last compilation with every delta since applied to it.
+    /// Falls back to a full compilation when there is no base to work from.
+    pub fn update_assets(
+        &mut self,
+        policy: &Policy,
+        changed: &[&str],
+        applied: &Compiled,
+        now: DateTime<Utc>,
+    ) -> Result<Delta, CompileError> {
+        let Some(mut base) = self.base.take() else {
+            return Ok(diff(applied, &self.compile(policy, now)?));
+        };
+        let result = self.update_base(&mut base, policy, changed, applied);
+        match result {
+            Ok(delta) => {
+                self.base = Some(base);
+                Ok(delta)
+            }
+            // The base may be half-updated: the next change is compiled in full.
+            Err(e) => Err(e),
+        }
+    }
+
+    fn update_base(&mut self, base: &mut Base, policy: &Policy, changed: &[&str], applied: &Compiled) -> Result<Delta, CompileError> {
+        let assets: HashMap<&str, &crate::policy::Asset> =
+            changed.iter().filter_map(|n| policy.assets.iter().find(|a| a.name == *n).map(|a| (*n, a))).collect();
+        // 1. Direct membership of the changed assets' prefixes.
+        let mut touched: BTreeSet<IpNet> = BTreeSet::new();
+        for name in changed {
+            let new = assets.get(name).map(|a| (a.prefixes.clone(), base.segments_of(&a.tags)));
+            let old = base.assets.remove(*name);
+            if old == new {
+                if let Some(o) = old {
+                    base.assets.insert(name.to_string(), o);
+                }
+                continue;
+            }
+            if let Some((prefixes, segs)) = &old {
+                for p in prefixes {
+                    segs.iter().for_each(|&s| base.remove_direct(*p, s));
+                    touched.insert(*p);
+                }
+            }
+            if let Some((prefixes, segs)) = &new {
+                for p in prefixes {
+                    segs.iter().for_each(|&s| base.add_direct(*p, s));
+                    touched.insert(*p);
+                }
+            }
+            if let Some(n) = new {
+                base.assets.insert(name.to_string(), n);
+            }
+        }
+        // Prefixes nested inside a touched shorter prefix inherit its segments. (A nested prefix
+        // not in the maps yet is new, so it is touched already.)
+        let wider: Vec<IpNet> = touched.iter().filter(|n| !is_host(n)).copied().collect();
+        if !wider.is_empty() {
+            let in_maps = applied.v4.keys().map(|n| IpNet::V4(*n)).chain(applied.v6.keys().map(|n| IpNet::V6(*n)));
+            let nested: Vec<IpNet> = in_maps.filter(|k| wider.iter().any(|w| w.contains(k) && w != k)).collect();
+            touched.extend(nested);
+        }
+
+        // 2. New effective sets and identities.
+        let mut delta = Delta::default();
+        let mut changes: Vec<(IpNet, Option<Vec<usize>>, Option<Identity>)> = Vec::new();
+        for net in &touched {
+            let new_set = base.direct.contains_key(net).then(|| base.effective(net));
+            let old_ident = match net {
+                IpNet::V4(n) => applied.v4.get(n).copied(),
+                IpNet::V6(n) => applied.v6.get(n).copied(),
+            };
+            let old_set = old_ident.and_then(|i| base.id_sets.get(&i.id).cloned());
+            if new_set == old_set {
+                continue;
+            }
+            changes.push((*net, new_set, old_ident));
+        }
+        let mut created: Vec<u32> = Vec::new();
+        for (net, new_set, old_ident) in &changes {
+            if let Some(old) = old_ident.and_then(|i| base.id_sets.get(&i.id).cloned()) {
+                if let Some((_, n)) = base.sets.get_mut(&old) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            let ident = match new_set {
+                None => None,
+                Some(set) => Some(match base.sets.get_mut(set) {
+                    Some((ident, n)) => {
+                        *n += 1;
+                        *ident
+                    }
+                    None => {
+                        let key = Self::names(&base.segments, set);
+                        self.next_id += 1;
+                        let ident = Identity { id: self.next_id, flags: base.flags(set) };
+                        self.ids.insert(key.clone(), ident.id);
+                        base.id_sets.insert(ident.id, set.clone());
+                        base.sets.insert(set.clone(), (ident, 1));
+                        for &s in set {
+                            base.members[s].insert(ident.id);
+                        }
+                        delta.identities.push((ident.id, Some(key)));
+                        created.push(ident.id);
+                        ident
+                    }
+                }),
+            };
+            let (was, now_is) = (old_ident.is_some(), ident.is_some());
+            let slot = family(net) * 2 + usize::from(!is_host(net));
+            if was && !now_is {
+                base.counts[slot] -= 1;
+            } else if !was && now_is {
+                base.counts[slot] += 1;
+            }
+            match net {
+                IpNet::V4(n) => delta.v4.push((*n, ident)),
+                IpNet::V6(n) => delta.v6.push((*n, ident)),
+            }
+        }
+        self.check_counts(base.counts)?;
+        // Identities no prefix has any more.
+        let freed: Vec<(Vec<usize>, Identity)> =
+            base.sets.iter().filter(|(_, (_, n))| *n == 0).map(|(set, (ident, _))| (set.clone(), *ident)).collect();
+
+        // 3. Policy entries of freed and created identities. Keys of a freed identity are made
+        // from the members before this change as well as after, so none is left behind.
+        let mut removed: BTreeSet<PolicyKey> = BTreeSet::new();
+        for (set, ident) in &freed {
+            let rules: BTreeSet<usize> = set.iter().flat_map(|&s| base.rules_of[s].iter().copied()).collect();
+            for r in rules {
+                let g = &base.rules[r];
+                let from_has = g.from.is_some_and(|s| set.contains(&s));
+                let to_has = g.to.is_some_and(|s| set.contains(&s));
+                if from_has {
+                    g.keys(&[ident.id], &base.side(g.to), &mut removed);
+                }
+                if to_has {
+                    g.keys(&base.side(g.from), &[ident.id], &mut removed);
+                }
+            }
+        }
+        for (set, ident) in &freed {
+            base.sets.remove(set);
+            base.id_sets.remove(&ident.id);
+            for &s in set {
+                base.members[s].remove(&ident.id);
+            }
+            delta.identities.push((ident.id, None));
+        }
+        let mut added: HashMap<PolicyKey, PolicyValue> = HashMap::new();
+        for id in &created {
+            let Some(set) = base.id_sets.get(id) else { continue };
+            let rules: BTreeSet<usize> = set.iter().flat_map(|&s| base.rules_of[s].iter().copied()).collect();
+            for r in rules {
+                let g = &base.rules[r];
+                if g.from.is_some_and(|s| set.contains(&s)) {
+                    g.emit(&[*id], &base.side(g.to), &mut added);
+                }
+                if g.to.is_some_and(|s| set.contains(&s)) {
+                    g.emit(&base.side(g.from), &[*id], &mut added);
+                }
+            }
+        }
+        // Keys between two created identities are complete from either side; keys between a
+        // created identity and a freed one were never added (the freed one left `members`).
+        for k in removed {
+            if !added.contains_key(&k) && applied.policy.contains_key(&k) {
+                delta.policy.push((k, None));
+            }
+        }
+        if applied.policy.len() + added.len() > self.capacity.policy {
+            return Err(CompileError::Capacity { what: "policy", needed: applied.policy.len() + added.len(), max: self.capacity.policy });
+        }
+        delta.policy.extend(added.into_iter().map(|(k, v)| (k, Some(v))));
+        Ok(delta)
     }
 }
 
@@ -475,12 +905,130 @@ rules:
         assert_eq!(diff(&b, &c2).new_slots, vec![0]);
     }
 
+
+    fn random_policy(rng: &mut fastrand::Rng) -> PolicyDocument {
+        use crate::policy::{AssetSpec, RuleSpec, Scalar, SegmentSpec};
+        let mut doc = PolicyDocument::default();
+        for i in 0..rng.usize(3..12) {
+            doc.assets.push(AssetSpec { name: format!("a{i}"), ..Default::default() });
+        }
+        let sels = ["role=plc", "role=hmi", "role in (plc,eng)", "site!=x", "site", "!q", "role=eng,site=y"];
+        let nseg = rng.usize(2..6);
+        for i in 0..nseg {
+            let cidrs = if rng.u8(..4) == 0 { vec![["10.0.0.0/28", "10.0.1.0/24", "fd00::/120"][rng.usize(..3)].to_string()] } else { vec![] };
+            let mode = [Mode::Enforce, Mode::Monitor, Mode::Label][rng.usize(..3)];
+            doc.segments.push(SegmentSpec { name: format!("s{i}"), selector: Some(sels[rng.usize(..sels.len())].into()), cidrs, mode, description: None });
+        }
+        for i in 0..rng.usize(1..8) {
+            let ep = |rng: &mut fastrand::Rng| if rng.u8(..5) == 0 { "any".to_string() } else { format!("s{}", rng.usize(..nseg)) };
+            let (protocol, ports) = match rng.u8(..3) {
+                0 => (Protocol::Tcp, vec![Scalar::Int(i64::from([22u16, 502, 102][rng.usize(..3)]))]),
+                1 => (Protocol::Udp, vec![]),
+                _ => (Protocol::Any, vec![]),
+            };
+            let action = if rng.u8(..4) == 0 { Action::Deny } else { Action::Allow };
+            doc.rules.push(RuleSpec { name: format!("r{i}"), from: ep(rng), to: ep(rng), protocol, ports, action, expires: None, description: None });
+        }
+        doc
+    }
+
+    fn mutate_assets(rng: &mut fastrand::Rng, doc: &mut PolicyDocument) -> Vec<String> {
+        use crate::policy::{AssetSpec, Scalar};
+        let mut changed = Vec::new();
+        for _ in 0..rng.usize(1..4) {
+            let i = rng.usize(..doc.assets.len() + 1);
+            if i == doc.assets.len() {
+                let name = format!("new{}", rng.u32(..1000));
+                if doc.assets.iter().any(|a| a.name == name) {
+                    continue;
+                }
+                doc.assets.push(AssetSpec { name: name.clone(), ..Default::default() });
+                changed.push(name);
+                continue;
+            }
+            let a = &mut doc.assets[i];
+            changed.push(a.name.clone());
+            match rng.u8(..6) {
+                0 => {
+                    let name = doc.assets.remove(i).name;
+                    changed.push(name);
+                    continue;
+                }
+                1 | 2 => {
+                    a.ips = (0..rng.usize(0..3))
+                        .map(|_| ["10.0.0.1", "10.0.0.2", "10.0.0.0/30", "10.0.0.0/29", "10.0.1.7", "fd00::1", "fd00::/124", "10.0.0.9"][rng.usize(..8)].to_string())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                }
+                _ => {
+                    a.tags.clear();
+                    if rng.bool() {
+                        a.tags.insert("role".into(), Scalar::Str(["plc", "hmi", "eng"][rng.usize(..3)].into()));
+                    }
+                    if rng.bool() {
+                        a.tags.insert("site".into(), Scalar::Str(["x", "y"][rng.usize(..2)].into()));
+                    }
+                    if rng.u8(..4) == 0 {
+                        a.tags.insert("q".into(), Scalar::Str("1".into()));
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    #[test]
+    fn incremental_asset_updates_match_a_full_compile() {
+        for seed in 0..300 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut doc = random_policy(&mut rng);
+            for _ in 0..6 {
+                mutate_assets(&mut rng, &mut doc);
+            }
+            let now = Utc::now();
+            let mut inc = Compiler::default();
+            let mut applied = inc.compile(&doc.validate("t").unwrap(), now).unwrap();
+            for step in 0..6 {
+                let changed = mutate_assets(&mut rng, &mut doc);
+                let policy = doc.validate("t").unwrap();
+                let names: Vec<&str> = changed.iter().map(String::as_str).collect();
+                let delta = inc.update_assets(&policy, &names, &applied, now).unwrap();
+                applied.apply(&delta);
+                let full = Compiler::default().compile(&policy, now).unwrap();
+                assert_eq!(applied.canonical(), full.canonical(), "seed {seed} step {step}: changed {changed:?}\n{}", serde_yaml::to_string(&doc).unwrap_or_default());
+                // Only identities in use are kept.
+                let used: BTreeSet<u32> = applied.v4.values().chain(applied.v6.values()).map(|i| i.id).collect();
+                let known: BTreeSet<u32> = applied.identities.keys().copied().collect();
+                assert_eq!(used, known, "seed {seed} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_tag_change_writes_only_its_entries() {
+        let mut c = Compiler::default();
+        let p = policy(BASE);
+        let mut applied = c.compile(&p, Utc::now()).unwrap();
+        let moved = policy(&BASE.replace("plc-2, ips: [10.0.0.11], tags: {role: plc}", "plc-2, ips: [10.0.0.11], tags: {role: hmi}"));
+        let d = c.update_assets(&moved, &["plc-2"], &applied, Utc::now()).unwrap();
+        let hmi = applied.v4[&"10.0.0.5/32".parse().unwrap()];
+        assert_eq!(d.v4, vec![("10.0.0.11/32".parse().unwrap(), Some(hmi))], "joins the existing hmi identity");
+        assert!(d.policy.is_empty(), "no identity appeared or vanished: {d:?}");
+        applied.apply(&d);
+        // Moving the last PLC out frees the plc identity and its entries.
+        let none = policy(&BASE.replace("tags: {role: plc}", "tags: {}"));
+        let d = c.update_assets(&none, &["plc-1", "plc-2"], &applied, Utc::now()).unwrap();
+        assert_eq!(d.policy.len(), 3, "the three entries towards plc go: {d:?}");
+        assert!(d.policy.iter().all(|(_, v)| v.is_none()));
+    }
+
     #[test]
     fn capacity_is_checked_before_anything_changes() {
         let cap = Capacity { hosts_v4: 2, policy: 10, ..Capacity::default() };
         let mut c = Compiler::new(Timeouts::default(), cap);
         let err = c.compile(&policy(BASE), Utc::now()).unwrap_err();
         assert_eq!(err, CompileError::Capacity { what: "IPv4 host", needed: 3, max: 2 });
-        assert!(c.ids.is_empty() && c.slots.is_empty());
+        assert!(c.ids.is_empty() && c.slots.is_empty() && c.base.is_none());
     }
 }

@@ -51,18 +51,47 @@ impl Enforcer {
         &mut self.dataplane
     }
 
-    /// Puts `policy` in force.
+    /// Puts `policy` in force. When only assets differ from the policy in force, only the
+    /// changed assets are compiled.
     pub fn apply(&mut self, policy: Policy) -> Result<ApplyReport, EnforceError> {
-        let compiled = self.compiler.compile(&policy, Utc::now())?;
-        let report = self.dataplane.apply(compiled)?;
-        self.policy = policy;
-        Ok(report)
+        let now = Utc::now();
+        let result = if self.policy.segments == policy.segments && self.policy.rules == policy.rules {
+            let changed = changed_assets(&self.policy, &policy);
+            let names: Vec<&str> = changed.iter().map(String::as_str).collect();
+            let delta = self.compiler.update_assets(&policy, &names, self.dataplane.applied(), now)?;
+            self.dataplane.apply_delta(delta)
+        } else {
+            let compiled = self.compiler.compile(&policy, now)?;
+            self.dataplane.apply(compiled)
+        };
+        match result {
+            Ok(report) => {
+                self.policy = policy;
+                Ok(report)
+            }
+            Err(e) => {
+                // The compiler moved ahead of the maps: compile the next change in full.
+                self.compiler.reset();
+                Err(e.into())
+            }
+        }
     }
 
-    /// Compiles the policy in force again (a rule expired).
+    /// Compiles the policy in force again in full (a rule expired).
     pub fn refresh(&mut self) -> Result<ApplyReport, EnforceError> {
-        self.apply(self.policy.clone())
+        let compiled = self.compiler.compile(&self.policy, Utc::now())?;
+        Ok(self.dataplane.apply(compiled)?)
     }
+}
+
+/// Names of the assets that differ between `old` and `new` (edited, added or removed).
+pub fn changed_assets(old: &Policy, new: &Policy) -> Vec<String> {
+    let before: std::collections::HashMap<&str, &crate::policy::Asset> = old.assets.iter().map(|a| (a.name.as_str(), a)).collect();
+    let after: std::collections::HashMap<&str, &crate::policy::Asset> = new.assets.iter().map(|a| (a.name.as_str(), a)).collect();
+    let mut changed: Vec<String> =
+        new.assets.iter().filter(|a| before.get(a.name.as_str()) != Some(a)).map(|a| a.name.clone()).collect();
+    changed.extend(old.assets.iter().filter(|a| !after.contains_key(a.name.as_str())).map(|a| a.name.clone()));
+    changed
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

@@ -238,6 +238,16 @@ impl Dataplane {
     pub fn apply(&mut self, new: Compiled) -> Result<ApplyReport, DataplaneError> {
         let started = std::time::Instant::now();
         let delta = diff(&self.applied, &new);
+        self.apply_delta_from(delta, started)
+    }
+
+    /// Applies `delta` (from [`diff`] or [`crate::compile::Compiler::update_assets`]) to what
+    /// the maps hold, atomically for traffic. On error nothing changed.
+    pub fn apply_delta(&mut self, delta: Delta) -> Result<ApplyReport, DataplaneError> {
+        self.apply_delta_from(delta, std::time::Instant::now())
+    }
+
+    fn apply_delta_from(&mut self, delta: Delta, started: std::time::Instant) -> Result<ApplyReport, DataplaneError> {
         let old_gen = self.epoch & 1;
         let new_gen = old_gen ^ 1;
         for &slot in &delta.new_slots {
@@ -245,7 +255,7 @@ impl Dataplane {
         }
         if let Err(e) = self.write(new_gen, &delta) {
             // Undo what reached the inactive generation so it mirrors the active one again.
-            let undo = diff(&new, &self.applied);
+            let undo = self.applied.inverse(&delta);
             if let Err(undo_err) = self.write_lenient(new_gen, &undo) {
                 tracing::error!(error = %undo_err, "could not roll back the inactive policy generation");
             }
@@ -258,9 +268,9 @@ impl Dataplane {
         let enforced_after = started.elapsed();
         synchronize_rcu();
         // The old generation is unused now; bring it up to date for the next apply. A failure
-        // here leaves it inconsistent, so it is rewritten in full next time.
+        // here leaves it inconsistent, so it is rewritten in full.
         let synced = self.write(old_gen, &delta);
-        self.applied = new;
+        self.applied.apply(&delta);
         if let Err(e) = synced {
             tracing::error!(error = %e, "could not update the standby policy generation; rebuilding it");
             self.rebuild_generation(old_gen)?;

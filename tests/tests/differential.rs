@@ -134,6 +134,40 @@ fn random_policy(rng: &mut fastrand::Rng, now: DateTime<Utc>) -> PolicyDocument 
     doc
 }
 
+/// Edits a few assets of `doc`: new tags, new addresses, removal, or a new asset.
+fn mutate_assets(rng: &mut fastrand::Rng, doc: &mut PolicyDocument) -> Vec<String> {
+    let mut changed = Vec::new();
+    for _ in 0..rng.usize(1..4) {
+        let i = rng.usize(..doc.assets.len() + 1);
+        if i == doc.assets.len() {
+            let name = format!("added-{}", rng.u32(..100_000));
+            if doc.assets.iter().all(|a| a.name != name) {
+                let tags = [("role".to_string(), Scalar::Str(ROLES[rng.usize(..ROLES.len())].into()))].into();
+                doc.assets.push(AssetSpec { name: name.clone(), ips: vec![prefix(rng)], tags, description: None });
+                changed.push(name);
+            }
+            continue;
+        }
+        changed.push(doc.assets[i].name.clone());
+        match rng.u8(..4) {
+            0 => {
+                doc.assets.remove(i);
+            }
+            1 => doc.assets[i].ips = (0..rng.usize(1..3)).map(|_| prefix(rng)).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+            _ => {
+                let a = &mut doc.assets[i];
+                a.tags.insert("role".into(), Scalar::Str(ROLES[rng.usize(..ROLES.len())].into()));
+                if rng.bool() {
+                    a.tags.remove("quarantine");
+                } else {
+                    a.tags.insert("quarantine".into(), Scalar::Str("yes".into()));
+                }
+            }
+        }
+    }
+    changed
+}
+
 fn random_frame(rng: &mut fastrand::Rng) -> Vec<u8> {
     if rng.u8(..30) == 0 {
         return arp();
@@ -204,13 +238,26 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
     dp.clear_flows().expect("clear flows");
     let mut checked = 0;
     let mut history: Vec<Frame> = Vec::new();
+    let mut doc = PolicyDocument::default();
     for round in 0..policies {
-        let doc = random_policy(&mut rng, now);
+        // Half the changes edit only assets (tags, addresses, added, removed) and go through the
+        // incremental compiler, the way a tag edit does; the others replace the whole policy.
+        let incremental = round > 0 && rng.bool();
+        let changed = if incremental { mutate_assets(&mut rng, &mut doc) } else {
+            doc = random_policy(&mut rng, now);
+            vec![]
+        };
         let yaml = serde_yaml::to_string(&doc).unwrap_or_default();
         let policy = doc.validate("random").unwrap_or_else(|e| panic!("seed {seed}: generated policy invalid: {e}\n{yaml}"));
-        let compiled = compiler.compile(&policy, now).expect("compile");
-        let slots = compiled.rule_slots.clone();
-        dp.apply(compiled).expect("apply");
+        if incremental {
+            let names: Vec<&str> = changed.iter().map(String::as_str).collect();
+            let delta = compiler.update_assets(&policy, &names, dp.applied(), now).expect("incremental compile");
+            dp.apply_delta(delta).expect("apply delta");
+        } else {
+            let compiled = compiler.compile(&policy, now).expect("compile");
+            dp.apply(compiled).expect("apply");
+        }
+        let slots = dp.applied().rule_slots.clone();
         match &mut model {
             None => model = Some(Reference::new(policy, now, slots)),
             Some(m) => m.set_policy(policy, now, slots),
