@@ -723,11 +723,10 @@ impl Compiler {
         }
         let mut created: Vec<u32> = Vec::new();
         for (net, new_set, old_ident) in &changes {
-            if let Some(old) = old_ident.and_then(|i| base.id_sets.get(&i.id).cloned()) {
-                if let Some((_, n)) = base.sets.get_mut(&old) {
+            if let Some(old) = old_ident.and_then(|i| base.id_sets.get(&i.id).cloned())
+                && let Some((_, n)) = base.sets.get_mut(&old) {
                     *n = n.saturating_sub(1);
                 }
-            }
             let ident = match new_set {
                 None => None,
                 Some(set) => Some(match base.sets.get_mut(set) {
