@@ -297,6 +297,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
                     }
                 }
                 for (traffic, f) in [("allowed", &allowed), ("denied", &denied)] {
+                    // Size the run for this filter: a slow one (a long linear rule list) gets
+                    // fewer frames, so every measurement takes about the same time.
+                    let (probe_secs, _) = rig.blast(f, 5_000)?;
+                    let frames = ((5_000.0 / probe_secs.max(1e-6)) * target_secs).clamp(5_000.0, f64::from(frames)) as u32;
                     let dropped_before = drop_count(&rig, filter, &app)?;
                     let (secs, delivered) = rig.blast(f, frames)?;
                     let dropped = drop_count(&rig, filter, &app)? - dropped_before;
