@@ -273,82 +273,44 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
     let frames = ((50_000.0 / secs) * target_secs).clamp(10_000.0, 20_000_000.0) as u32;
     progress(&format!("  {frames} frames per measurement (~{target_secs} s)"));
 
-    let mut raw: Vec<(usize, String, String, Vec<f64>)> = Vec::new();
+    let mut raw: Vec<(usize, String, String, Vec<f64>, Vec<f64>)> = Vec::new();
     for &rules in &opts.bridge_rules {
         let compiled = rig.compiler.compile(&policy(rules), Utc::now())?;
         rig.dataplane.apply(compiled)?;
         let allowed = frame(src_addr(rules - 1), port(rules - 1), sink_mac);
         let denied = frame(std::net::Ipv4Addr::new(10, 9, 9, 9), 7, sink_mac);
-        let mut pps: std::collections::BTreeMap<(String, String), Vec<f64>> = Default::default();
+        // (filter, traffic) -> (pps per round, cost per round). Each filter's measurement is
+        // paired with a no-filter measurement taken right before it, so drift between the two
+        // (frequency, neighbours on the host) does not show up as the filter's cost.
+        let mut cells: std::collections::BTreeMap<(String, String), (Vec<f64>, Vec<f64>)> = Default::default();
         for round in 0..rounds {
             progress(&format!("  {rules} rules, round {}/{rounds}", round + 1));
             // Rotate the order each round so no filter always runs first or last.
             let order: Vec<&str> = FILTERS.iter().cycle().skip(round % FILTERS.len()).take(FILTERS.len()).copied().collect();
             for filter in order {
-                match filter {
-                    "gatekeeper" => {
-                        rig.detach_empty()?;
-                        let dp = &mut rig.dataplane;
-                        in_ns(&app, || Ok(dp.attach("p-gen", XdpAttachMode::Native)?))?;
-                    }
-                    "none" => {}
-                    f => {
-                        nft(&app, &nft_script(f, rules))?;
-                    }
-                }
                 for (traffic, f) in [("allowed", &allowed), ("denied", &denied)] {
-                    // Size the run for this filter: a slow one (a long linear rule list) gets
-                    // fewer frames, so every measurement takes about the same time.
-                    let (probe_secs, _) = rig.blast(f, 5_000)?;
-                    let frames = ((5_000.0 / probe_secs.max(1e-6)) * target_secs).clamp(5_000.0, f64::from(frames)) as u32;
-                    let dropped_before = drop_count(&rig, filter, &app)?;
-                    let (secs, delivered) = rig.blast(f, frames)?;
-                    let dropped = drop_count(&rig, filter, &app)? - dropped_before;
-                    if filter != "none" && traffic == "denied" && delivered > 0 {
-                        bail!("{filter}: {delivered} denied packets reached the sink");
-                    }
-                    if traffic == "allowed" && dropped > 0 {
-                        bail!("{filter}: {dropped} allowed packets were dropped");
-                    }
-                    let processed = delivered + dropped;
-                    if processed < u64::from(frames) / 2 {
-                        bail!("{filter} {traffic}: only {processed} of {frames} frames were processed");
-                    }
-                    pps.entry((filter.to_string(), traffic.to_string())).or_default().push(processed as f64 / secs);
-                }
-                match filter {
-                    "gatekeeper" => {
-                        rig.dataplane.detach_all()?;
-                        rig.attach_empty()?;
-                    }
-                    "none" => {}
-                    f => {
-                        let family = if f == "nft-netdev-set" { "netdev" } else { "bridge" };
-                        sh("ip", &["netns", "exec", &app, "nft", "delete", "table", family, "gkbench"])?;
-                    }
+                    let base = measure(&mut rig, "none", traffic, f, frames, target_secs, &app, rules)?;
+                    let pps = measure(&mut rig, filter, traffic, f, frames, target_secs, &app, rules)?;
+                    let e = cells.entry((filter.to_string(), traffic.to_string())).or_default();
+                    e.0.push(pps);
+                    e.1.push(if filter == "none" { 0.0 } else { 1e9 / pps - 1e9 / base });
                 }
             }
         }
-        for ((filter, traffic), v) in pps {
-            raw.push((rules, filter, traffic, v));
+        for ((filter, traffic), (pps, cost)) in cells {
+            raw.push((rules, filter, traffic, pps, cost));
         }
     }
-    // Costs against "none" of the same rules, traffic and round.
     let mut cells = Vec::new();
-    for (rules, filter, traffic, v) in &raw {
-        let none = raw.iter().find(|(r, f, t, _)| r == rules && f == "none" && t == traffic).map(|x| &x.3);
-        let cost: Vec<f64> = match none {
-            Some(base) if filter != "none" => v.iter().zip(base).map(|(p, b)| 1e9 / p - 1e9 / b).collect(),
-            _ => vec![0.0; v.len()],
-        };
-        let (_, pps_median) = stats(v);
+    for (rules, filter, traffic, v, cost) in raw {
+        let (_, pps_median) = stats(&v);
         let pps_max = v.iter().copied().fold(f64::MIN, f64::max);
         let (cost_min, cost_median) = stats(&cost);
         cells.push(Cell {
-            rules: *rules,
-            filter: filter.clone(),
-            traffic: traffic.clone(),
-            pps: v.clone(),
+            rules,
+            filter,
+            traffic,
+            pps: v,
             pps_median,
             pps_max,
             cost_ns: cost,
@@ -357,6 +319,54 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
         });
     }
     Ok(cells)
+}
+
+/// Sets `filter` up, measures one kind of traffic through it, and takes it down again.
+#[allow(clippy::too_many_arguments)]
+fn measure(rig: &mut Rig, filter: &str, traffic: &str, f: &[u8], frames: u32, target_secs: f64, app: &str, rules: usize) -> anyhow::Result<f64> {
+    match filter {
+        "gatekeeper" => {
+            rig.detach_empty()?;
+            let dp = &mut rig.dataplane;
+            in_ns(app, || Ok(dp.attach("p-gen", XdpAttachMode::Native)?))?;
+        }
+        "none" => {}
+        f => {
+            nft(app, &nft_script(f, rules))?;
+        }
+    }
+    let result = (|| -> anyhow::Result<f64> {
+        // Size the run for this filter: a slow one (a long linear rule list) gets fewer
+        // frames, so every measurement takes about the same time.
+        let (probe_secs, _) = rig.blast(f, 5_000)?;
+        let frames = ((5_000.0 / probe_secs.max(1e-6)) * target_secs).clamp(5_000.0, f64::from(frames)) as u32;
+        let dropped_before = drop_count(rig, filter, app)?;
+        let (secs, delivered) = rig.blast(f, frames)?;
+        let dropped = drop_count(rig, filter, app)? - dropped_before;
+        if filter != "none" && traffic == "denied" && delivered > 0 {
+            bail!("{filter}: {delivered} denied packets reached the sink");
+        }
+        if traffic == "allowed" && dropped > 0 {
+            bail!("{filter}: {dropped} allowed packets were dropped");
+        }
+        let processed = delivered + dropped;
+        if processed < u64::from(frames) / 2 {
+            bail!("{filter} {traffic}: only {processed} of {frames} frames were processed");
+        }
+        Ok(processed as f64 / secs)
+    })();
+    match filter {
+        "gatekeeper" => {
+            rig.dataplane.detach_all()?;
+            rig.attach_empty()?;
+        }
+        "none" => {}
+        f => {
+            let family = if f == "nft-netdev-set" { "netdev" } else { "bridge" };
+            sh("ip", &["netns", "exec", app, "nft", "delete", "table", family, "gkbench"])?;
+        }
+    }
+    result
 }
 
 fn drop_count(rig: &Rig, filter: &str, app: &str) -> anyhow::Result<u64> {
