@@ -210,7 +210,7 @@ impl Rig {
             p.fd()?.as_fd().try_clone_to_owned()?
         };
         let load = LoadOptions::default();
-        let dataplane = Dataplane::load(load)?;
+        let dataplane = Dataplane::load(load.clone())?;
         let compiler = Compiler::new(Timeouts::default(), load.capacity());
         let mut rig = Self { lab, helpers, generator, empty_link: None, dataplane, compiler };
         rig.attach_empty()?;

@@ -34,7 +34,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Control> {
     let (assets, segments, rules, changes) = if opts.smoke { (1000, 10, 100, 3) } else { (100_000, 1000, 10_000, 9) };
     progress(&format!("control plane: {assets} assets, {segments} segments, {rules} rules"));
     let load = LoadOptions::default();
-    let mut dp = Dataplane::load(load)?;
+    let mut dp = Dataplane::load(load.clone())?;
     let mut compiler = Compiler::new(Timeouts::default(), load.capacity());
     let mut policy = synth::policy(assets, segments, rules);
     let t = Instant::now();

@@ -82,7 +82,7 @@ fn icmp_error(src: usize, dst: usize, v6: bool) -> Vec<u8> {
 pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
     let empty = load_empty()?;
     let load = LoadOptions { host_entries: 1 << 22, rule_slots: 1 << 17, ..LoadOptions::default() };
-    let mut dp = Dataplane::load(load)?;
+    let mut dp = Dataplane::load(load.clone())?;
     let prog = dp.program_fd()?;
     let mut compiler = Compiler::new(Timeouts::default(), load.capacity());
     let (repeat, k) = if opts.smoke { (2_000, 64) } else { (200_000, 2048) };

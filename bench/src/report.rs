@@ -203,7 +203,7 @@ fn bridge_targets(r: &Results) -> String {
         }
         if let (Some(g), Some(n)) = (get("gatekeeper", "denied"), get("nft-bridge-set", "denied")) {
             let ratio = g.pps_median / n.pps_median;
-            let _ = writeln!(s, "- {} {} rules, denied: at least 2x the pps of nftables (set, bridge hook): {ratio:.1}x", mark(ratio >= 2.0), size(ru));
+            let _ = writeln!(s, "- {} {} rules, denied: at least 2x the pps of nftables (set, bridge hook): {ratio:.2}x", mark(ratio >= 2.0), size(ru));
         }
     }
     s + "\n"

@@ -30,6 +30,11 @@
 //! judged entirely by the old policy or entirely by the new one, never by a mix.
 #![no_std]
 
+/// Version of the map layout. Pinned maps live under `<pin_dir>/v<LAYOUT_VERSION>/`; a daemon
+/// finding pins of another version (or incompatible ones) never reuses them. Bump it with any
+/// change to a map's key, value or type.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Identity of addresses that belong to no segment.
 pub const ID_WORLD: u32 = 0;
 /// Wildcard identity in [`PolicyKey`]: a rule whose `from` or `to` is `any`.

@@ -26,10 +26,20 @@ pub struct DataplaneConfig {
     pub flow_table_size: u32,
     #[serde(default)]
     pub flow_timeouts: FlowTimeouts,
+    /// bpffs directory where maps and links are pinned, so enforcement outlives the daemon.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Detach and remove the pins when the daemon stops (default: enforcement stays).
+    #[serde(default)]
+    pub detach_on_exit: bool,
 }
 
 fn default_flow_table_size() -> u32 {
     1 << 17
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/gatekeeper")
 }
 
 /// Idle timeouts in seconds.
@@ -90,6 +100,9 @@ impl Config {
                 return Err(bad(format!("[dataplane] interfaces[{i}]: {name:?} is listed twice")));
             }
         }
+        if !cfg.dataplane.pin_dir.is_absolute() {
+            return Err(bad(format!("[dataplane] pin_dir: {:?} must be an absolute path in bpffs", cfg.dataplane.pin_dir)));
+        }
         if cfg.dataplane.flow_table_size == 0 {
             return Err(bad("[dataplane] flow_table_size: must be at least 1".into()));
         }
@@ -112,6 +125,8 @@ mod tests {
         assert_eq!(c.dataplane.xdp_mode, XdpAttachMode::Generic);
         assert_eq!(c.dataplane.flow_timeouts, FlowTimeouts::default());
         assert_eq!(c.policy.file.as_deref(), Some(Path::new("/etc/gatekeeper/policy.yaml")));
+        assert_eq!(c.dataplane.pin_dir, Path::new("/sys/fs/bpf/gatekeeper"));
+        assert!(!c.dataplane.detach_on_exit);
     }
 
     #[test]
@@ -122,6 +137,7 @@ mod tests {
             ("[dataplane]\ninterfaces = [\"a\"]\nxdp_mode = \"turbo\"\n", "unknown variant `turbo`"),
             ("[dataplane]\ninterfaces = [\"a\"]\nflow_tabel_size = 3\n", "unknown field `flow_tabel_size`"),
             ("[policy]\nfile = \"x\"\n", "missing field `dataplane`"),
+            ("[dataplane]\ninterfaces = [\"a\"]\npin_dir = \"rel\"\n", "must be an absolute path"),
         ] {
             let e = Config::parse(text, "c.toml").unwrap_err().to_string();
             assert!(e.starts_with("c.toml: ") && e.contains(want), "{text:?}: {e}");

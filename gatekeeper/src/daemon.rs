@@ -33,9 +33,13 @@ pub struct Enforcer {
 
 impl Enforcer {
     pub fn new(config: &Config) -> Result<Self, EnforceError> {
-        let options = LoadOptions { flow_table_size: config.dataplane.flow_table_size, ..LoadOptions::default() };
-        let dataplane = Dataplane::load(options)?;
+        let options = LoadOptions {
+            flow_table_size: config.dataplane.flow_table_size,
+            pin_dir: Some(config.dataplane.pin_dir.clone()),
+            ..LoadOptions::default()
+        };
         let compiler = Compiler::new(config.dataplane.flow_timeouts.into(), options.capacity());
+        let dataplane = Dataplane::load(options)?;
         Ok(Self { compiler, dataplane, policy: Policy::default() })
     }
 
@@ -139,13 +143,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let stats = enforcer.dataplane().stats()?;
-    enforcer.dataplane_mut().detach_all()?;
+    let detached = config.dataplane.detach_on_exit;
+    if detached {
+        enforcer.dataplane_mut().detach_all()?;
+    }
     tracing::info!(
         passed = stats.passed(),
         dropped = stats.dropped(),
         would_drop = stats.would_drop(),
         malformed = stats.malformed(),
-        "detached; gatekeeper stopped"
+        "{}",
+        if detached {
+            "detached; gatekeeper stopped".to_string()
+        } else {
+            format!("gatekeeper stopped; enforcement stays in place (pinned under {})", config.dataplane.pin_dir.display())
+        }
     );
     Ok(())
 }

@@ -22,6 +22,17 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "/etc/gatekeeper/gatekeeper.toml")]
         config: PathBuf,
+        /// Detach from the interfaces and remove the pins on exit (default: enforcement stays).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove gatekeeper's programs, links and pins (for maintenance; stop the daemon first).
+    Detach {
+        #[arg(long, short, default_value = "/etc/gatekeeper/gatekeeper.toml")]
+        config: PathBuf,
+        /// The pin directory, instead of reading it from the configuration.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
     },
     /// Validate a policy file without touching the data plane.
     Check { file: PathBuf },
@@ -37,7 +48,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(config),
+        Command::Run { config, detach_on_exit } => run(config, detach_on_exit),
+        Command::Detach { config, pin_dir } => detach(config, pin_dir),
         Command::Check { file } => check(file),
     };
     match result {
@@ -49,10 +61,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&config)?;
+fn run(config: PathBuf, detach_on_exit: bool) -> anyhow::Result<()> {
+    let mut config = Config::load(&config)?;
+    config.dataplane.detach_on_exit |= detach_on_exit;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(gatekeeper::daemon::run(config))
+}
+
+fn detach(config: PathBuf, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = match pin_dir {
+        Some(d) => d,
+        None => Config::load(&config)?.dataplane.pin_dir,
+    };
+    gatekeeper::maps::remove_pins(&dir).map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display()))?;
+    println!("removed gatekeeper's pins under {}; programs whose daemon has exited are detached", dir.display());
+    Ok(())
 }
 
 fn check(file: PathBuf) -> anyhow::Result<()> {

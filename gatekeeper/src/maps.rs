@@ -10,15 +10,30 @@
 //! never a mix, and a change touching a few assets writes a few entries. The epoch change also
 //! makes every established flow be judged again under the new policy on its next packet.
 //! If writing the inactive generation fails, it is rolled back and the epoch never moves.
+//!
+//! # Pinning: restarts without a gap
+//! With a pin directory, the maps and the XDP links are pinned in bpffs under
+//! `<pin_dir>/v<LAYOUT_VERSION>/{maps,links}`. The program keeps enforcing when the daemon stops,
+//! crashes or is upgraded. A starting daemon reuses compatible pinned maps (flows included),
+//! writes its policy into the generation the running program does not use, flips the epoch, and
+//! swaps its own program onto the pinned links atomically (`bpf_link_update`). Pins of another
+//! layout version, or maps whose type or sizes differ, are never reused: fresh maps are created,
+//! and the old program keeps running on its own maps until the link is swapped.
+
+use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use gatekeeper_common::{
     Counter, DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
-    DEFAULT_RULE_SLOTS, FlowKey, FlowValue, GenConfig, HostV4, HostV6, Identity, LpmV4, LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
+    DEFAULT_RULE_SLOTS, FlowKey, FlowValue, GenConfig, HostV4, HostV6, Identity, LAYOUT_VERSION, LpmV4, LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
     OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED,
     OUTCOME_PASS_MALFORMED, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
 };
@@ -90,7 +105,7 @@ impl Stats {
 }
 
 /// Map sizes chosen at load time (both generations together).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub flow_table_size: u32,
     /// Entries of each host hash (IPv4, IPv6).
@@ -99,6 +114,9 @@ pub struct LoadOptions {
     pub prefix_entries: u32,
     pub policy_entries: u32,
     pub rule_slots: u32,
+    /// Pin maps and links here (bpffs), so enforcement outlives the daemon. `None`: nothing is
+    /// pinned and dropping the `Dataplane` detaches (tests and benchmarks).
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -109,8 +127,83 @@ impl Default for LoadOptions {
             prefix_entries: DEFAULT_PREFIX_ENTRIES,
             policy_entries: DEFAULT_POLICY_ENTRIES,
             rule_slots: DEFAULT_RULE_SLOTS,
+            pin_dir: None,
         }
     }
+}
+
+/// The maps and what their pinned copies must look like to be reused:
+/// (name, BPF map type, key size, value size).
+const MAPS: [(&str, u32, u32, u32); 11] = [
+    ("GK_EPOCH", 2, 4, 4),
+    ("GK_GEN_CONFIG", 2, 4, 32),
+    ("GK_HOSTS_V4", 1, 8, 8),
+    ("GK_HOSTS_V6", 1, 20, 8),
+    ("GK_IDS_V4", 11, 12, 8),
+    ("GK_IDS_V6", 11, 24, 8),
+    ("GK_PORT_CLASS", 2, 4, 4),
+    ("GK_POLICY", 1, 16, 8),
+    ("GK_FLOWS", 9, 40, 16),
+    ("GK_STATS", 6, 4, 16),
+    ("GK_RULE_STATS", 6, 4, 16),
+];
+
+impl LoadOptions {
+    fn max_entries(&self, map: &str) -> Option<u32> {
+        Some(match map {
+            "GK_FLOWS" => self.flow_table_size,
+            "GK_HOSTS_V4" | "GK_HOSTS_V6" => self.host_entries,
+            "GK_IDS_V4" | "GK_IDS_V6" => self.prefix_entries,
+            "GK_POLICY" => self.policy_entries,
+            "GK_RULE_STATS" => self.rule_slots,
+            _ => return None,
+        })
+    }
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` when the pin directory lives there and nothing is mounted yet
+/// (systemd usually mounts it; minimal systems and VMs may not).
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(root) {
+        return Ok(());
+    }
+    let c = c"/sys/fs/bpf";
+    // SAFETY: statfs into a zeroed struct with a NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    // SAFETY: mount with NUL-terminated strings and no data.
+    let r = unsafe { libc::mount(c"bpf".as_ptr(), c.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if r != 0 {
+        return Err(DataplaneError::System(format!("mounting bpffs at /sys/fs/bpf: {}", std::io::Error::last_os_error())));
+    }
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+/// `<pin_dir>/v<LAYOUT_VERSION>`.
+pub fn pin_version_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("v{LAYOUT_VERSION}"))
+}
+
+/// Whether the map pinned at `path` can be reused as `name`.
+fn compatible(path: &Path, name: &str, options: &LoadOptions) -> bool {
+    let Some(&(_, ty, key, value)) = MAPS.iter().find(|m| m.0 == name) else { return false };
+    let Ok(info) = MapData::from_pin(path).and_then(|m| m.info()) else { return false };
+    let max_ok = options.max_entries(name).is_none_or(|n| info.max_entries() == n.max(1));
+    info.key_size() == key && info.value_size() == value && max_ok && info.map_type().is_ok_and(|t| t as u32 == ty)
+}
+
+/// Removes every pin under `pin_dir` (all layout versions). Pinned links whose daemon has
+/// exited are released with their pin, which detaches the program; maps go with their last user.
+pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(pin_dir)?;
+    }
+    Ok(())
 }
 
 impl LoadOptions {
@@ -146,31 +239,80 @@ pub struct Dataplane {
     epoch: u32,
     applied: Compiled,
     links: Vec<(String, XdpLinkId, &'static str)>,
+    /// Pinned links (pinned mode), by interface.
+    pinned: Vec<(String, PinnedLink, &'static str)>,
+    /// `<pin_dir>/v<LAYOUT_VERSION>` in pinned mode.
+    pin_dir: Option<(PathBuf, PathBuf)>,
+    /// The maps came from pins with unknown contents: the first apply rewrites both generations.
+    adopted: bool,
 }
 
 impl Dataplane {
-    /// Loads the XDP program and creates its maps (empty: every packet passes as ungoverned).
+    /// Loads the XDP program and creates its maps (empty: every packet passes as ungoverned),
+    /// or, with a pin directory, reuses the compatible pinned maps of a running enforcement.
     pub fn load(options: LoadOptions) -> Result<Self, DataplaneError> {
         // Older kernels charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless elsewhere.
         let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
         // SAFETY: plain syscall with a valid pointer.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
-        let mut ebpf =
-            EbpfLoader::new()
-                .map_max_entries("GK_FLOWS", options.flow_table_size.max(1))
-                .map_max_entries("GK_HOSTS_V4", options.host_entries.max(2))
-                .map_max_entries("GK_HOSTS_V6", options.host_entries.max(2))
-                .map_max_entries("GK_IDS_V4", options.prefix_entries.max(2))
-                .map_max_entries("GK_IDS_V6", options.prefix_entries.max(2))
-                .map_max_entries("GK_POLICY", options.policy_entries.max(2))
-                .map_max_entries("GK_RULE_STATS", options.rule_slots.max(1))
-                .load(PROGRAM_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        for (name, _, _, _) in MAPS {
+            if let Some(n) = options.max_entries(name) {
+                loader.map_max_entries(name, n.max(1));
+            }
+        }
+        let mut adopted = false;
+        let mut map_paths = Vec::new();
+        let pin_dir = match &options.pin_dir {
+            None => None,
+            Some(dir) => {
+                ensure_bpffs(dir)?;
+                let vdir = pin_version_dir(dir);
+                let maps = vdir.join("maps");
+                std::fs::create_dir_all(&maps).map_err(|e| {
+                    DataplaneError::System(format!(
+                        "creating {}: {e} (is a bpffs mounted there? `mount -t bpf bpf /sys/fs/bpf`)",
+                        maps.display()
+                    ))
+                })?;
+                std::fs::create_dir_all(vdir.join("links")).map_err(|e| DataplaneError::System(format!("creating {}: {e}", vdir.display())))?;
+                let pinned: Vec<bool> = MAPS.iter().map(|m| maps.join(m.0).exists()).collect();
+                let all_ok = MAPS.iter().zip(&pinned).all(|(m, &p)| p && compatible(&maps.join(m.0), m.0, &options));
+                if all_ok {
+                    adopted = true;
+                } else if pinned.iter().any(|p| *p) {
+                    // Never reuse a map that does not fit: start from fresh maps. A running old
+                    // program keeps its own maps until its link is swapped over.
+                    tracing::warn!(dir = %maps.display(), "pinned maps are incompatible with this version; replacing them");
+                    for m in MAPS {
+                        let _ = std::fs::remove_file(maps.join(m.0));
+                    }
+                }
+                map_paths = MAPS.iter().map(|m| (m.0, maps.join(m.0))).collect();
+                Some((dir.clone(), vdir))
+            }
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAM_OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(DataplaneError::System(format!("the XDP object has no program {PROGRAM_NAME}")))?
             .try_into()?;
         program.load()?;
-        Ok(Self { ebpf, epoch: 0, applied: Compiled::empty(), links: Vec::new() })
+        let mut dp = Self { ebpf, epoch: 0, applied: Compiled::empty(), links: Vec::new(), pinned: Vec::new(), pin_dir, adopted };
+        if adopted {
+            let epoch_map: Array<_, u32> = Array::try_from(dp.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
+            dp.epoch = epoch_map.get(&0, 0).map_err(map_err("GK_EPOCH"))?;
+            tracing::info!(epoch = dp.epoch, "adopted the pinned data plane; enforcement continues");
+        }
+        Ok(dp)
+    }
+
+    /// Whether the maps were adopted from pins of a running enforcement.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     pub fn epoch(&self) -> u32 {
@@ -196,8 +338,48 @@ impl Dataplane {
         self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
     }
 
-    /// Attaches to `interface`; returns the mode used ("native" or "generic").
+    /// Attaches to `interface`; returns the mode used ("native" or "generic"), or "replaced"
+    /// when the program was swapped onto a pinned link already on the interface.
     pub fn attach(&mut self, interface: &str, mode: XdpAttachMode) -> Result<&'static str, DataplaneError> {
+        if let Some((dir, vdir)) = self.pin_dir.clone() {
+            // A pinned link of this or an older layout: swap our program onto it atomically.
+            let mut candidates = vec![vdir.join("links").join(interface)];
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.filter_map(Result::ok) {
+                    let p = e.path().join("links").join(interface);
+                    if e.path() != vdir && p.exists() {
+                        candidates.push(p);
+                    }
+                }
+            }
+            for path in candidates.into_iter().filter(|p| p.exists()) {
+                let replaced = PinnedLink::from_pin(&path)
+                    .map_err(|e| DataplaneError::System(format!("{}: {e}", path.display())))
+                    .and_then(|pinned| {
+                        let link = XdpLink::try_from(FdLink::from(pinned))
+                            .map_err(|e| DataplaneError::System(format!("{}: {e}", path.display())))?;
+                        Ok(self.program_mut()?.attach_to_link(link)?)
+                    });
+                match replaced {
+                    Ok(id) => {
+                        let link = self.program_mut()?.take_link(id)?;
+                        let fd = FdLink::try_from(link).map_err(|e| DataplaneError::System(format!("link: {e}")))?;
+                        let own = vdir.join("links").join(interface);
+                        if path != own {
+                            let _ = std::fs::remove_file(&path);
+                        }
+                        let _ = std::fs::remove_file(&own);
+                        let pinned = fd.pin(&own).map_err(|e| DataplaneError::System(format!("pinning {}: {e}", own.display())))?;
+                        self.pinned.push((interface.to_string(), pinned, "replaced"));
+                        return Ok("replaced");
+                    }
+                    Err(e) => {
+                        tracing::warn!(link = %path.display(), error = %e, "stale link pin; removing it");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+        }
         let tries: &[(XdpMode, &'static str)] = match mode {
             XdpAttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
             XdpAttachMode::Native => &[(XdpMode::Driver, "native")],
@@ -207,7 +389,15 @@ impl Dataplane {
         for &(m, name) in tries {
             match self.program_mut()?.attach(interface, m) {
                 Ok(id) => {
-                    self.links.push((interface.to_string(), id, name));
+                    if let Some((_, vdir)) = self.pin_dir.clone() {
+                        let link = self.program_mut()?.take_link(id)?;
+                        let fd = FdLink::try_from(link).map_err(|e| DataplaneError::System(format!("link: {e}")))?;
+                        let path = vdir.join("links").join(interface);
+                        let pinned = fd.pin(&path).map_err(|e| DataplaneError::System(format!("pinning {}: {e}", path.display())))?;
+                        self.pinned.push((interface.to_string(), pinned, name));
+                    } else {
+                        self.links.push((interface.to_string(), id, name));
+                    }
                     return Ok(name);
                 }
                 Err(error) => last = Some((name, error)),
@@ -219,11 +409,18 @@ impl Dataplane {
 
     /// Interfaces attached, with their mode.
     pub fn attachments(&self) -> Vec<(String, &'static str)> {
-        self.links.iter().map(|(i, _, m)| (i.clone(), *m)).collect()
+        self.links.iter().map(|(i, _, m)| (i.clone(), *m)).chain(self.pinned.iter().map(|(i, _, m)| (i.clone(), *m))).collect()
     }
 
-    /// Detaches from every interface (traffic then flows unfiltered).
+    /// Detaches from every interface (traffic then flows unfiltered) and removes every pin.
     pub fn detach_all(&mut self) -> Result<(), DataplaneError> {
+        for (_, pinned, _) in std::mem::take(&mut self.pinned) {
+            // Unpinning leaves us the last reference; dropping it detaches.
+            let _ = pinned.unpin();
+        }
+        if let Some((dir, _)) = self.pin_dir.take() {
+            remove_pins(&dir).map_err(|e| DataplaneError::System(format!("removing {}: {e}", dir.display())))?;
+        }
         let links = std::mem::take(&mut self.links);
         let mut first_err = None;
         for (_, id, _) in links {
@@ -248,6 +445,9 @@ impl Dataplane {
     }
 
     fn apply_delta_from(&mut self, delta: Delta, started: std::time::Instant) -> Result<ApplyReport, DataplaneError> {
+        if self.adopted {
+            return self.apply_adopted(delta, started);
+        }
         let old_gen = self.epoch & 1;
         let new_gen = old_gen ^ 1;
         for &slot in &delta.new_slots {
@@ -275,6 +475,31 @@ impl Dataplane {
             tracing::error!(error = %e, "could not update the standby policy generation; rebuilding it");
             self.rebuild_generation(old_gen)?;
         }
+        Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: started.elapsed() })
+    }
+
+    /// The first apply over adopted maps: their contents are unknown (the previous daemon may
+    /// have died mid-apply), so the generation not in use is cleared and written in full, the
+    /// epoch flips, and then the other one is rewritten the same way.
+    fn apply_adopted(&mut self, delta: Delta, started: std::time::Instant) -> Result<ApplyReport, DataplaneError> {
+        let mut target = Compiled::empty();
+        target.apply(&delta);
+        let previous = std::mem::replace(&mut self.applied, target);
+        let new_gen = (self.epoch & 1) ^ 1;
+        let slots: Vec<u32> = self.applied.rule_slots.values().copied().collect();
+        let written = slots.iter().try_for_each(|&s| self.zero_rule_counter(s)).and_then(|()| self.rebuild_generation(new_gen));
+        if let Err(e) = written {
+            self.applied = previous;
+            return Err(e);
+        }
+        let epoch = self.epoch.wrapping_add(1);
+        let mut epoch_map: Array<_, u32> = Array::try_from(self.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
+        epoch_map.set(0, epoch, 0).map_err(map_err("GK_EPOCH"))?;
+        self.epoch = epoch;
+        self.adopted = false;
+        let enforced_after = started.elapsed();
+        synchronize_rcu();
+        self.rebuild_generation(new_gen ^ 1)?;
         Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: started.elapsed() })
     }
 
@@ -466,7 +691,13 @@ impl Dataplane {
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
-        let _ = self.detach_all();
+        // Pinned links stay: enforcement outlives the daemon. Unpinned ones go with us.
+        let links = std::mem::take(&mut self.links);
+        for (_, id, _) in links {
+            if let Ok(p) = self.program_mut() {
+                let _ = p.detach(id);
+            }
+        }
     }
 }
 

@@ -271,6 +271,16 @@ impl Lab {
         self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name} in the lab"))
     }
 
+    /// This lab's own bpffs pin directory (bpffs is not per network namespace).
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.id))
+    }
+
+    /// `gatekeeper detach` for this lab: removes the pins, which detaches a stopped daemon's program.
+    pub fn detach(&self, gatekeeper: &Path) -> anyhow::Result<()> {
+        sh(&gatekeeper.display().to_string(), &["detach", "--pin-dir", &self.pin_dir().display().to_string()]).map(|_| ())
+    }
+
     /// The bridge ports, for the daemon's `interfaces`.
     pub fn ports(&self) -> Vec<String> {
         self.hosts.iter().map(|h| h.port.clone()).collect()
@@ -365,6 +375,8 @@ impl RawSocket {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Pins are global, not per namespace: remove ours, releasing any program left attached.
+        let _ = fs::remove_dir_all(self.pin_dir());
         for h in &self.hosts {
             let _ = ip(&["netns", "del", &h.netns]);
         }
@@ -421,14 +433,18 @@ impl Daemon {
         fs::write(
             &config_path,
             format!(
-                "[dataplane]\ninterfaces = [{}]\nxdp_mode = \"auto\"\n{extra}\n\n[policy]\nfile = {:?}\n",
+                "[dataplane]\ninterfaces = [{}]\nxdp_mode = \"auto\"\npin_dir = {:?}\n{extra}\n\n[policy]\nfile = {:?}\n",
                 interfaces.join(", "),
+                lab.pin_dir().display().to_string(),
                 policy_path.display().to_string()
             ),
         )?;
         let log = fs::File::create(&log_path)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.appliance])
+        // nsenter switches only the network namespace; `ip netns exec` would also remount /sys
+        // and hide the bpffs at /sys/fs/bpf, where the daemon pins its maps and links.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", lab.appliance))
+            .arg("--")
             .arg(gatekeeper)
             .args(["run", "--config"])
             .arg(&config_path)
@@ -496,7 +512,16 @@ impl Daemon {
         Ok(Ok(()))
     }
 
-    /// SIGTERM, then waits for a clean exit; returns the log.
+    /// SIGKILL: the daemon dies without any clean-up, as in a crash.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("daemon not running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the log. Enforcement stays in place (pinned)
+    /// unless the daemon was told to detach on exit; [`Lab::detach`] removes it.
     pub fn stop(mut self) -> anyhow::Result<String> {
         self.signal(libc::SIGTERM)?;
         let mut child = self.child.take().context("daemon not running")?;

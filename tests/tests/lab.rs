@@ -103,8 +103,13 @@ fn enforces_segments_with_real_traffic_v4_and_v6() {
         v.split_whitespace().next().and_then(|n| n.parse().ok()).expect(name)
     };
     assert!(field("dropped") > 0 && field("would_drop") > 0, "{log}");
-    // Detached cleanly: no XDP left and traffic flows again.
-    assert!(lab.xdp_attached().unwrap().is_empty(), "XDP still attached after SIGTERM");
+    // SIGTERM leaves enforcement in place: the program stays pinned on every port.
+    assert_eq!(lab.xdp_attached().unwrap().len(), HOSTS.len(), "XDP detached on SIGTERM");
+    assert_eq!(tcp(lab, "eng", "plc1", 502, false, SHORT), Reach::Silent, "denied traffic passes after SIGTERM");
+    // `gatekeeper detach` removes it: no XDP left and traffic flows again.
+    lab.detach(&gatekeeper_bin().unwrap()).unwrap();
+    assert!(lab.xdp_attached().unwrap().is_empty(), "XDP still attached after detach");
+    assert!(!lab.pin_dir().exists(), "pins left behind");
     assert_eq!(tcp(lab, "eng", "plc1", 502, false, LONG), Reach::Echoed);
 }
 
@@ -275,11 +280,16 @@ fn daemon_names_an_interface_it_cannot_attach_to() {
     std::fs::write(&policy, "segments: [{name: s, cidrs: [10.0.0.0/24]}]\n").unwrap();
     std::fs::write(
         &config,
-        format!("[dataplane]\ninterfaces = [\"p-a\", \"nosuch0\"]\n[policy]\nfile = {:?}\n", policy.display().to_string()),
+        format!(
+            "[dataplane]\ninterfaces = [\"p-a\", \"nosuch0\"]\npin_dir = {:?}\n[policy]\nfile = {:?}\n",
+            lab.pin_dir().display().to_string(),
+            policy.display().to_string()
+        ),
     )
     .unwrap();
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.appliance])
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", lab.appliance))
+        .arg("--")
         .arg(gatekeeper_bin().unwrap())
         .args(["run", "--config"])
         .arg(&config)
@@ -289,4 +299,63 @@ fn daemon_names_an_interface_it_cannot_attach_to() {
     assert!(!out.status.success());
     assert!(stderr.contains("nosuch0"), "{stderr}");
     assert!(lab.xdp_attached().unwrap().is_empty(), "p-a left attached after the failure");
+}
+
+#[test]
+fn kill_and_restart_keep_enforcing_without_a_gap() {
+    let s = setup();
+    let lab = &s.lab;
+    let bin = gatekeeper_bin().unwrap();
+    let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
+    let plc = lab.host("plc1").addr(false);
+    let mut session = lab.host("hmi").connect(plc, 502, LONG).unwrap().expect("allowed session");
+    assert!(echo(&mut session, b"before\n", LONG));
+
+    // kill -9: no clean-up at all. The pinned program keeps enforcing, flows included.
+    daemon.kill().unwrap();
+    assert_eq!(lab.xdp_attached().unwrap().len(), HOSTS.len(), "XDP gone with the daemon");
+    assert!(echo(&mut session, b"daemon dead\n", LONG), "allowed session cut by the crash");
+    assert_eq!(tcp(lab, "eng", "plc1", 502, false, SHORT), Reach::Silent, "denied traffic passes while the daemon is dead");
+    assert_eq!(tcp(lab, "hmi", "plc2", 502, false, LONG), Reach::Echoed, "new allowed session while the daemon is dead");
+
+    // A new daemon adopts the pinned maps and swaps its program onto the pinned links.
+    let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
+    let log = daemon.log();
+    assert!(log.contains("adopted the pinned data plane"), "{log}");
+    assert!(log.contains("mode=\"replaced\"") || log.contains("mode=replaced"), "{log}");
+    assert_eq!(lab.xdp_attached().unwrap().len(), HOSTS.len());
+    assert!(echo(&mut session, b"after restart\n", LONG), "allowed session cut by the restart");
+    assert_eq!(tcp(lab, "eng", "plc1", 502, false, SHORT), Reach::Silent, "denied traffic passes after the restart");
+    assert_eq!(tcp(lab, "plc1", "plc2", 502, true, SHORT), Reach::Silent);
+
+    // A restart with a changed policy file enforces the new one (the old state is not kept).
+    daemon.kill().unwrap();
+    let daemon = lab.start_daemon(&bin, &policy("{role: eng}")).unwrap();
+    assert!(!echo(&mut session, b"hmi untagged\n", SHORT), "session of an untagged HMI survived the restart");
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, SHORT), Reach::Silent);
+    daemon.stop().unwrap();
+    lab.detach(&bin).unwrap();
+    assert!(lab.xdp_attached().unwrap().is_empty());
+}
+
+#[test]
+fn incompatible_pins_are_replaced_cleanly() {
+    let s = setup();
+    let lab = &s.lab;
+    let bin = gatekeeper_bin().unwrap();
+    // A stale pin of an incompatible map where ours would go: never reused.
+    let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
+    daemon.kill().unwrap();
+    let flows = lab.pin_dir().join("v1/maps/GK_FLOWS");
+    assert!(flows.exists());
+    // Restart with a different flow-table size: the pinned maps no longer fit.
+    let daemon = lab.start_daemon_with(&bin, &policy(HMI), "flow_table_size = 4096\n").unwrap();
+    let log = daemon.log();
+    assert!(log.contains("incompatible"), "{log}");
+    assert!(!log.contains("adopted the pinned data plane"), "{log}");
+    assert_eq!(lab.xdp_attached().unwrap().len(), HOSTS.len());
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, LONG), Reach::Echoed);
+    assert_eq!(tcp(lab, "eng", "plc1", 502, false, SHORT), Reach::Silent);
+    daemon.stop().unwrap();
+    lab.detach(&bin).unwrap();
 }

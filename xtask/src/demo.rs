@@ -144,11 +144,12 @@ pub fn run() -> anyhow::Result<()> {
     eprintln!("    a new session hmi-1 -> plc-1: {}", if new == Reach::Silent { "blocked" } else { "ALLOWED <-- UNEXPECTED" });
     wrong += usize::from(!before) + usize::from(after) + usize::from(new != Reach::Silent);
 
-    step("Stopping gatekeeper (SIGTERM detaches from the bridge ports)");
+    step("Stopping gatekeeper (SIGTERM; enforcement stays pinned), then `gatekeeper detach`");
     let log = daemon.stop()?;
     if let Some(line) = log.lines().find(|l| l.contains("gatekeeper stopped")) {
         eprintln!("    {}", line.split_once("INFO ").map_or(line, |(_, r)| r).trim());
     }
+    lab.detach(&bin)?;
     step("Tearing down the lab");
     drop(lab);
     if wrong > 0 {
