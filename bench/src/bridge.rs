@@ -273,7 +273,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
     let frames = ((50_000.0 / secs) * target_secs).clamp(10_000.0, 20_000_000.0) as u32;
     progress(&format!("  {frames} frames per measurement (~{target_secs} s)"));
 
-    let mut raw: Vec<(usize, String, String, Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut out = Vec::new();
     for &rules in &opts.bridge_rules {
         let compiled = rig.compiler.compile(&policy(rules), Utc::now())?;
         rig.dataplane.apply(compiled)?;
@@ -298,27 +298,13 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
             }
         }
         for ((filter, traffic), (pps, cost)) in cells {
-            raw.push((rules, filter, traffic, pps, cost));
+            let (_, pps_median) = stats(&pps);
+            let pps_max = pps.iter().copied().fold(f64::MIN, f64::max);
+            let (cost_ns_min, cost_ns_median) = stats(&cost);
+            out.push(Cell { rules, filter, traffic, pps, pps_median, pps_max, cost_ns: cost, cost_ns_min, cost_ns_median });
         }
     }
-    let mut cells = Vec::new();
-    for (rules, filter, traffic, v, cost) in raw {
-        let (_, pps_median) = stats(&v);
-        let pps_max = v.iter().copied().fold(f64::MIN, f64::max);
-        let (cost_min, cost_median) = stats(&cost);
-        cells.push(Cell {
-            rules,
-            filter,
-            traffic,
-            pps: v,
-            pps_median,
-            pps_max,
-            cost_ns: cost,
-            cost_ns_min: cost_min,
-            cost_ns_median: cost_median,
-        });
-    }
-    Ok(cells)
+    Ok(out)
 }
 
 /// Sets `filter` up, measures one kind of traffic through it, and takes it down again.
