@@ -40,6 +40,9 @@ pub struct Args {
     /// CPU to pin the benchmark to.
     #[arg(long, default_value_t = 1)]
     cpu: usize,
+    /// Measure nothing: report (and with --readme, write the figures) from this results file.
+    #[arg(long)]
+    from: Option<PathBuf>,
 }
 
 /// What a run measures.
@@ -156,7 +159,13 @@ pub fn run(args: &Args) -> anyhow::Result<Results> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = run(&args).and_then(|r| report::write(&r, &args));
+    let results = match &args.from {
+        Some(file) => std::fs::read_to_string(file)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| serde_json::from_str::<Results>(&t).map_err(anyhow::Error::from)),
+        None => run(&args),
+    };
+    let result = results.and_then(|r| if args.from.is_some() { report::render(&r, &args) } else { report::write(&r, &args) });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
