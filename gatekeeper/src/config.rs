@@ -12,6 +12,43 @@ pub struct Config {
     pub dataplane: DataplaneConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// The REST API; served only when the section is present.
+    pub api: Option<ApiConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite database of the desired state and the audit log.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { path: default_store_path() }
+    }
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from("/var/lib/gatekeeper/state.db")
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// File holding the admin bearer token (0600).
+    pub admin_token_file: Option<PathBuf>,
+    /// File holding the read-only bearer token (0600).
+    pub reader_token_file: Option<PathBuf>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

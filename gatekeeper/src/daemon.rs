@@ -6,11 +6,16 @@ use std::time::Instant;
 use chrono::Utc;
 use tokio::signal::unix::{SignalKind, signal};
 
+use std::sync::Arc;
+
 use crate::{
+    api::{ApiState, App, Tokens},
+    policy::PolicyDocument,
+    store::{Store, changes},
     compile::{CompileError, Compiler},
     config::Config,
     maps::{ApplyReport, Dataplane, DataplaneError, LoadOptions},
-    policy::{self, Policy, PolicyError},
+    policy::{Policy, PolicyError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +48,21 @@ impl Enforcer {
         Ok(Self { compiler, dataplane, policy: Policy::default() })
     }
 
+    /// An enforcer over a data plane loaded with `options` (tests and tools; the daemon uses
+    /// [`Enforcer::new`]).
+    pub fn with_options(options: LoadOptions, timeouts: crate::compile::Timeouts) -> Result<Self, EnforceError> {
+        let compiler = Compiler::new(timeouts, options.capacity());
+        let dataplane = Dataplane::load(options)?;
+        Ok(Self { compiler, dataplane, policy: Policy::default() })
+    }
+
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// What one policy generation may hold.
+    pub fn capacity(&self) -> crate::compile::Capacity {
+        self.compiler.capacity
     }
 
     pub fn dataplane(&self) -> &Dataplane {
@@ -98,26 +116,98 @@ pub fn changed_assets(old: &Policy, new: &Policy) -> Vec<String> {
     changed
 }
 
+/// The policy file merged into the stored state, like `kubectl apply`: objects the file names
+/// replace the stored ones of the same kind and name; other stored objects stay.
+pub fn merged(base: &PolicyDocument, file: &PolicyDocument) -> PolicyDocument {
+    fn upsert<T: Clone>(list: &mut Vec<T>, items: &[T], name: impl Fn(&T) -> &str) {
+        for item in items {
+            match list.iter().position(|x| name(x) == name(item)) {
+                Some(i) => list[i] = item.clone(),
+                None => list.push(item.clone()),
+            }
+        }
+    }
+    let mut out = base.clone();
+    upsert(&mut out.assets, &file.assets, |a| &a.name);
+    upsert(&mut out.segments, &file.segments, |s| &s.name);
+    upsert(&mut out.rules, &file.rules, |r| &r.name);
+    out
+}
+
+/// Reads and validates the policy file (errors name the file and its entries).
+fn file_document(path: &std::path::Path) -> Result<PolicyDocument, PolicyError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Read { source_name: name.clone(), error })?;
+    let doc = PolicyDocument::from_yaml(&text, &name)?;
+    doc.validate(&name)?;
+    Ok(doc)
+}
+
+fn read_token(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("[api] {what}: {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        anyhow::bail!("[api] {what}: {} is readable by others; make it 0600", path.display());
+    }
+    let token = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("[api] {what}: {}: {e}", path.display()))?;
+    let token = token.trim().to_string();
+    if token.len() < 16 {
+        anyhow::bail!("[api] {what}: {} holds a token shorter than 16 characters", path.display());
+    }
+    Ok(token)
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let policy = match &config.policy.file {
-        Some(path) => policy::load_file(path)?,
-        None => Policy::default(),
+    let file = match &config.policy.file {
+        Some(path) => Some(file_document(path)?),
+        None => None,
+    };
+    let store = Store::open(&config.store.path)?;
+    let stored = store.load()?;
+    let desired = file.as_ref().map_or_else(|| stored.clone(), |f| merged(&stored, f));
+    let source = config.policy.file.as_ref().map_or_else(|| config.store.path.display().to_string(), |p| p.display().to_string());
+    let policy = desired.validate(&source)?;
+    let tokens = match &config.api {
+        Some(api) => Some(Tokens {
+            admin: api.admin_token_file.as_deref().map(|p| read_token(p, "admin_token_file")).transpose()?,
+            reader: api.reader_token_file.as_deref().map(|p| read_token(p, "reader_token_file")).transpose()?,
+        }),
+        None => None,
     };
     let mut enforcer = Enforcer::new(&config)?;
     let started = Instant::now();
     let report = enforcer.apply(policy)?;
     log_applied("start", &enforcer, report, started);
+    let mut app = App { enforcer, store, doc: stored.clone(), last_apply: Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3)) };
+    let diff = changes(&stored, &desired);
+    if !diff.is_empty() {
+        app.store.commit(&diff, "policy-file", "start")?;
+    }
+    app.doc = desired;
 
     // Maps are filled before the program sees its first packet.
     for interface in &config.dataplane.interfaces {
-        match enforcer.dataplane_mut().attach(interface, config.dataplane.xdp_mode) {
+        match app.enforcer.dataplane_mut().attach(interface, config.dataplane.xdp_mode) {
             Ok(mode) => tracing::info!(interface = %interface, mode, "attached"),
             Err(e) => {
-                let _ = enforcer.dataplane_mut().detach_all();
+                let _ = app.enforcer.dataplane_mut().detach_all();
                 return Err(e.into());
             }
         }
+    }
+    let app = Arc::new(tokio::sync::Mutex::new(app));
+    if let (Some(api), Some(tokens)) = (&config.api, tokens) {
+        let listener = tokio::net::TcpListener::bind(&api.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("[api] listen {}: {e}", api.listen))?;
+        let router = crate::api::router(ApiState { app: app.clone(), tokens: Arc::new(tokens) });
+        tracing::info!(listen = %api.listen, "API listening");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "API server stopped");
+            }
+        });
     }
     tracing::info!(interfaces = config.dataplane.interfaces.len(), "gatekeeper running");
 
@@ -125,16 +215,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
-        let next_expiry = enforcer.policy().next_expiry(Utc::now());
+        let next_expiry = app.lock().await.enforcer.policy().next_expiry(Utc::now());
         let until_expiry = next_expiry
             .map(|t| (t - Utc::now()).to_std().unwrap_or_default())
             .unwrap_or(std::time::Duration::from_secs(3600));
         tokio::select! {
-            _ = hup.recv() => reload(&config, &mut enforcer),
+            _ = hup.recv() => reload(&config, &mut *app.lock().await),
             _ = tokio::time::sleep(until_expiry), if next_expiry.is_some() => {
+                let mut app = app.lock().await;
                 let started = Instant::now();
-                match enforcer.refresh() {
-                    Ok(report) => log_applied("rule expiry", &enforcer, report, started),
+                match app.enforcer.refresh() {
+                    Ok(report) => log_applied("rule expiry", &app.enforcer, report, started),
                     Err(e) => tracing::error!(error = %e, "recompiling after a rule expired failed; the previous policy stays in force"),
                 }
             }
@@ -142,10 +233,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
-    let stats = enforcer.dataplane().stats()?;
+    let mut app = app.lock().await;
+    let stats = app.enforcer.dataplane().stats()?;
     let detached = config.dataplane.detach_on_exit;
     if detached {
-        enforcer.dataplane_mut().detach_all()?;
+        app.enforcer.dataplane_mut().detach_all()?;
     }
     tracing::info!(
         passed = stats.passed(),
@@ -162,15 +254,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reload(config: &Config, enforcer: &mut Enforcer) {
+fn reload(config: &Config, app: &mut App) {
     let Some(path) = &config.policy.file else {
         tracing::info!("SIGHUP: no policy file configured; nothing to reload");
         return;
     };
     let started = Instant::now();
-    let result = policy::load_file(path).map_err(EnforceError::from).and_then(|p| enforcer.apply(p));
-    match result {
-        Ok(report) => log_applied("reload", enforcer, report, started),
+    let doc = match file_document(path) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("policy reload rejected; the policy in force is unchanged: {e}");
+            return;
+        }
+    };
+    let desired = merged(&app.doc, &doc);
+    match app.change(desired, "policy-file", "reload", false) {
+        Ok(diff) => tracing::info!(
+            reason = "reload",
+            changes = diff.len(),
+            epoch = app.enforcer.dataplane().epoch(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "applied policy"
+        ),
         Err(e) => tracing::error!("policy reload rejected; the policy in force is unchanged: {e}"),
     }
 }

@@ -14,3 +14,5 @@ pub mod maps;
 pub mod reference;
 pub mod config;
 pub mod daemon;
+pub mod store;
+pub mod api;

@@ -64,7 +64,7 @@ fn main() -> ExitCode {
 fn run(config: PathBuf, detach_on_exit: bool) -> anyhow::Result<()> {
     let mut config = Config::load(&config)?;
     config.dataplane.detach_on_exit |= detach_on_exit;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(gatekeeper::daemon::run(config))
 }
 

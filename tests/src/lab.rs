@@ -433,9 +433,10 @@ impl Daemon {
         fs::write(
             &config_path,
             format!(
-                "[dataplane]\ninterfaces = [{}]\nxdp_mode = \"auto\"\npin_dir = {:?}\n{extra}\n\n[policy]\nfile = {:?}\n",
+                "[dataplane]\ninterfaces = [{}]\nxdp_mode = \"auto\"\npin_dir = {:?}\n{extra}\n\n[store]\npath = {:?}\n\n[policy]\nfile = {:?}\n",
                 interfaces.join(", "),
                 lab.pin_dir().display().to_string(),
+                lab.dir.join("state.db").display().to_string(),
                 policy_path.display().to_string()
             ),
         )?;

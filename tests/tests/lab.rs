@@ -281,8 +281,9 @@ fn daemon_names_an_interface_it_cannot_attach_to() {
     std::fs::write(
         &config,
         format!(
-            "[dataplane]\ninterfaces = [\"p-a\", \"nosuch0\"]\npin_dir = {:?}\n[policy]\nfile = {:?}\n",
+            "[dataplane]\ninterfaces = [\"p-a\", \"nosuch0\"]\npin_dir = {:?}\n[store]\npath = {:?}\n[policy]\nfile = {:?}\n",
             lab.pin_dir().display().to_string(),
+            lab.dir.join("state.db").display().to_string(),
             policy.display().to_string()
         ),
     )

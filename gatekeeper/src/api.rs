@@ -1,0 +1,425 @@
+//! The REST API under `/api/v1` (axum, JSON, `application/problem+json` errors, bearer tokens).
+//!
+//! Every write goes through [`App::change`], the one path from a desired state to the data
+//! plane (the policy file takes it too): validate the whole new document, enforce it, then record
+//! it and its audit rows in one store transaction. If any step fails, nothing changed: a refused
+//! store write puts the previous policy back into the data plane.
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, Query, Request, State},
+    http::{HeaderMap, Method, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    daemon::Enforcer,
+    policy::{AssetSpec, PolicyDocument, PolicyError, Problem, RuleSpec, SegmentSpec},
+    selector::Selector,
+    store::{Change, Store, changes},
+};
+
+/// The daemon's state behind the API.
+pub struct App {
+    pub enforcer: Enforcer,
+    pub store: Store,
+    /// The desired state (what the store holds).
+    pub doc: PolicyDocument,
+    pub last_apply: Option<(DateTime<Utc>, f64)>,
+}
+
+/// Why a request was refused.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    Unauthorized,
+    Forbidden,
+    NotFound(String),
+    Conflict(String),
+    Unsupported(String),
+    Invalid(Vec<Problem>),
+    Internal(String),
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadRequest(d) | Self::NotFound(d) | Self::Conflict(d) | Self::Unsupported(d) | Self::Internal(d) => f.write_str(d),
+            Self::Unauthorized => f.write_str("unauthorized"),
+            Self::Forbidden => f.write_str("forbidden"),
+            Self::Invalid(p) => f.write_str(&p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, title, detail, errors) = match self {
+            Self::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad request", d, vec![]),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required".into(), vec![]),
+            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "this token may only read".into(), vec![]),
+            Self::NotFound(d) => (StatusCode::NOT_FOUND, "not found", d, vec![]),
+            Self::Conflict(d) => (StatusCode::CONFLICT, "conflict", d, vec![]),
+            Self::Unsupported(d) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type", d, vec![]),
+            Self::Invalid(problems) => {
+                let errors = problems.iter().map(|p| json!({"entry": p.entry, "field": p.field, "reason": p.reason})).collect();
+                let detail = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid policy", detail, errors)
+            }
+            Self::Internal(d) => (StatusCode::INTERNAL_SERVER_ERROR, "not applied", d, vec![]),
+        };
+        let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail, "errors": errors});
+        (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+    }
+}
+
+impl App {
+    /// Makes `new` the desired state: validate, enforce, record. Returns the changes.
+    pub fn change(&mut self, new: PolicyDocument, actor: &str, action: &str, dry_run: bool) -> Result<Vec<Change>, ApiError> {
+        let policy = match new.validate("request") {
+            Ok(p) => p,
+            Err(PolicyError::Invalid { problems, .. }) => return Err(ApiError::Invalid(problems)),
+            Err(e) => return Err(ApiError::BadRequest(e.to_string())),
+        };
+        let diff = changes(&self.doc, &new);
+        if dry_run || diff.is_empty() {
+            return Ok(diff);
+        }
+        let previous = self.enforcer.policy().clone();
+        let started = Instant::now();
+        self.enforcer.apply(policy).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Err(e) = self.store.commit(&diff, actor, action) {
+            // Not recorded, so not applied either: put the previous policy back.
+            if let Err(back) = self.enforcer.apply(previous) {
+                tracing::error!(error = %back, "could not restore the previous policy after a store failure");
+            }
+            return Err(ApiError::Internal(e.to_string()));
+        }
+        self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
+        self.doc = new;
+        for c in &diff {
+            tracing::info!(actor, action, kind = c.kind.as_str(), name = %c.name, "changed");
+        }
+        Ok(diff)
+    }
+}
+
+/// Bearer tokens read from the files named in the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    pub admin: Option<String>,
+    pub reader: Option<String>,
+}
+
+/// Constant-time comparison, so response times say nothing about a token.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub app: Arc<tokio::sync::Mutex<App>>,
+    pub tokens: Arc<Tokens>,
+}
+
+/// Who made a request, for the audit log.
+#[derive(Clone)]
+struct Actor(&'static str);
+
+async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    let is = |t: &Option<String>| t.as_deref().is_some_and(|t| same(t, presented));
+    let actor = if is(&state.tokens.admin) {
+        "admin"
+    } else if is(&state.tokens.reader) {
+        if req.method() != Method::GET {
+            return Err(ApiError::Forbidden);
+        }
+        "reader"
+    } else {
+        return Err(ApiError::Unauthorized);
+    };
+    req.extensions_mut().insert(Actor(actor));
+    Ok(next.run(req).await)
+}
+
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/assets", get(list_assets))
+        .route("/assets/{name}", get(get_asset).put(put_asset).delete(delete_asset).patch(patch_asset))
+        .route("/segments", get(list_segments))
+        .route("/segments/{name}", get(get_segment).put(put_segment).delete(delete_segment))
+        .route("/segments/{name}/members", get(segment_members))
+        .route("/rules", get(list_rules))
+        .route("/rules/{name}", get(get_rule).put(put_rule).delete(delete_rule))
+        .route("/apply", post(apply))
+        .route("/status", get(status))
+        .route("/audit", get(audit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .route("/openapi.json", get(openapi))
+        .with_state(state);
+    Router::new().nest("/api/v1", api)
+}
+
+fn body_json(headers: &HeaderMap, body: &Bytes, accept: &[&str]) -> Result<Value, ApiError> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+    let ct = ct.split(';').next().unwrap_or("").trim();
+    if !accept.contains(&ct) {
+        return Err(ApiError::Unsupported(format!("{ct}: use {}", accept.join(" or "))));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+}
+
+/// The object named `name` from a request body (the name comes from the path).
+fn object<T: serde::de::DeserializeOwned>(name: &str, mut v: Value) -> Result<T, ApiError> {
+    let Value::Object(map) = &mut v else { return Err(ApiError::BadRequest("body: expected a JSON object".into())) };
+    match map.get("name") {
+        Some(Value::String(n)) if n != name => {
+            return Err(ApiError::BadRequest(format!("body: name {n:?} differs from the path's {name:?}")));
+        }
+        _ => {}
+    }
+    map.insert("name".into(), Value::String(name.into()));
+    serde_json::from_value(v).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+}
+
+/// RFC 7396 JSON Merge Patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+fn actor(headers: &axum::http::Extensions) -> &'static str {
+    headers.get::<Actor>().map_or("unknown", |a| a.0)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    selector: Option<String>,
+}
+
+async fn list_assets(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Result<Json<Vec<AssetSpec>>, ApiError> {
+    let app = s.app.lock().await;
+    let Some(text) = q.selector else { return Ok(Json(app.doc.assets.clone())) };
+    let sel = Selector::parse(&text).map_err(|e| ApiError::BadRequest(format!("selector: {e}")))?;
+    let matching = app.enforcer.policy().assets.iter().filter(|a| sel.matches(&a.tags)).map(|a| a.name.as_str()).collect::<Vec<_>>();
+    Ok(Json(app.doc.assets.iter().filter(|a| matching.contains(&a.name.as_str())).cloned().collect()))
+}
+
+fn find<'a, T>(list: &'a [T], name: &str, of: impl Fn(&T) -> &str, kind: &str) -> Result<&'a T, ApiError> {
+    list.iter().find(|x| of(x) == name).ok_or_else(|| ApiError::NotFound(format!("no {kind} {name:?}")))
+}
+
+async fn get_asset(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<AssetSpec>, ApiError> {
+    let app = s.app.lock().await;
+    Ok(Json(find(&app.doc.assets, &name, |a| &a.name, "asset")?.clone()))
+}
+
+fn upsert<T: Clone>(list: &mut Vec<T>, item: T, of: impl Fn(&T) -> &str) {
+    match list.iter().position(|x| of(x) == of(&item)) {
+        Some(i) => list[i] = item,
+        None => list.push(item),
+    }
+}
+
+async fn put_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let spec: AssetSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
+    let mut app = s.app.lock().await;
+    let mut doc = app.doc.clone();
+    upsert(&mut doc.assets, spec.clone(), |a| &a.name);
+    app.change(doc, actor(&ext), "put asset", false)?;
+    Ok(Json(spec).into_response())
+}
+
+async fn patch_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let patch = body_json(&headers, &body, &["application/merge-patch+json", "application/json"])?;
+    let mut app = s.app.lock().await;
+    let current = find(&app.doc.assets, &name, |a| &a.name, "asset")?.clone();
+    let mut v = serde_json::to_value(&current).map_err(|e| ApiError::Internal(e.to_string()))?;
+    merge_patch(&mut v, &patch);
+    let spec: AssetSpec = object(&name, v)?;
+    let mut doc = app.doc.clone();
+    upsert(&mut doc.assets, spec.clone(), |a| &a.name);
+    app.change(doc, actor(&ext), "patch asset", false)?;
+    Ok(Json(spec).into_response())
+}
+
+async fn delete_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions) -> Result<StatusCode, ApiError> {
+    let mut app = s.app.lock().await;
+    find(&app.doc.assets, &name, |a| &a.name, "asset")?;
+    let mut doc = app.doc.clone();
+    doc.assets.retain(|a| a.name != name);
+    app.change(doc, actor(&ext), "delete asset", false)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_segments(State(s): State<ApiState>) -> Json<Vec<SegmentSpec>> {
+    Json(s.app.lock().await.doc.segments.clone())
+}
+
+async fn get_segment(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<SegmentSpec>, ApiError> {
+    let app = s.app.lock().await;
+    Ok(Json(find(&app.doc.segments, &name, |x| &x.name, "segment")?.clone()))
+}
+
+async fn put_segment(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let spec: SegmentSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
+    let mut app = s.app.lock().await;
+    let mut doc = app.doc.clone();
+    upsert(&mut doc.segments, spec.clone(), |x| &x.name);
+    app.change(doc, actor(&ext), "put segment", false)?;
+    Ok(Json(spec).into_response())
+}
+
+async fn delete_segment(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions) -> Result<StatusCode, ApiError> {
+    let mut app = s.app.lock().await;
+    find(&app.doc.segments, &name, |x| &x.name, "segment")?;
+    let users: Vec<&str> = app.doc.rules.iter().filter(|r| r.from == name || r.to == name).map(|r| r.name.as_str()).collect();
+    if !users.is_empty() {
+        return Err(ApiError::Conflict(format!("segment {name:?} is used by rules {users:?}; delete or change them first")));
+    }
+    let mut doc = app.doc.clone();
+    doc.segments.retain(|x| x.name != name);
+    app.change(doc, actor(&ext), "delete segment", false)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn segment_members(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let app = s.app.lock().await;
+    let policy = app.enforcer.policy();
+    let seg = find(&policy.segments, &name, |x| &x.name, "segment")?;
+    let assets: Vec<Value> = policy
+        .assets
+        .iter()
+        .filter(|a| seg.selector.as_ref().is_some_and(|sel| sel.matches(&a.tags)))
+        .map(|a| json!({"name": a.name, "ips": a.prefixes.iter().map(ToString::to_string).collect::<Vec<_>>()}))
+        .collect();
+    let cidrs: Vec<String> = seg.cidrs.iter().map(ToString::to_string).collect();
+    Ok(Json(json!({"segment": name, "assets": assets, "cidrs": cidrs})))
+}
+
+async fn list_rules(State(s): State<ApiState>) -> Json<Vec<RuleSpec>> {
+    Json(s.app.lock().await.doc.rules.clone())
+}
+
+async fn get_rule(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<RuleSpec>, ApiError> {
+    let app = s.app.lock().await;
+    Ok(Json(find(&app.doc.rules, &name, |x| &x.name, "rule")?.clone()))
+}
+
+async fn put_rule(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let spec: RuleSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
+    let mut app = s.app.lock().await;
+    let mut doc = app.doc.clone();
+    upsert(&mut doc.rules, spec.clone(), |x| &x.name);
+    app.change(doc, actor(&ext), "put rule", false)?;
+    Ok(Json(spec).into_response())
+}
+
+async fn delete_rule(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions) -> Result<StatusCode, ApiError> {
+    let mut app = s.app.lock().await;
+    find(&app.doc.rules, &name, |x| &x.name, "rule")?;
+    let mut doc = app.doc.clone();
+    doc.rules.retain(|x| x.name != name);
+    app.change(doc, actor(&ext), "delete rule", false)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct ApplyQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn apply(State(s): State<ApiState>, Query(q): Query<ApplyQuery>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+    let ct = ct.split(';').next().unwrap_or("").trim();
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
+    let doc = match ct {
+        "application/json" => serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?,
+        "application/yaml" | "application/x-yaml" | "text/yaml" => {
+            PolicyDocument::from_yaml(text, "body").map_err(|e| ApiError::BadRequest(e.to_string()))?
+        }
+        other => return Err(ApiError::Unsupported(format!("{other}: use application/json or application/yaml"))),
+    };
+    let mut app = s.app.lock().await;
+    let diff = app.change(doc, actor(&ext), "apply", q.dry_run)?;
+    let items: Vec<Value> = diff
+        .iter()
+        .map(|c| {
+            let op = match (&c.old, &c.new) {
+                (None, _) => "create",
+                (_, None) => "delete",
+                _ => "update",
+            };
+            json!({"op": op, "kind": c.kind, "name": c.name, "old": c.old, "new": c.new})
+        })
+        .collect();
+    Ok(Json(json!({"dry_run": q.dry_run, "changes": items})))
+}
+
+async fn status(State(s): State<ApiState>) -> Json<Value> {
+    let app = s.app.lock().await;
+    let dp = app.enforcer.dataplane();
+    let c = dp.applied();
+    let (h4, n4) = (c.v4.keys().filter(|n| n.prefix_len() == 32).count(), c.v4.keys().filter(|n| n.prefix_len() < 32).count());
+    let (h6, n6) = (c.v6.keys().filter(|n| n.prefix_len() == 128).count(), c.v6.keys().filter(|n| n.prefix_len() < 128).count());
+    let cap = app.enforcer.capacity();
+    let fill = |used: usize, max: usize| json!({"used": used, "capacity": max});
+    let interfaces: BTreeMap<String, &str> = dp.attachments().into_iter().collect();
+    Json(json!({
+        "epoch": dp.epoch(),
+        "last_apply": app.last_apply.map(|(t, ms)| json!({"at": t.to_rfc3339(), "duration_ms": ms})),
+        "interfaces": interfaces,
+        "objects": {"assets": app.doc.assets.len(), "segments": app.doc.segments.len(), "rules": app.doc.rules.len()},
+        "maps": {
+            "hosts_v4": fill(h4, cap.hosts_v4), "prefixes_v4": fill(n4, cap.prefixes_v4),
+            "hosts_v6": fill(h6, cap.hosts_v6), "prefixes_v6": fill(n6, cap.prefixes_v6),
+            "policy": fill(c.policy.len(), cap.policy), "rules": fill(c.rule_slots.len(), cap.rules),
+            "flows": dp.flow_count().unwrap_or(0),
+        },
+    }))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
+    let app = s.app.lock().await;
+    let rows = app.store.audit(q.limit.unwrap_or(100).min(10_000)).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(json!(rows)))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
+}

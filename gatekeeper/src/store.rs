@@ -1,0 +1,237 @@
+//! The embedded store (SQLite, WAL): the desired state (assets, segments, rules) and the audit
+//! log. Every change is one transaction with its audit rows: it is recorded whole or not at all.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::policy::{AssetSpec, PolicyDocument, RuleSpec, SegmentSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {error}")]
+    Sqlite { path: String, error: rusqlite::Error },
+    #[error("store {path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("store: object {kind}/{name} is corrupt: {error}")]
+    Corrupt { kind: String, name: String, error: String },
+}
+
+/// The kinds of objects the store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Asset,
+    Segment,
+    Rule,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Asset => "asset",
+            Self::Segment => "segment",
+            Self::Rule => "rule",
+        }
+    }
+}
+
+/// One object created, replaced or deleted (`None` on the missing side).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub kind: Kind,
+    pub name: String,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+}
+
+/// A row of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+}
+
+pub struct Store {
+    conn: rusqlite::Connection,
+    path: String,
+}
+
+/// Every object change between two documents, in document order.
+pub fn changes(old: &PolicyDocument, new: &PolicyDocument) -> Vec<Change> {
+    fn kind_changes<T: Serialize + PartialEq>(kind: Kind, old: &[T], new: &[T], name: impl Fn(&T) -> &str) -> Vec<Change> {
+        let find = |list: &[T], n: &str| list.iter().position(|x| name(x) == n);
+        let mut out = Vec::new();
+        for n in new {
+            match find(old, name(n)) {
+                Some(i) if old[i] == *n => {}
+                Some(i) => out.push(Change { kind, name: name(n).into(), old: serde_json::to_value(&old[i]).ok(), new: serde_json::to_value(n).ok() }),
+                None => out.push(Change { kind, name: name(n).into(), old: None, new: serde_json::to_value(n).ok() }),
+            }
+        }
+        for o in old {
+            if find(new, name(o)).is_none() {
+                out.push(Change { kind, name: name(o).into(), old: serde_json::to_value(o).ok(), new: None });
+            }
+        }
+        out
+    }
+    let mut out = kind_changes(Kind::Asset, &old.assets, &new.assets, |a: &AssetSpec| &a.name);
+    out.extend(kind_changes(Kind::Segment, &old.segments, &new.segments, |s: &SegmentSpec| &s.name));
+    out.extend(kind_changes(Kind::Rule, &old.rules, &new.rules, |r: &RuleSpec| &r.name));
+    out
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let p = path.display().to_string();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|error| StoreError::Io { path: p.clone(), error })?;
+        }
+        let sql = |error| StoreError::Sqlite { path: p.clone(), error };
+        let conn = rusqlite::Connection::open(path).map_err(sql)?;
+        // The store holds credentials' hashes and the audit log: owner only.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS objects (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 kind TEXT NOT NULL,
+                 name TEXT NOT NULL,
+                 spec TEXT NOT NULL,
+                 UNIQUE (kind, name));
+             CREATE TABLE IF NOT EXISTS audit (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 at TEXT NOT NULL,
+                 actor TEXT NOT NULL,
+                 action TEXT NOT NULL,
+                 kind TEXT, name TEXT, old TEXT, new TEXT);",
+        )
+        .map_err(sql)?;
+        Ok(Self { conn, path: p })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |error| StoreError::Sqlite { path: self.path.clone(), error }
+    }
+
+    /// The desired state, objects in the order they were first stored.
+    pub fn load(&self) -> Result<PolicyDocument, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT kind, name, spec FROM objects ORDER BY seq").map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .map_err(self.err())?;
+        let mut doc = PolicyDocument::default();
+        for row in rows {
+            let (kind, name, spec) = row.map_err(self.err())?;
+            let corrupt = |error: serde_json::Error| StoreError::Corrupt { kind: kind.clone(), name: name.clone(), error: error.to_string() };
+            match kind.as_str() {
+                "asset" => doc.assets.push(serde_json::from_str(&spec).map_err(corrupt)?),
+                "segment" => doc.segments.push(serde_json::from_str(&spec).map_err(corrupt)?),
+                "rule" => doc.rules.push(serde_json::from_str(&spec).map_err(corrupt)?),
+                _ => return Err(StoreError::Corrupt { kind, name, error: "unknown kind".into() }),
+            }
+        }
+        Ok(doc)
+    }
+
+    /// Records `changes` and their audit rows in one transaction.
+    pub fn commit(&mut self, changes: &[Change], actor: &str, action: &str) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |error| StoreError::Sqlite { path: path.clone(), error };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let at = chrono::Utc::now().to_rfc3339();
+        for c in changes {
+            match &c.new {
+                Some(v) => tx
+                    .execute(
+                        "INSERT INTO objects (kind, name, spec) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (kind, name) DO UPDATE SET spec = excluded.spec",
+                        (c.kind.as_str(), &c.name, v.to_string()),
+                    )
+                    .map_err(sql)?,
+                None => tx.execute("DELETE FROM objects WHERE kind = ?1 AND name = ?2", (c.kind.as_str(), &c.name)).map_err(sql)?,
+            };
+            tx.execute(
+                "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                (&at, actor, action, c.kind.as_str(), &c.name, c.old.as_ref().map(Value::to_string), c.new.as_ref().map(Value::to_string)),
+            )
+            .map_err(sql)?;
+        }
+        if changes.is_empty() {
+            tx.execute("INSERT INTO audit (at, actor, action) VALUES (?1, ?2, ?3)", (&at, actor, action)).map_err(sql)?;
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// The newest `limit` audit rows, newest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, at, actor, action, kind, name, old, new FROM audit ORDER BY id DESC LIMIT ?1")
+            .map_err(self.err())?;
+        let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    kind: r.get(4)?,
+                    name: r.get(5)?,
+                    old: json(r.get(6)?),
+                    new: json(r.get(7)?),
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(yaml: &str) -> PolicyDocument {
+        PolicyDocument::from_yaml(yaml, "t").unwrap()
+    }
+
+    #[test]
+    fn commits_survive_reopening_and_keep_order() {
+        let dir = std::env::temp_dir().join(format!("gk-store-{}", std::process::id()));
+        let path = dir.join("state.db");
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = doc("assets:\n  - {name: b, ips: [10.0.0.2]}\n  - {name: a, ips: [10.0.0.1], tags: {role: plc}}\nrules:\n  - {name: r2, from: any, to: any}\n  - {name: r1, from: any, to: any}\n");
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.commit(&changes(&PolicyDocument::default(), &a), "test", "apply").unwrap();
+        }
+        let mode = std::fs::metadata(&path).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap();
+        assert_eq!(mode, 0o600);
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.load().unwrap(), a, "same objects, same order");
+        let b = doc("assets:\n  - {name: b, ips: [10.0.0.2]}\n  - {name: a, ips: [10.0.0.1], tags: {role: hmi}}\nrules:\n  - {name: r2, from: any, to: any}\n");
+        let c = changes(&a, &b);
+        assert_eq!(c.len(), 2, "{c:?}");
+        s.commit(&c, "alice", "put").unwrap();
+        assert_eq!(s.load().unwrap(), b);
+        let audit = s.audit(10).unwrap();
+        assert_eq!(audit[0].actor, "alice");
+        assert_eq!(audit[0].name.as_deref(), Some("r1"));
+        assert!(audit[0].new.is_none() && audit[0].old.is_some());
+        assert_eq!(audit[1].new.as_ref().unwrap()["tags"]["role"], "hmi");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

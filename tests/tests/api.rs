@@ -1,0 +1,201 @@
+//! The REST API against a real store and a loaded data plane: every object kind, merge patch,
+//! dry runs, auth, and every error path changing nothing. Needs root (BPF).
+
+use std::sync::Arc;
+
+use gatekeeper::{
+    api::{ApiState, App, Tokens, router},
+    compile::Timeouts,
+    daemon::Enforcer,
+    maps::LoadOptions,
+    policy::PolicyDocument,
+    store::Store,
+};
+use gatekeeper_tests::packet::{Frame, L4};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "admin-token-0123456789";
+const READER: &str = "reader-token-0123456789";
+
+struct Server {
+    base: String,
+    app: Arc<tokio::sync::Mutex<App>>,
+    agent: ureq::Agent,
+    store_path: std::path::PathBuf,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Server {
+    fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("gk-api-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store_path = dir.join("state.db");
+        let store = Store::open(&store_path).unwrap();
+        let enforcer = Enforcer::with_options(LoadOptions::default(), Timeouts::default()).expect("load XDP program (root)");
+        let app = Arc::new(tokio::sync::Mutex::new(App { enforcer, store, doc: PolicyDocument::default(), last_apply: None }));
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
+        let tokens = Tokens { admin: Some(ADMIN.into()), reader: Some(READER.into()) };
+        let r = router(ApiState { app: app.clone(), tokens: Arc::new(tokens) });
+        rt.spawn(async move { axum::serve(listener, r).await });
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        Self { base, app, agent, store_path, _rt: rt }
+    }
+
+    fn call(&self, method: &str, path: &str, token: Option<&str>, ct: &str, body: Option<&str>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        macro_rules! go {
+            ($req:expr) => {{
+                let mut req = $req;
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req
+            }};
+        }
+        let resp = match (method, body) {
+            ("GET", _) => go!(self.agent.get(&url)).call(),
+            ("DELETE", _) => go!(self.agent.delete(&url)).call(),
+            ("PUT", Some(b)) => go!(self.agent.put(&url)).content_type(ct).send(b),
+            ("PATCH", Some(b)) => go!(self.agent.patch(&url)).content_type(ct).send(b),
+            ("POST", Some(b)) => go!(self.agent.post(&url)).content_type(ct).send(b),
+            _ => panic!("bad call"),
+        };
+        let mut resp = resp.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let b = body.map(|b| b.to_string());
+        self.call(method, path, Some(ADMIN), "application/json", b.as_deref())
+    }
+
+    /// The data plane's verdict (1 drop, 2 pass) on a TCP SYN.
+    fn verdict(&self, src: &str, dst: &str, dport: u16) -> u32 {
+        let f = Frame::new(src.parse().unwrap(), dst.parse().unwrap(), L4::Tcp { sport: 40000, dport }).build();
+        let app = self.app.blocking_lock();
+        let dp = app.enforcer.dataplane();
+        
+        dp.test_run(&f).unwrap()
+    }
+
+    fn audit_len(&self) -> usize {
+        self.admin("GET", "/audit?limit=1000", None).1.as_array().map_or(0, Vec::len)
+    }
+}
+
+fn seed(s: &Server) {
+    for (name, ip, role) in [("hmi-1", "10.0.0.1", "hmi"), ("plc-1", "10.0.0.11", "plc"), ("eng-1", "10.0.0.2", "eng")] {
+        let (st, _) = s.admin("PUT", &format!("/assets/{name}"), Some(json!({"ips": [ip], "tags": {"role": role}})));
+        assert_eq!(st, 200, "PUT asset {name}");
+    }
+    assert_eq!(s.admin("PUT", "/segments/hmi", Some(json!({"selector": "role=hmi", "mode": "label"}))).0, 200);
+    assert_eq!(s.admin("PUT", "/segments/plc", Some(json!({"selector": "role=plc", "mode": "enforce"}))).0, 200);
+    assert_eq!(s.admin("PUT", "/rules/modbus", Some(json!({"from": "hmi", "to": "plc", "protocol": "tcp", "ports": [502]}))).0, 200);
+}
+
+#[test]
+fn objects_go_through_the_api_into_the_data_plane() {
+    let s = Server::start("objects");
+    seed(&s);
+    assert_eq!(s.verdict("10.0.0.1", "10.0.0.11", 502), 2, "hmi -> plc modbus allowed");
+    assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 1, "eng -> plc denied");
+
+    let (st, list) = s.admin("GET", "/assets?selector=role%20in%20(plc,eng)", None);
+    assert_eq!(st, 200);
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["plc-1", "eng-1"]);
+    let (st, a) = s.admin("GET", "/assets/plc-1", None);
+    assert_eq!((st, a["ips"][0].as_str()), (200, Some("10.0.0.11")));
+    let (st, m) = s.admin("GET", "/segments/plc/members", None);
+    assert_eq!((st, m["assets"][0]["name"].as_str()), (200, Some("plc-1")));
+
+    // Merge patch: set one tag, remove another; the data plane follows.
+    let patch = r#"{"tags": {"role": "hmi", "site": null}}"#;
+    let (st, a) = s.call("PATCH", "/assets/eng-1", Some(ADMIN), "application/merge-patch+json", Some(patch));
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(a["tags"], json!({"role": "hmi"}));
+    assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 2, "eng-1 tagged hmi is allowed");
+    let (st, _) = s.call("PATCH", "/assets/eng-1", Some(ADMIN), "application/json", Some(r#"{"tags": {"role": null}}"#));
+    assert_eq!(st, 200);
+    assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 1, "untagged again: denied");
+
+    // Dry run: the diff, nothing applied.
+    let doc = "assets:\n  - {name: plc-1, ips: [10.0.0.11], tags: {role: plc}}\nsegments:\n  - {name: plc, selector: role=plc}\n";
+    let before = s.audit_len();
+    let (st, d) = s.call("POST", "/apply?dry_run=true", Some(ADMIN), "application/yaml", Some(doc));
+    assert_eq!(st, 200, "{d}");
+    let ops: Vec<(String, String)> = d["changes"].as_array().unwrap().iter().map(|c| (c["op"].as_str().unwrap().into(), c["name"].as_str().unwrap().into())).collect();
+    assert!(ops.contains(&("delete".into(), "modbus".into())) && ops.contains(&("delete".into(), "hmi-1".into())), "{ops:?}");
+    assert_eq!(s.audit_len(), before, "a dry run records nothing");
+    assert_eq!(s.verdict("10.0.0.1", "10.0.0.11", 502), 2, "a dry run applies nothing");
+    // The real apply replaces the state.
+    let (st, _) = s.call("POST", "/apply", Some(ADMIN), "application/yaml", Some(doc));
+    assert_eq!(st, 200);
+    assert_eq!(s.verdict("10.0.0.1", "10.0.0.11", 502), 1, "modbus rule gone");
+    assert_eq!(s.admin("GET", "/rules", None).1, json!([]));
+
+    let (st, status) = s.admin("GET", "/status", None);
+    assert_eq!(st, 200);
+    assert_eq!(status["objects"], json!({"assets": 1, "segments": 1, "rules": 0}));
+    assert!(status["epoch"].as_u64().unwrap() >= 8, "{status}");
+    let audit = s.admin("GET", "/audit", None).1;
+    assert_eq!(audit[0]["actor"], "admin");
+    assert_eq!(audit[0]["action"], "apply");
+
+    // The store holds exactly the state, across a reopen.
+    let stored = Store::open(&s.store_path).unwrap().load().unwrap();
+    assert_eq!(stored, s.app.blocking_lock().doc);
+}
+
+#[test]
+fn refused_requests_change_nothing() {
+    let s = Server::start("refused");
+    seed(&s);
+    let before_audit = s.audit_len();
+    let before_rules = s.admin("GET", "/rules", None).1;
+    let epoch = s.admin("GET", "/status", None).1["epoch"].clone();
+
+    // Auth.
+    assert_eq!(s.call("GET", "/assets", None, "", None).0, 401);
+    assert_eq!(s.call("GET", "/assets", Some("wrong-token-0123456789"), "", None).0, 401);
+    assert_eq!(s.call("GET", "/assets", Some(READER), "", None).0, 200);
+    let (st, p) = s.call("PUT", "/assets/x", Some(READER), "application/json", Some(r#"{"ips": ["10.0.0.9"]}"#));
+    assert_eq!(st, 403, "{p}");
+    assert_eq!(p["status"], 403);
+
+    // Validation: precise, nothing applied.
+    let (st, p) = s.admin("PUT", "/rules/bad", Some(json!({"from": "nope", "to": "plc"})));
+    assert_eq!(st, 422, "{p}");
+    assert_eq!(p["errors"][0], json!({"entry": "rules[1] \"bad\"", "field": "from", "reason": "unknown segment \"nope\""}));
+    let (st, p) = s.admin("PUT", "/assets/x", Some(json!({"ips": ["10.0.0.300"]})));
+    assert_eq!((st, p["errors"][0]["field"].as_str()), (422, Some("ips")));
+    let (st, p) = s.admin("PUT", "/segments/s", Some(json!({"selector": "role in (x"})));
+    assert_eq!((st, p["errors"][0]["field"].as_str()), (422, Some("selector")));
+    let (st, p) = s.admin("PUT", "/assets/x", Some(json!({"ips": ["10.0.0.9"], "tagz": {}})));
+    assert!(st == 400 && p["detail"].as_str().unwrap().contains("unknown field `tagz`"), "{st} {p}");
+    let (st, _) = s.call("PUT", "/assets/x", Some(ADMIN), "application/json", Some("{not json"));
+    assert_eq!(st, 400);
+    let (st, _) = s.call("PUT", "/assets/x", Some(ADMIN), "text/plain", Some("{}"));
+    assert_eq!(st, 415);
+    let (st, _) = s.admin("PUT", "/assets/x", Some(json!({"name": "y", "ips": []})));
+    assert_eq!(st, 400, "name in the body must match the path");
+    assert_eq!(s.admin("GET", "/assets/nope", None).0, 404);
+    assert_eq!(s.admin("DELETE", "/rules/nope", None).0, 404);
+    let (st, p) = s.admin("DELETE", "/segments/plc", None);
+    assert!(st == 409 && p["detail"].as_str().unwrap().contains("modbus"), "{st} {p}");
+
+    assert_eq!(s.audit_len(), before_audit, "refused requests are not in the audit log");
+    assert_eq!(s.admin("GET", "/rules", None).1, before_rules);
+    assert_eq!(s.admin("GET", "/status", None).1["epoch"], epoch, "the data plane did not move");
+    assert_eq!(s.verdict("10.0.0.1", "10.0.0.11", 502), 2);
+
+    // The OpenAPI document is served and names the endpoints.
+    let (st, doc) = s.call("GET", "/openapi.json", None, "", None);
+    assert_eq!(st, 200);
+    assert!(doc["paths"]["/api/v1/assets/{name}"]["patch"].is_object());
+}
