@@ -16,3 +16,4 @@ pub mod config;
 pub mod daemon;
 pub mod store;
 pub mod api;
+pub mod cli;

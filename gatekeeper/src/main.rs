@@ -12,13 +12,15 @@ use gatekeeper::{
 #[derive(Parser)]
 #[command(name = "gatekeeper", version, about = "Agentless microsegmentation gatekeeper for OT networks")]
 struct Cli {
+    #[command(flatten)]
+    connection: gatekeeper::cli::Connection,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach to the bridge ports and enforce the policy (SIGHUP reloads, SIGTERM detaches).
+    /// Attach to the bridge ports and enforce the policy (SIGHUP reloads; SIGTERM stops, enforcement stays).
     Run {
         #[arg(long, short, default_value = "/etc/gatekeeper/gatekeeper.toml")]
         config: PathBuf,
@@ -36,6 +38,8 @@ enum Command {
     },
     /// Validate a policy file without touching the data plane.
     Check { file: PathBuf },
+    #[command(flatten)]
+    Client(gatekeeper::cli::ClientCommand),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Client(cmd) => return gatekeeper::cli::run(&cli.connection, cmd),
         Command::Run { config, detach_on_exit } => run(config, detach_on_exit),
         Command::Detach { config, pin_dir } => detach(config, pin_dir),
         Command::Check { file } => check(file),

@@ -360,3 +360,73 @@ fn incompatible_pins_are_replaced_cleanly() {
     daemon.stop().unwrap();
     lab.detach(&bin).unwrap();
 }
+
+/// Runs the gatekeeper CLI inside the appliance namespace (where the API listens).
+fn cli(lab: &Lab, token: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", lab.appliance))
+        .arg("--")
+        .arg(gatekeeper_bin().unwrap())
+        .args(["--api", "http://127.0.0.1:8080", "--token-file"])
+        .arg(token)
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn api_and_cli_drive_the_data_plane_with_real_traffic() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = setup();
+    let lab = &s.lab;
+    let (admin, reader) = (lab.dir.join("admin.token"), lab.dir.join("reader.token"));
+    for (p, t) in [(&admin, "admin-secret-token-0001"), (&reader, "reader-secret-token-0001")] {
+        std::fs::write(p, t).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let extra = format!("\n[api]\nlisten = \"127.0.0.1:8080\"\nadmin_token_file = {:?}\nreader_token_file = {:?}\n", admin.display().to_string(), reader.display().to_string());
+    let daemon = lab.start_daemon_with(&gatekeeper_bin().unwrap(), &policy("{}"), &extra).unwrap();
+    assert!(daemon.log().contains("API listening"), "{}", daemon.log());
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, SHORT), Reach::Silent);
+
+    // A tag through the CLI (a merge patch) opens Modbus for real traffic.
+    let (code, out, err) = cli(lab, &admin, &["tag", "hmi-1", "role=hmi"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, LONG), Reach::Echoed, "PATCH did not open the flow");
+    let mut session = lab.host("hmi").connect(lab.host("plc1").addr(true), 502, LONG).unwrap().expect("v6 session");
+    assert!(echo(&mut session, b"x\n", LONG));
+    let (code, out, _) = cli(lab, &admin, &["get", "assets", "-o", "json"]);
+    assert_eq!(code, 0);
+    let assets: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(assets[0]["tags"]["role"], "hmi");
+
+    // A reader token cannot write; nothing changes.
+    let (code, _, err) = cli(lab, &reader, &["untag", "hmi-1", "role"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("403"), "{err}");
+    assert!(echo(&mut session, b"y\n", LONG));
+    let (code, out, _) = cli(lab, &reader, &["get", "rules"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("hmi-modbus") && out.starts_with("NAME"), "{out}");
+
+    // Untag: the open session is cut at once.
+    let (code, _, err) = cli(lab, &admin, &["untag", "hmi-1", "role"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!echo(&mut session, b"z\n", SHORT), "session survived the untag");
+
+    // A refused apply: exit 1, the problems listed, nothing changed.
+    let bad = lab.dir.join("bad.yaml");
+    std::fs::write(&bad, "rules:\n  - {name: r, from: nowhere, to: plc}\n").unwrap();
+    let (code, _, err) = cli(lab, &admin, &["apply", "-f", &bad.display().to_string()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("422") && err.contains("unknown segment \"nowhere\""), "{err}");
+    let (code, out, _) = cli(lab, &admin, &["status"]);
+    assert!(code == 0 && out.contains("epoch") && out.contains("p-plc1"), "{out}");
+    let (code, out, _) = cli(lab, &admin, &["audit"]);
+    assert!(code == 0 && out.contains("patch asset") && out.contains("admin"), "{out}");
+    // Nothing listening: exit 3.
+    let out = std::process::Command::new(gatekeeper_bin().unwrap()).args(["--api", "http://127.0.0.1:9", "status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    daemon.stop().unwrap();
+}

@@ -1,0 +1,278 @@
+//! The command-line client of the REST API: `gatekeeper status|apply|get|tag|untag|audit`.
+//!
+//! Human tables by default, JSON with `-o json`. Exit codes: 0 done, 1 refused by the API (the
+//! problem is printed on stderr), 3 the API could not be reached or failed.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+#[derive(Args, Debug, Clone)]
+pub struct Connection {
+    /// Base URL of the gatekeeper API.
+    #[arg(long, global = true, env = "GATEKEEPER_API", default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// File holding the bearer token.
+    #[arg(long, global = true, env = "GATEKEEPER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Policy epoch, last apply, interfaces, object counts, map fill levels.
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Replace the declarative state with a policy document (YAML or JSON).
+    Apply {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// Show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// List assets, segments or rules.
+    Get {
+        #[arg(value_parser = ["assets", "segments", "rules"])]
+        kind: String,
+        /// Only assets matching this selector.
+        #[arg(long)]
+        selector: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Set tags on an asset: `gatekeeper tag plc-1 role=plc site=plant-1`.
+    Tag {
+        asset: String,
+        #[arg(required = true)]
+        tags: Vec<String>,
+    },
+    /// Remove tags from an asset: `gatekeeper untag plc-1 quarantine`.
+    Untag {
+        asset: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// The audit log, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+enum Failure {
+    Refused(String),
+    Unreachable(String),
+}
+
+struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn new(c: &Connection) -> Result<Self, Failure> {
+        let token = match &c.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| Failure::Unreachable(format!("token file {}: {e}", p.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        Ok(Self { base: format!("{}/api/v1", c.api.trim_end_matches('/')), token, agent })
+    }
+
+    fn send(&self, method: &str, path: &str, ct: &str, body: Option<String>) -> Result<Value, Failure> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        macro_rules! with_auth {
+            ($r:expr) => {{
+                let mut r = $r;
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r
+            }};
+        }
+        let result = match (method, body) {
+            ("GET", _) => with_auth!(self.agent.get(&url)).call(),
+            ("PATCH", Some(b)) => with_auth!(self.agent.patch(&url)).content_type(ct).send(b),
+            ("POST", Some(b)) => with_auth!(self.agent.post(&url)).content_type(ct).send(b),
+            _ => return Err(Failure::Unreachable("internal: bad request shape".into())),
+        };
+        let mut resp = result.map_err(|e| Failure::Unreachable(format!("{url}: {e}")))?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().map_err(|e| Failure::Unreachable(format!("{url}: {e}")))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        match status {
+            200..=299 => Ok(value),
+            400..=499 => {
+                let mut msg = format!("{status} {}: {}", value["title"].as_str().unwrap_or(""), value["detail"].as_str().unwrap_or(""));
+                for e in value["errors"].as_array().into_iter().flatten() {
+                    msg += &format!("\n  {}: {}: {}", e["entry"].as_str().unwrap_or(""), e["field"].as_str().unwrap_or(""), e["reason"].as_str().unwrap_or(""));
+                }
+                Err(Failure::Refused(msg))
+            }
+            _ => Err(Failure::Unreachable(format!("{status}: {}", value["detail"].as_str().unwrap_or(&value.to_string())))),
+        }
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string();
+    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(","),
+        Value::Object(o) => o.iter().map(|(k, v)| format!("{k}={}", s(v))).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn print(output: Output, value: &Value, human: impl FnOnce(&Value) -> String) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+        Output::Table => println!("{}", human(value)),
+    }
+}
+
+fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
+    let c = Client::new(conn)?;
+    match cmd {
+        ClientCommand::Status { output } => {
+            let v = c.send("GET", "/status", "", None)?;
+            print(output, &v, |v| {
+                let maps = v["maps"].as_object().map(|m| {
+                    m.iter()
+                        .map(|(k, x)| if x.is_object() { format!("{k} {}/{}", x["used"], x["capacity"]) } else { format!("{k} {x}") })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                });
+                format!(
+                    "epoch        {}\nlast apply   {} ({} ms)\ninterfaces   {}\nobjects      {}\nmaps         {}",
+                    v["epoch"],
+                    s(&v["last_apply"]["at"]),
+                    v["last_apply"]["duration_ms"].as_f64().map_or(String::new(), |m| format!("{m:.1}")),
+                    s(&v["interfaces"]),
+                    s(&v["objects"]),
+                    maps.unwrap_or_default()
+                )
+            });
+        }
+        ClientCommand::Apply { file, dry_run, output } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| Failure::Refused(format!("{}: {e}", file.display())))?;
+            let ct = if file.extension().is_some_and(|e| e == "json") { "application/json" } else { "application/yaml" };
+            let path = if dry_run { "/apply?dry_run=true" } else { "/apply" };
+            let v = c.send("POST", path, ct, Some(text))?;
+            print(output, &v, |v| {
+                let rows: Vec<Vec<String>> = v["changes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|ch| vec![s(&ch["op"]), s(&ch["kind"]), s(&ch["name"])])
+                    .collect();
+                let n = rows.len();
+                let verb = if dry_run { "would change" } else { "changed" };
+                if n == 0 { "no changes".into() } else { format!("{}\n{n} object(s) {verb}", table(&["OP", "KIND", "NAME"], rows)) }
+            });
+        }
+        ClientCommand::Get { kind, selector, output } => {
+            let path = match &selector {
+                Some(sel) if kind == "assets" => format!("/assets?selector={}", urlencode(sel)),
+                Some(_) => return Err(Failure::Refused("--selector only applies to assets".into())),
+                None => format!("/{kind}"),
+            };
+            let v = c.send("GET", &path, "", None)?;
+            print(output, &v, |v| {
+                let items = v.as_array().cloned().unwrap_or_default();
+                match kind.as_str() {
+                    "assets" => table(&["NAME", "IPS", "TAGS"], items.iter().map(|a| vec![s(&a["name"]), s(&a["ips"]), s(&a["tags"])]).collect()),
+                    "segments" => table(
+                        &["NAME", "SELECTOR", "CIDRS", "MODE"],
+                        items.iter().map(|x| vec![s(&x["name"]), s(&x["selector"]), s(&x["cidrs"]), s(&x["mode"])]).collect(),
+                    ),
+                    _ => table(
+                        &["NAME", "FROM", "TO", "PROTOCOL", "PORTS", "ACTION", "EXPIRES"],
+                        items
+                            .iter()
+                            .map(|r| vec![s(&r["name"]), s(&r["from"]), s(&r["to"]), s(&r["protocol"]), s(&r["ports"]), s(&r["action"]), s(&r["expires"])])
+                            .collect(),
+                    ),
+                }
+            });
+        }
+        ClientCommand::Tag { asset, tags } => {
+            let mut map = serde_json::Map::new();
+            for t in &tags {
+                let (k, v) = t.split_once('=').ok_or_else(|| Failure::Refused(format!("{t:?}: write tags as key=value")))?;
+                map.insert(k.into(), Value::String(v.into()));
+            }
+            c.send("PATCH", &format!("/assets/{}", urlencode(&asset)), "application/merge-patch+json", Some(json!({"tags": map}).to_string()))?;
+            println!("tagged {asset}: {}", tags.join(" "));
+        }
+        ClientCommand::Untag { asset, keys } => {
+            let map: serde_json::Map<String, Value> = keys.iter().map(|k| (k.clone(), Value::Null)).collect();
+            c.send("PATCH", &format!("/assets/{}", urlencode(&asset)), "application/merge-patch+json", Some(json!({"tags": map}).to_string()))?;
+            println!("untagged {asset}: {}", keys.join(" "));
+        }
+        ClientCommand::Audit { limit, output } => {
+            let v = c.send("GET", &format!("/audit?limit={limit}"), "", None)?;
+            print(output, &v, |v| {
+                table(
+                    &["ID", "AT", "ACTOR", "ACTION", "KIND", "NAME"],
+                    v.as_array().into_iter().flatten().map(|e| vec![s(&e["id"]), s(&e["at"]), s(&e["actor"]), s(&e["action"]), s(&e["kind"]), s(&e["name"])]).collect(),
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+/// Runs a client command; the exit code follows the module's table.
+pub fn run(conn: &Connection, cmd: ClientCommand) -> ExitCode {
+    match run_inner(conn, cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Unreachable(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(3)
+        }
+    }
+}
