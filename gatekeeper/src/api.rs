@@ -112,6 +112,61 @@ impl App {
     }
 }
 
+impl App {
+    /// One asset created, replaced (`Some`) or deleted (`None`): validated on its own and
+    /// compiled incrementally, so a tag edit costs the same at 10 or 100,000 assets.
+    pub fn change_asset(&mut self, name: &str, spec: Option<AssetSpec>, actor: &str, action: &str) -> Result<(), ApiError> {
+        let asset = match &spec {
+            None => None,
+            Some(spec) => {
+                let one = PolicyDocument { assets: vec![spec.clone()], ..Default::default() };
+                match one.validate("request") {
+                    Ok(mut p) => p.assets.pop(),
+                    Err(PolicyError::Invalid { problems, .. }) => return Err(ApiError::Invalid(problems)),
+                    Err(e) => return Err(ApiError::BadRequest(e.to_string())),
+                }
+            }
+        };
+        let position = self.doc.assets.iter().position(|a| a.name == name);
+        let old = position.map(|i| self.doc.assets[i].clone());
+        if old == spec {
+            return Ok(());
+        }
+        let change = Change {
+            kind: crate::store::Kind::Asset,
+            name: name.to_string(),
+            old: old.as_ref().and_then(|o| serde_json::to_value(o).ok()),
+            new: spec.as_ref().and_then(|n| serde_json::to_value(n).ok()),
+        };
+        let started = Instant::now();
+        self.enforcer.apply_asset(name, asset).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Err(e) = self.store.commit(std::slice::from_ref(&change), actor, action) {
+            // Not recorded, so not applied either: put the previous asset back.
+            let back = old.as_ref().map(|o| PolicyDocument { assets: vec![o.clone()], ..Default::default() }.validate("store"));
+            let back = match back {
+                None => Ok(None),
+                Some(Ok(mut p)) => Ok(p.assets.pop()),
+                Some(Err(e)) => Err(e.to_string()),
+            };
+            if let Err(err) = back.map_err(|e| e.to_string()).and_then(|a| self.enforcer.apply_asset(name, a).map_err(|e| e.to_string())) {
+                tracing::error!(error = %err, "could not restore the previous asset after a store failure");
+            }
+            return Err(ApiError::Internal(e.to_string()));
+        }
+        match (position, spec) {
+            (Some(i), Some(s)) => self.doc.assets[i] = s,
+            (Some(i), None) => {
+                self.doc.assets.remove(i);
+            }
+            (None, Some(s)) => self.doc.assets.push(s),
+            (None, None) => {}
+        }
+        self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
+        tracing::info!(actor, action, kind = "asset", name, "changed");
+        Ok(())
+    }
+}
+
 /// Bearer tokens read from the files named in the configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
@@ -253,9 +308,7 @@ fn upsert<T: Clone>(list: &mut Vec<T>, item: T, of: impl Fn(&T) -> &str) {
 async fn put_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let spec: AssetSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
     let mut app = s.app.lock().await;
-    let mut doc = app.doc.clone();
-    upsert(&mut doc.assets, spec.clone(), |a| &a.name);
-    app.change(doc, actor(&ext), "put asset", false)?;
+    app.change_asset(&name, Some(spec.clone()), actor(&ext), "put asset")?;
     Ok(Json(spec).into_response())
 }
 
@@ -266,18 +319,14 @@ async fn patch_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: a
     let mut v = serde_json::to_value(&current).map_err(|e| ApiError::Internal(e.to_string()))?;
     merge_patch(&mut v, &patch);
     let spec: AssetSpec = object(&name, v)?;
-    let mut doc = app.doc.clone();
-    upsert(&mut doc.assets, spec.clone(), |a| &a.name);
-    app.change(doc, actor(&ext), "patch asset", false)?;
+    app.change_asset(&name, Some(spec.clone()), actor(&ext), "patch asset")?;
     Ok(Json(spec).into_response())
 }
 
 async fn delete_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions) -> Result<StatusCode, ApiError> {
     let mut app = s.app.lock().await;
     find(&app.doc.assets, &name, |a| &a.name, "asset")?;
-    let mut doc = app.doc.clone();
-    doc.assets.retain(|a| a.name != name);
-    app.change(doc, actor(&ext), "delete asset", false)?;
+    app.change_asset(&name, None, actor(&ext), "delete asset")?;
     Ok(StatusCode::NO_CONTENT)
 }
 

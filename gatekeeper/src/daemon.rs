@@ -99,6 +99,39 @@ impl Enforcer {
         }
     }
 
+    /// Replaces (or with `None` removes) one asset of the policy in force and compiles only that
+    /// change: the path of a tag edit. On error the policy in force is unchanged.
+    pub fn apply_asset(&mut self, name: &str, asset: Option<crate::policy::Asset>) -> Result<ApplyReport, EnforceError> {
+        let position = self.policy.assets.iter().position(|a| a.name == name);
+        let previous = position.map(|i| self.policy.assets[i].clone());
+        match (position, asset) {
+            (Some(i), Some(a)) => self.policy.assets[i] = a,
+            (Some(i), None) => {
+                self.policy.assets.remove(i);
+            }
+            (None, Some(a)) => self.policy.assets.push(a),
+            (None, None) => {}
+        }
+        let result = self
+            .compiler
+            .update_assets(&self.policy, &[name], self.dataplane.applied(), Utc::now())
+            .map_err(EnforceError::from)
+            .and_then(|delta| self.dataplane.apply_delta(delta).map_err(EnforceError::from));
+        if result.is_err() {
+            // Put the asset back as it was; the compiler starts over from a full compile.
+            match (self.policy.assets.iter().position(|a| a.name == name), previous) {
+                (Some(i), Some(p)) => self.policy.assets[i] = p,
+                (Some(i), None) => {
+                    self.policy.assets.remove(i);
+                }
+                (None, Some(p)) => self.policy.assets.insert(position.unwrap_or(self.policy.assets.len()), p),
+                (None, None) => {}
+            }
+            self.compiler.reset();
+        }
+        result
+    }
+
     /// Compiles the policy in force again in full (a rule expired).
     pub fn refresh(&mut self) -> Result<ApplyReport, EnforceError> {
         let compiled = self.compiler.compile(&self.policy, Utc::now())?;

@@ -67,17 +67,18 @@ pub struct Store {
 /// Every object change between two documents, in document order.
 pub fn changes(old: &PolicyDocument, new: &PolicyDocument) -> Vec<Change> {
     fn kind_changes<T: Serialize + PartialEq>(kind: Kind, old: &[T], new: &[T], name: impl Fn(&T) -> &str) -> Vec<Change> {
-        let find = |list: &[T], n: &str| list.iter().position(|x| name(x) == n);
+        let old_by: std::collections::HashMap<&str, &T> = old.iter().map(|x| (name(x), x)).collect();
+        let new_names: std::collections::HashSet<&str> = new.iter().map(&name).collect();
         let mut out = Vec::new();
         for n in new {
-            match find(old, name(n)) {
-                Some(i) if old[i] == *n => {}
-                Some(i) => out.push(Change { kind, name: name(n).into(), old: serde_json::to_value(&old[i]).ok(), new: serde_json::to_value(n).ok() }),
+            match old_by.get(name(n)) {
+                Some(o) if *o == n => {}
+                Some(o) => out.push(Change { kind, name: name(n).into(), old: serde_json::to_value(o).ok(), new: serde_json::to_value(n).ok() }),
                 None => out.push(Change { kind, name: name(n).into(), old: None, new: serde_json::to_value(n).ok() }),
             }
         }
         for o in old {
-            if find(new, name(o)).is_none() {
+            if !new_names.contains(name(o)) {
                 out.push(Change { kind, name: name(o).into(), old: serde_json::to_value(o).ok(), new: None });
             }
         }
