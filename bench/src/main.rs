@@ -5,9 +5,11 @@
 //! 2. `bridge`: packets per second through a lab bridge with no filter, gatekeeper, and the
 //!    nftables equivalents, allowed and denied traffic, by rule count.
 //! 3. `control`: compiling and applying a full policy, and one tag change.
+//! 4. `api`: tag changes through the REST API: PATCH latency and changes per second.
 //!
 //! Every section runs interleaved rounds and reports min and median. Results go to
 //! `bench/results/` as JSON (and an SVG plot); `--compare OLD.json` prints the change.
+mod api;
 mod bridge;
 mod control;
 mod program;
@@ -92,6 +94,8 @@ pub struct Results {
     pub program: Vec<program::Cell>,
     pub bridge: Vec<bridge::Cell>,
     pub control: Option<control::Control>,
+    #[serde(default)]
+    pub api: Option<api::Api>,
 }
 
 pub fn progress(msg: &str) {
@@ -144,7 +148,7 @@ pub fn run(args: &Args) -> anyhow::Result<Results> {
     pin(cpu)?;
     let opts = if args.smoke { Options::smoke() } else { Options::full() };
     let want = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
-    let mut results = Results { machine: machine(cpu, cores), smoke: args.smoke, program: vec![], bridge: vec![], control: None };
+    let mut results = Results { machine: machine(cpu, cores), smoke: args.smoke, program: vec![], bridge: vec![], control: None, api: None };
     if want("program") {
         results.program = program::run(&opts)?;
     }
@@ -153,6 +157,9 @@ pub fn run(args: &Args) -> anyhow::Result<Results> {
     }
     if want("control") {
         results.control = Some(control::run(&opts)?);
+    }
+    if want("api") {
+        results.api = Some(api::run(&opts)?);
     }
     Ok(results)
 }

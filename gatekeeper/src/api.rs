@@ -112,58 +112,140 @@ impl App {
     }
 }
 
+/// One asset write waiting for the writer (see [`App::change_assets`]).
+pub struct AssetWrite {
+    pub name: String,
+    /// The new asset, or `None` to delete it.
+    pub spec: Option<AssetSpec>,
+    pub actor: &'static str,
+    pub action: &'static str,
+    pub reply: tokio::sync::oneshot::Sender<Result<(), ApiError>>,
+}
+
 impl App {
-    /// One asset created, replaced (`Some`) or deleted (`None`): validated on its own and
-    /// compiled incrementally, so a tag edit costs the same at 10 or 100,000 assets.
-    pub fn change_asset(&mut self, name: &str, spec: Option<AssetSpec>, actor: &str, action: &str) -> Result<(), ApiError> {
-        let asset = match &spec {
-            None => None,
-            Some(spec) => {
-                let one = PolicyDocument { assets: vec![spec.clone()], ..Default::default() };
-                match one.validate("request") {
+    /// Asset writes, each validated on its own, applied together: one incremental compile, one
+    /// data-plane apply and one store transaction for the whole batch (group commit), so the
+    /// fixed costs (the RCU grace period, the fsync) are paid once per batch. A write naming an
+    /// asset already in the batch starts a new batch, so writes apply in order.
+    pub fn change_assets(&mut self, writes: Vec<AssetWrite>) {
+        let mut batch: Vec<(AssetWrite, Option<crate::policy::Asset>)> = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for w in writes {
+            let asset = match &w.spec {
+                None => None,
+                Some(spec) => match (PolicyDocument { assets: vec![spec.clone()], ..Default::default() }).validate("request") {
                     Ok(mut p) => p.assets.pop(),
-                    Err(PolicyError::Invalid { problems, .. }) => return Err(ApiError::Invalid(problems)),
-                    Err(e) => return Err(ApiError::BadRequest(e.to_string())),
+                    Err(PolicyError::Invalid { problems, .. }) => {
+                        let _ = w.reply.send(Err(ApiError::Invalid(problems)));
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = w.reply.send(Err(ApiError::BadRequest(e.to_string())));
+                        continue;
+                    }
+                },
+            };
+            if !names.insert(w.name.clone()) {
+                self.apply_batch(std::mem::take(&mut batch));
+                names.clear();
+                names.insert(w.name.clone());
+            }
+            batch.push((w, asset));
+        }
+        self.apply_batch(batch);
+    }
+
+    fn apply_batch(&mut self, batch: Vec<(AssetWrite, Option<crate::policy::Asset>)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut work = Vec::new();
+        let mut changes = Vec::new();
+        for (w, asset) in batch {
+            let old = self.doc.assets.iter().find(|a| a.name == w.name).cloned();
+            if old == w.spec {
+                let _ = w.reply.send(Ok(()));
+                continue;
+            }
+            changes.push((
+                Change {
+                    kind: crate::store::Kind::Asset,
+                    name: w.name.clone(),
+                    old: old.as_ref().and_then(|o| serde_json::to_value(o).ok()),
+                    new: w.spec.as_ref().and_then(|n| serde_json::to_value(n).ok()),
+                },
+                w.actor,
+                w.action,
+            ));
+            work.push((w, asset, old));
+        }
+        if work.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = self
+            .enforcer
+            .apply_assets(work.iter().map(|(w, a, _)| (w.name.clone(), a.clone())).collect())
+            .map_err(|e| ApiError::Internal(e.to_string()))
+            .and_then(|_| {
+                self.store.commit_each(&changes, None).map_err(|e| {
+                    // Not recorded, so not applied either: put the previous assets back.
+                    let back: Vec<(String, Option<crate::policy::Asset>)> = work
+                        .iter()
+                        .map(|(w, _, old)| {
+                            let a = old.as_ref().and_then(|o| {
+                                (PolicyDocument { assets: vec![o.clone()], ..Default::default() }).validate("store").ok().and_then(|mut p| p.assets.pop())
+                            });
+                            (w.name.clone(), a)
+                        })
+                        .collect();
+                    if let Err(err) = self.enforcer.apply_assets(back) {
+                        tracing::error!(error = %err, "could not restore the previous assets after a store failure");
+                    }
+                    ApiError::Internal(e.to_string())
+                })
+            });
+        match result {
+            Ok(()) => {
+                for (w, _, _) in &work {
+                    // The document keeps its order (it is what users read back), so a removal
+                    // shifts; removals are rare next to tag edits.
+                    match (self.doc.assets.iter().position(|a| a.name == w.name), &w.spec) {
+                        (Some(i), Some(s)) => self.doc.assets[i] = s.clone(),
+                        (Some(i), None) => {
+                            self.doc.assets.remove(i);
+                        }
+                        (None, Some(s)) => self.doc.assets.push(s.clone()),
+                        (None, None) => {}
+                    }
+                }
+                self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
+                tracing::info!(assets = work.len(), "asset changes applied");
+                for (w, _, _) in work {
+                    let _ = w.reply.send(Ok(()));
                 }
             }
-        };
-        let position = self.doc.assets.iter().position(|a| a.name == name);
-        let old = position.map(|i| self.doc.assets[i].clone());
-        if old == spec {
-            return Ok(());
-        }
-        let change = Change {
-            kind: crate::store::Kind::Asset,
-            name: name.to_string(),
-            old: old.as_ref().and_then(|o| serde_json::to_value(o).ok()),
-            new: spec.as_ref().and_then(|n| serde_json::to_value(n).ok()),
-        };
-        let started = Instant::now();
-        self.enforcer.apply_asset(name, asset).map_err(|e| ApiError::Internal(e.to_string()))?;
-        if let Err(e) = self.store.commit(std::slice::from_ref(&change), actor, action) {
-            // Not recorded, so not applied either: put the previous asset back.
-            let back = old.as_ref().map(|o| PolicyDocument { assets: vec![o.clone()], ..Default::default() }.validate("store"));
-            let back = match back {
-                None => Ok(None),
-                Some(Ok(mut p)) => Ok(p.assets.pop()),
-                Some(Err(e)) => Err(e.to_string()),
-            };
-            if let Err(err) = back.map_err(|e| e.to_string()).and_then(|a| self.enforcer.apply_asset(name, a).map_err(|e| e.to_string())) {
-                tracing::error!(error = %err, "could not restore the previous asset after a store failure");
+            Err(e) => {
+                let msg = e.to_string();
+                for (w, _, _) in work {
+                    let _ = w.reply.send(Err(ApiError::Internal(msg.clone())));
+                }
             }
-            return Err(ApiError::Internal(e.to_string()));
         }
-        match (position, spec) {
-            (Some(i), Some(s)) => self.doc.assets[i] = s,
-            (Some(i), None) => {
-                self.doc.assets.remove(i);
+    }
+}
+
+/// Takes asset writes off the queue in batches and applies each batch at once.
+async fn writer(app: Arc<tokio::sync::Mutex<App>>, mut rx: tokio::sync::mpsc::Receiver<AssetWrite>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
             }
-            (None, Some(s)) => self.doc.assets.push(s),
-            (None, None) => {}
         }
-        self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
-        tracing::info!(actor, action, kind = "asset", name, "changed");
-        Ok(())
+        app.lock().await.change_assets(batch);
     }
 }
 
@@ -183,6 +265,23 @@ fn same(a: &str, b: &str) -> bool {
 pub struct ApiState {
     pub app: Arc<tokio::sync::Mutex<App>>,
     pub tokens: Arc<Tokens>,
+    writes: tokio::sync::mpsc::Sender<AssetWrite>,
+}
+
+impl ApiState {
+    /// Starts the asset writer; call inside a tokio runtime.
+    pub fn new(app: Arc<tokio::sync::Mutex<App>>, tokens: Tokens) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(8192);
+        tokio::spawn(writer(app.clone(), rx));
+        Self { app, tokens: Arc::new(tokens), writes: tx }
+    }
+
+    async fn write_asset(&self, name: &str, spec: Option<AssetSpec>, actor: &'static str, action: &'static str) -> Result<(), ApiError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let w = AssetWrite { name: name.to_string(), spec, actor, action, reply };
+        self.writes.send(w).await.map_err(|_| ApiError::Internal("the writer stopped".into()))?;
+        rx.await.map_err(|_| ApiError::Internal("the writer stopped".into()))?
+    }
 }
 
 /// Who made a request, for the audit log.
@@ -307,26 +406,26 @@ fn upsert<T: Clone>(list: &mut Vec<T>, item: T, of: impl Fn(&T) -> &str) {
 
 async fn put_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let spec: AssetSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    let mut app = s.app.lock().await;
-    app.change_asset(&name, Some(spec.clone()), actor(&ext), "put asset")?;
+    s.write_asset(&name, Some(spec.clone()), actor(&ext), "put asset").await?;
     Ok(Json(spec).into_response())
 }
 
 async fn patch_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let patch = body_json(&headers, &body, &["application/merge-patch+json", "application/json"])?;
-    let mut app = s.app.lock().await;
-    let current = find(&app.doc.assets, &name, |a| &a.name, "asset")?.clone();
+    let current = {
+        let app = s.app.lock().await;
+        find(&app.doc.assets, &name, |a| &a.name, "asset")?.clone()
+    };
     let mut v = serde_json::to_value(&current).map_err(|e| ApiError::Internal(e.to_string()))?;
     merge_patch(&mut v, &patch);
     let spec: AssetSpec = object(&name, v)?;
-    app.change_asset(&name, Some(spec.clone()), actor(&ext), "patch asset")?;
+    s.write_asset(&name, Some(spec.clone()), actor(&ext), "patch asset").await?;
     Ok(Json(spec).into_response())
 }
 
 async fn delete_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions) -> Result<StatusCode, ApiError> {
-    let mut app = s.app.lock().await;
-    find(&app.doc.assets, &name, |a| &a.name, "asset")?;
-    app.change_asset(&name, None, actor(&ext), "delete asset")?;
+    find(&s.app.lock().await.doc.assets, &name, |a| &a.name, "asset")?;
+    s.write_asset(&name, None, actor(&ext), "delete asset").await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -99,37 +99,46 @@ impl Enforcer {
         }
     }
 
-    /// Replaces (or with `None` removes) one asset of the policy in force and compiles only that
-    /// change: the path of a tag edit. On error the policy in force is unchanged.
-    pub fn apply_asset(&mut self, name: &str, asset: Option<crate::policy::Asset>) -> Result<ApplyReport, EnforceError> {
-        let position = self.policy.assets.iter().position(|a| a.name == name);
-        let previous = position.map(|i| self.policy.assets[i].clone());
-        match (position, asset) {
-            (Some(i), Some(a)) => self.policy.assets[i] = a,
-            (Some(i), None) => {
-                self.policy.assets.remove(i);
-            }
-            (None, Some(a)) => self.policy.assets.push(a),
-            (None, None) => {}
+    /// Replaces (or with `None` removes) assets of the policy in force, by name (each at most
+    /// once), and compiles only those changes: the path of tag edits. On error the policy in
+    /// force is unchanged.
+    pub fn apply_assets(&mut self, changes: Vec<(String, Option<crate::policy::Asset>)>) -> Result<ApplyReport, EnforceError> {
+        // Only the changed assets are saved for a rollback: cloning the whole list would make
+        // a tag edit cost as much as the policy is large.
+        let mut undo: Vec<(String, Option<crate::policy::Asset>)> = Vec::with_capacity(changes.len());
+        for (name, asset) in &changes {
+            let position = self.policy.assets.iter().position(|a| a.name == *name);
+            undo.push((name.clone(), position.map(|i| self.policy.assets[i].clone())));
+            Self::put_asset(&mut self.policy.assets, position, asset.clone());
         }
+        let names: Vec<&str> = changes.iter().map(|(n, _)| n.as_str()).collect();
         let result = self
             .compiler
-            .update_assets(&self.policy, &[name], self.dataplane.applied(), Utc::now())
+            .update_assets(&self.policy, &names, self.dataplane.applied(), Utc::now())
             .map_err(EnforceError::from)
             .and_then(|delta| self.dataplane.apply_delta(delta).map_err(EnforceError::from));
         if result.is_err() {
-            // Put the asset back as it was; the compiler starts over from a full compile.
-            match (self.policy.assets.iter().position(|a| a.name == name), previous) {
-                (Some(i), Some(p)) => self.policy.assets[i] = p,
-                (Some(i), None) => {
-                    self.policy.assets.remove(i);
-                }
-                (None, Some(p)) => self.policy.assets.insert(position.unwrap_or(self.policy.assets.len()), p),
-                (None, None) => {}
+            // Put the assets back as they were; the compiler starts over from a full compile.
+            for (name, previous) in undo.into_iter().rev() {
+                let position = self.policy.assets.iter().position(|a| a.name == name);
+                Self::put_asset(&mut self.policy.assets, position, previous);
             }
             self.compiler.reset();
         }
         result
+    }
+
+    /// Sets the asset at `position` (or appends it), or removes it with `None`. Order does not
+    /// matter to the compiler, so removal swaps the last asset in.
+    fn put_asset(assets: &mut Vec<crate::policy::Asset>, position: Option<usize>, asset: Option<crate::policy::Asset>) {
+        match (position, asset) {
+            (Some(i), Some(a)) => assets[i] = a,
+            (Some(i), None) => {
+                assets.swap_remove(i);
+            }
+            (None, Some(a)) => assets.push(a),
+            (None, None) => {}
+        }
     }
 
     /// Compiles the policy in force again in full (a rule expired).
@@ -234,7 +243,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&api.listen)
             .await
             .map_err(|e| anyhow::anyhow!("[api] listen {}: {e}", api.listen))?;
-        let router = crate::api::router(ApiState { app: app.clone(), tokens: Arc::new(tokens) });
+        let router = crate::api::router(ApiState::new(app.clone(), tokens));
         tracing::info!(listen = %api.listen, "API listening");
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {

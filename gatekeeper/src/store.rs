@@ -149,11 +149,21 @@ impl Store {
 
     /// Records `changes` and their audit rows in one transaction.
     pub fn commit(&mut self, changes: &[Change], actor: &str, action: &str) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return self.commit_each(&[], Some((actor, action)));
+        }
+        let each: Vec<(Change, &str, &str)> = changes.iter().map(|c| (c.clone(), actor, action)).collect();
+        self.commit_each(&each, None)
+    }
+
+    /// Records changes made by different requests, each with its own actor and action, in one
+    /// transaction (group commit). With no change, `empty` is recorded as an audit row alone.
+    pub fn commit_each(&mut self, changes: &[(Change, &str, &str)], empty: Option<(&str, &str)>) -> Result<(), StoreError> {
         let path = self.path.clone();
         let sql = |error| StoreError::Sqlite { path: path.clone(), error };
         let tx = self.conn.transaction().map_err(sql)?;
         let at = chrono::Utc::now().to_rfc3339();
-        for c in changes {
+        for (c, actor, action) in changes {
             match &c.new {
                 Some(v) => tx
                     .execute(
@@ -170,7 +180,7 @@ impl Store {
             )
             .map_err(sql)?;
         }
-        if changes.is_empty() {
+        if let (true, Some((actor, action))) = (changes.is_empty(), empty) {
             tx.execute("INSERT INTO audit (at, actor, action) VALUES (?1, ?2, ?3)", (&at, actor, action)).map_err(sql)?;
         }
         tx.commit().map_err(sql)

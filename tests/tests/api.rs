@@ -37,7 +37,11 @@ impl Server {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
         let tokens = Tokens { admin: Some(ADMIN.into()), reader: Some(READER.into()) };
-        let r = router(ApiState { app: app.clone(), tokens: Arc::new(tokens) });
+        let state = {
+            let _runtime = rt.enter();
+            ApiState::new(app.clone(), tokens)
+        };
+        let r = router(state);
         rt.spawn(async move { axum::serve(listener, r).await });
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         Self { base, app, agent, store_path, _rt: rt }

@@ -1,0 +1,143 @@
+//! Section 4: live membership through the REST API: PATCH latency (the response comes after the
+//! change is enforced and recorded) and tag changes per second, at full policy size.
+
+use std::{sync::Arc, time::Instant};
+
+use gatekeeper::{
+    api::{ApiState, App, Tokens, router},
+    compile::Timeouts,
+    daemon::Enforcer,
+    maps::LoadOptions,
+    policy::{AssetSpec, PolicyDocument, RuleSpec, Scalar, SegmentSpec},
+    store::Store,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{Options, progress, synth};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Api {
+    pub assets: usize,
+    pub segments: usize,
+    pub rules: usize,
+    /// Sequential PATCHes: round-trip ms, p50 and p99.
+    pub patch_ms_p50: f64,
+    pub patch_ms_p99: f64,
+    pub patches: usize,
+    /// Concurrent clients: tag changes per second.
+    pub clients: usize,
+    pub changes_per_sec: f64,
+}
+
+const TOKEN: &str = "bench-admin-token-000000";
+
+fn document(assets: usize, segments: usize, rules: usize) -> PolicyDocument {
+    // The synthetic policy as a document, so it goes through the API's own path.
+    let p = synth::policy(assets, segments, rules);
+    PolicyDocument {
+        assets: p
+            .assets
+            .iter()
+            .map(|a| AssetSpec {
+                name: a.name.clone(),
+                ips: a.prefixes.iter().map(|n| n.addr().to_string()).collect(),
+                tags: a.tags.iter().map(|(k, v)| (k.clone(), Scalar::Str(v.clone()))).collect(),
+                description: None,
+            })
+            .collect(),
+        segments: p
+            .segments
+            .iter()
+            .map(|s| SegmentSpec { name: s.name.clone(), selector: s.selector.as_ref().map(ToString::to_string), cidrs: vec![], mode: s.mode, description: None })
+            .collect(),
+        rules: p
+            .rules
+            .iter()
+            .map(|r| RuleSpec {
+                name: r.name.clone(),
+                from: r.from.to_string(),
+                to: r.to.to_string(),
+                protocol: r.protocol,
+                ports: r.ports.iter().map(|&(lo, hi)| if lo == hi { Scalar::Int(i64::from(lo)) } else { Scalar::Str(format!("{lo}-{hi}")) }).collect(),
+                action: r.action,
+                expires: None,
+                description: None,
+            })
+            .collect(),
+    }
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<Api> {
+    let (assets, segments, rules, patches, clients, per_client) =
+        if opts.smoke { (1000, 10, 100, 20, 4, 10) } else { (100_000, 1000, 10_000, 300, 16, 200) };
+    progress(&format!("API: {assets} assets, {segments} segments, {rules} rules"));
+    let dir = std::env::temp_dir().join(format!("gk-bench-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(&dir.join("state.db"))?;
+    let enforcer = Enforcer::with_options(LoadOptions::default(), Timeouts::default())?;
+    let mut app = App { enforcer, store, doc: PolicyDocument::default(), last_apply: None };
+    let t = Instant::now();
+    app.change(document(assets, segments, rules), "bench", "apply", false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    progress(&format!("  loaded through the API path in {:.2} s", t.elapsed().as_secs_f64()));
+    let app = Arc::new(tokio::sync::Mutex::new(app));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let base = format!("http://{}/api/v1", listener.local_addr()?);
+    let state = {
+        let _runtime = rt.enter();
+        ApiState::new(app.clone(), Tokens { admin: Some(TOKEN.into()), reader: None })
+    };
+    let r = router(state);
+    rt.spawn(async move { axum::serve(listener, r).await });
+
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let patch = |agent: &ureq::Agent, i: usize, seg: usize| -> anyhow::Result<()> {
+        let body = format!(r#"{{"tags": {{"seg": "{seg}"}}}}"#);
+        let resp = agent
+            .patch(&format!("{base}/assets/asset-{i}"))
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .content_type("application/merge-patch+json")
+            .send(body.as_str())?;
+        if resp.status() != 200 {
+            anyhow::bail!("PATCH asset-{i}: {}", resp.status());
+        }
+        Ok(())
+    };
+    let mut lat = Vec::with_capacity(patches);
+    for k in 0..patches {
+        let i = k % assets;
+        let t = Instant::now();
+        patch(&agent, i, (k / assets + 1 + i) % segments)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+    let (p50, p99) = (pct(0.50), pct(0.99));
+    progress(&format!("  sequential PATCH: p50 {p50:.2} ms, p99 {p99:.2} ms"));
+
+    let t = Instant::now();
+    let workers: Vec<(usize, ureq::Agent)> = (0..clients).map(|c| (assets / 2 + c * per_client, agent.clone())).collect();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|(base_i, agent)| {
+                let patch = &patch;
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for k in 0..per_client {
+                        patch(agent, (base_i + k) % assets, (k + 3) % segments)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let rate = (clients * per_client) as f64 / t.elapsed().as_secs_f64();
+    progress(&format!("  {clients} concurrent clients: {rate:.0} tag changes per second"));
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Api { assets, segments, rules, patch_ms_p50: p50, patch_ms_p99: p99, patches, clients, changes_per_sec: rate })
+}
