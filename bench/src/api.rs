@@ -75,7 +75,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
     let _ = std::fs::remove_dir_all(&dir);
     let store = Store::open(&dir.join("state.db"))?;
     let enforcer = Enforcer::with_options(LoadOptions::default(), Timeouts::default())?;
-    let mut app = App { enforcer, store, doc: PolicyDocument::default(), last_apply: None };
+    let mut app = App::new(enforcer, store, PolicyDocument::default());
     let t = Instant::now();
     app.change(document(assets, segments, rules), "bench", "apply", false).map_err(|e| anyhow::anyhow!("{e}"))?;
     progress(&format!("  loaded through the API path in {:.2} s", t.elapsed().as_secs_f64()));

@@ -34,6 +34,8 @@ pub struct App {
     /// The desired state (what the store holds).
     pub doc: PolicyDocument,
     pub last_apply: Option<(DateTime<Utc>, f64)>,
+    /// Asset name to its position in `doc.assets`.
+    index: std::collections::HashMap<String, usize>,
 }
 
 /// Why a request was refused.
@@ -82,6 +84,21 @@ impl IntoResponse for ApiError {
 }
 
 impl App {
+    pub fn new(enforcer: Enforcer, store: Store, doc: PolicyDocument) -> Self {
+        let mut app = Self { enforcer, store, doc, last_apply: None, index: Default::default() };
+        app.reindex();
+        app
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.doc.assets.iter().enumerate().map(|(i, a)| (a.name.clone(), i)).collect();
+    }
+
+    /// The stored asset named `name`.
+    pub fn asset(&self, name: &str) -> Option<&AssetSpec> {
+        self.index.get(name).map(|&i| &self.doc.assets[i])
+    }
+
     /// Makes `new` the desired state: validate, enforce, record. Returns the changes.
     pub fn change(&mut self, new: PolicyDocument, actor: &str, action: &str, dry_run: bool) -> Result<Vec<Change>, ApiError> {
         let policy = match new.validate("request") {
@@ -105,6 +122,7 @@ impl App {
         }
         self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
         self.doc = new;
+        self.reindex();
         for c in &diff {
             tracing::info!(actor, action, kind = c.kind.as_str(), name = %c.name, "changed");
         }
@@ -162,7 +180,7 @@ impl App {
         let mut work = Vec::new();
         let mut changes = Vec::new();
         for (w, asset) in batch {
-            let old = self.doc.assets.iter().find(|a| a.name == w.name).cloned();
+            let old = self.asset(&w.name).cloned();
             if old == w.spec {
                 let _ = w.reply.send(Ok(()));
                 continue;
@@ -207,16 +225,26 @@ impl App {
             });
         match result {
             Ok(()) => {
+                let mut removed = false;
                 for (w, _, _) in &work {
                     // The document keeps its order (it is what users read back), so a removal
-                    // shifts; removals are rare next to tag edits.
-                    match (self.doc.assets.iter().position(|a| a.name == w.name), &w.spec) {
+                    // shifts positions; removals are rare next to tag edits.
+                    match (self.index.get(&w.name).copied(), &w.spec) {
                         (Some(i), Some(s)) => self.doc.assets[i] = s.clone(),
                         (Some(i), None) => {
                             self.doc.assets.remove(i);
+                            self.index.remove(&w.name);
+                            removed = true;
                         }
-                        (None, Some(s)) => self.doc.assets.push(s.clone()),
+                        (None, Some(s)) => {
+                            self.index.insert(w.name.clone(), self.doc.assets.len());
+                            self.doc.assets.push(s.clone());
+                        }
                         (None, None) => {}
+                    }
+                    if removed {
+                        self.reindex();
+                        removed = false;
                     }
                 }
                 self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
@@ -394,7 +422,7 @@ fn find<'a, T>(list: &'a [T], name: &str, of: impl Fn(&T) -> &str, kind: &str) -
 
 async fn get_asset(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<AssetSpec>, ApiError> {
     let app = s.app.lock().await;
-    Ok(Json(find(&app.doc.assets, &name, |a| &a.name, "asset")?.clone()))
+    app.asset(&name).cloned().map(Json).ok_or_else(|| ApiError::NotFound(format!("no asset {name:?}")))
 }
 
 fn upsert<T: Clone>(list: &mut Vec<T>, item: T, of: impl Fn(&T) -> &str) {
@@ -414,7 +442,7 @@ async fn patch_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: a
     let patch = body_json(&headers, &body, &["application/merge-patch+json", "application/json"])?;
     let current = {
         let app = s.app.lock().await;
-        find(&app.doc.assets, &name, |a| &a.name, "asset")?.clone()
+        app.asset(&name).cloned().ok_or_else(|| ApiError::NotFound(format!("no asset {name:?}")))?
     };
     let mut v = serde_json::to_value(&current).map_err(|e| ApiError::Internal(e.to_string()))?;
     merge_patch(&mut v, &patch);
@@ -424,7 +452,9 @@ async fn patch_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: a
 }
 
 async fn delete_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions) -> Result<StatusCode, ApiError> {
-    find(&s.app.lock().await.doc.assets, &name, |a| &a.name, "asset")?;
+    if s.app.lock().await.asset(&name).is_none() {
+        return Err(ApiError::NotFound(format!("no asset {name:?}")));
+    }
     s.write_asset(&name, None, actor(&ext), "delete asset").await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -656,7 +656,9 @@ impl Compiler {
         let Some(mut base) = self.base.take() else {
             return Ok(diff(applied, &self.compile(policy, now)?));
         };
-        let result = self.update_base(&mut base, policy, changed, applied);
+        let assets: HashMap<&str, &crate::policy::Asset> =
+            changed.iter().filter_map(|n| policy.assets.iter().find(|a| a.name == *n).map(|a| (*n, a))).collect();
+        let result = self.update_base(&mut base, &assets, changed, applied);
         match result {
             Ok(delta) => {
                 self.base = Some(base);
@@ -667,9 +669,34 @@ impl Compiler {
         }
     }
 
-    fn update_base(&mut self, base: &mut Base, policy: &Policy, changed: &[&str], applied: &Compiled) -> Result<Delta, CompileError> {
-        let assets: HashMap<&str, &crate::policy::Asset> =
-            changed.iter().filter_map(|n| policy.assets.iter().find(|a| a.name == *n).map(|a| (*n, a))).collect();
+    /// Like [`Compiler::update_assets`], with the changed assets given (`None`: removed), so
+    /// nothing scans the whole asset list. `policy` is only used when a full compile is needed.
+    pub fn update_assets_given(
+        &mut self,
+        policy: &Policy,
+        changed: &[(&str, Option<&crate::policy::Asset>)],
+        applied: &Compiled,
+        now: DateTime<Utc>,
+    ) -> Result<Delta, CompileError> {
+        let Some(mut base) = self.base.take() else {
+            return Ok(diff(applied, &self.compile(policy, now)?));
+        };
+        let names: Vec<&str> = changed.iter().map(|(n, _)| *n).collect();
+        let assets: HashMap<&str, &crate::policy::Asset> = changed.iter().filter_map(|(n, a)| a.map(|a| (*n, a))).collect();
+        let result = self.update_base(&mut base, &assets, &names, applied);
+        if result.is_ok() {
+            self.base = Some(base);
+        }
+        result
+    }
+
+    fn update_base(
+        &mut self,
+        base: &mut Base,
+        assets: &HashMap<&str, &crate::policy::Asset>,
+        changed: &[&str],
+        applied: &Compiled,
+    ) -> Result<Delta, CompileError> {
         // 1. Direct membership of the changed assets' prefixes.
         let mut touched: BTreeSet<IpNet> = BTreeSet::new();
         for name in changed {

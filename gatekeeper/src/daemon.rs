@@ -34,6 +34,8 @@ pub struct Enforcer {
     compiler: Compiler,
     dataplane: Dataplane,
     policy: Policy,
+    /// Asset name to its position in `policy.assets`.
+    index: std::collections::HashMap<String, usize>,
 }
 
 impl Enforcer {
@@ -45,7 +47,7 @@ impl Enforcer {
         };
         let compiler = Compiler::new(config.dataplane.flow_timeouts.into(), options.capacity());
         let dataplane = Dataplane::load(options)?;
-        Ok(Self { compiler, dataplane, policy: Policy::default() })
+        Ok(Self { compiler, dataplane, policy: Policy::default(), index: Default::default() })
     }
 
     /// An enforcer over a data plane loaded with `options` (tests and tools; the daemon uses
@@ -53,7 +55,7 @@ impl Enforcer {
     pub fn with_options(options: LoadOptions, timeouts: crate::compile::Timeouts) -> Result<Self, EnforceError> {
         let compiler = Compiler::new(timeouts, options.capacity());
         let dataplane = Dataplane::load(options)?;
-        Ok(Self { compiler, dataplane, policy: Policy::default() })
+        Ok(Self { compiler, dataplane, policy: Policy::default(), index: Default::default() })
     }
 
     pub fn policy(&self) -> &Policy {
@@ -89,6 +91,7 @@ impl Enforcer {
         match result {
             Ok(report) => {
                 self.policy = policy;
+                self.reindex();
                 Ok(report)
             }
             Err(e) => {
@@ -107,38 +110,49 @@ impl Enforcer {
         // a tag edit cost as much as the policy is large.
         let mut undo: Vec<(String, Option<crate::policy::Asset>)> = Vec::with_capacity(changes.len());
         for (name, asset) in &changes {
-            let position = self.policy.assets.iter().position(|a| a.name == *name);
-            undo.push((name.clone(), position.map(|i| self.policy.assets[i].clone())));
-            Self::put_asset(&mut self.policy.assets, position, asset.clone());
+            let previous = self.index.get(name).map(|&i| self.policy.assets[i].clone());
+            undo.push((name.clone(), previous));
+            self.put_asset(name, asset.clone());
         }
-        let names: Vec<&str> = changes.iter().map(|(n, _)| n.as_str()).collect();
+        let given: Vec<(&str, Option<&crate::policy::Asset>)> =
+            changes.iter().map(|(n, _)| (n.as_str(), self.index.get(n).map(|&i| &self.policy.assets[i]))).collect();
         let result = self
             .compiler
-            .update_assets(&self.policy, &names, self.dataplane.applied(), Utc::now())
+            .update_assets_given(&self.policy, &given, self.dataplane.applied(), Utc::now())
             .map_err(EnforceError::from)
             .and_then(|delta| self.dataplane.apply_delta(delta).map_err(EnforceError::from));
         if result.is_err() {
             // Put the assets back as they were; the compiler starts over from a full compile.
             for (name, previous) in undo.into_iter().rev() {
-                let position = self.policy.assets.iter().position(|a| a.name == name);
-                Self::put_asset(&mut self.policy.assets, position, previous);
+                self.put_asset(&name, previous);
             }
             self.compiler.reset();
         }
         result
     }
 
-    /// Sets the asset at `position` (or appends it), or removes it with `None`. Order does not
-    /// matter to the compiler, so removal swaps the last asset in.
-    fn put_asset(assets: &mut Vec<crate::policy::Asset>, position: Option<usize>, asset: Option<crate::policy::Asset>) {
-        match (position, asset) {
-            (Some(i), Some(a)) => assets[i] = a,
+    /// Sets, adds or (with `None`) removes one asset. Order does not matter to the compiler,
+    /// so removal swaps the last asset into the hole.
+    fn put_asset(&mut self, name: &str, asset: Option<crate::policy::Asset>) {
+        match (self.index.get(name).copied(), asset) {
+            (Some(i), Some(a)) => self.policy.assets[i] = a,
             (Some(i), None) => {
-                assets.swap_remove(i);
+                self.policy.assets.swap_remove(i);
+                self.index.remove(name);
+                if let Some(moved) = self.policy.assets.get(i) {
+                    self.index.insert(moved.name.clone(), i);
+                }
             }
-            (None, Some(a)) => assets.push(a),
+            (None, Some(a)) => {
+                self.index.insert(a.name.clone(), self.policy.assets.len());
+                self.policy.assets.push(a);
+            }
             (None, None) => {}
         }
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.policy.assets.iter().enumerate().map(|(i, a)| (a.name.clone(), i)).collect();
     }
 
     /// Compiles the policy in force again in full (a rule expired).
@@ -221,12 +235,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     let report = enforcer.apply(policy)?;
     log_applied("start", &enforcer, report, started);
-    let mut app = App { enforcer, store, doc: stored.clone(), last_apply: Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3)) };
     let diff = changes(&stored, &desired);
+    let mut store = store;
     if !diff.is_empty() {
-        app.store.commit(&diff, "policy-file", "start")?;
+        store.commit(&diff, "policy-file", "start")?;
     }
-    app.doc = desired;
+    let mut app = App::new(enforcer, store, desired);
+    app.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
 
     // Maps are filled before the program sees its first packet.
     for interface in &config.dataplane.interfaces {

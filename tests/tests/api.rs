@@ -32,7 +32,7 @@ impl Server {
         let store_path = dir.join("state.db");
         let store = Store::open(&store_path).unwrap();
         let enforcer = Enforcer::with_options(LoadOptions::default(), Timeouts::default()).expect("load XDP program (root)");
-        let app = Arc::new(tokio::sync::Mutex::new(App { enforcer, store, doc: PolicyDocument::default(), last_apply: None }));
+        let app = Arc::new(tokio::sync::Mutex::new(App::new(enforcer, store, PolicyDocument::default())));
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
