@@ -20,10 +20,15 @@ pub struct Api {
     pub assets: usize,
     pub segments: usize,
     pub rules: usize,
-    /// Sequential PATCHes: round-trip ms, p50 and p99.
+    /// Back-to-back sequential PATCHes: round-trip ms, p50 and p99.
     pub patch_ms_p50: f64,
     pub patch_ms_p99: f64,
     pub patches: usize,
+    /// Isolated PATCHes (40 ms apart): round-trip ms, p50 and p99.
+    #[serde(default)]
+    pub isolated_ms_p50: f64,
+    #[serde(default)]
+    pub isolated_ms_p99: f64,
     /// Concurrent clients: tag changes per second.
     pub clients: usize,
     pub changes_per_sec: f64,
@@ -110,10 +115,22 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
         patch(&agent, i, (k / assets + 1 + i) % segments)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
-    let (p50, p99) = (pct(0.50), pct(0.99));
-    progress(&format!("  sequential PATCH: p50 {p50:.2} ms, p99 {p99:.2} ms"));
+    fn pct(v: &mut [f64], p: f64) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+    }
+    let (p50, p99) = (pct(&mut lat, 0.50), pct(&mut lat, 0.99));
+    progress(&format!("  back-to-back PATCH: p50 {p50:.2} ms, p99 {p99:.2} ms"));
+    let mut iso = Vec::new();
+    for k in 0..patches / 3 {
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        let i = (k * 7) % assets;
+        let t = Instant::now();
+        patch(&agent, i, (k + 2 + i) % segments)?;
+        iso.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (i50, i99) = (pct(&mut iso, 0.50), pct(&mut iso, 0.99));
+    progress(&format!("  isolated PATCH: p50 {i50:.2} ms, p99 {i99:.2} ms"));
 
     let t = Instant::now();
     let workers: Vec<(usize, ureq::Agent)> = (0..clients).map(|c| (assets / 2 + c * per_client, agent.clone())).collect();
@@ -139,5 +156,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
     progress(&format!("  {clients} concurrent clients: {rate:.0} tag changes per second"));
     drop(rt);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(Api { assets, segments, rules, patch_ms_p50: p50, patch_ms_p99: p99, patches, clients, changes_per_sec: rate })
+    Ok(Api {
+        assets,
+        segments,
+        rules,
+        patch_ms_p50: p50,
+        patch_ms_p99: p99,
+        patches,
+        isolated_ms_p50: i50,
+        isolated_ms_p99: i99,
+        clients,
+        changes_per_sec: rate,
+    })
 }

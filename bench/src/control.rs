@@ -46,6 +46,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Control> {
     progress(&format!("  full policy: compile {full_compile_ms:.0} ms, apply {full_apply_ms:.0} ms ({} entries)", report.entries));
     let (mut cc, mut ce, mut ca, mut total, mut entries) = (vec![], vec![], vec![], vec![], 0);
     for i in 0..changes {
+        // Isolated edits, as an operator or a SIEM makes them: far enough apart that the grace
+        // period of the previous apply has ended (back-to-back edits are the API section's).
+        std::thread::sleep(std::time::Duration::from_millis(40));
         // Move asset i to the next segment, as a tag edit would.
         let asset = &mut policy.assets[i];
         let seg: usize = asset.tags["seg"].parse()?;

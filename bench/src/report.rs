@@ -113,7 +113,7 @@ pub fn markdown(r: &Results) -> String {
     if let Some(c) = &r.control {
         let _ = writeln!(
             s,
-            "**Control plane**, {} assets / {} segments / {} rules: full compile {:.0} ms + apply {:.0} ms = {:.2} s ({} map entries per generation); one asset's tag change is enforced {:.3} ms after the edit (median; min {:.3} ms; compile + writes up to the epoch flip, {} entries written); the apply returns after {:.1} ms, having waited for in-flight packets and refreshed the standby generation.\n",
+            "**Control plane**, {} assets / {} segments / {} rules: full compile {:.0} ms + apply {:.0} ms = {:.2} s ({} map entries per generation); one asset's tag change is enforced {:.3} ms after the edit (median; min {:.3} ms; compile + writes up to the epoch flip, {} entries written); the apply call took {:.1} ms (it waits first, when needed, for the grace period of the generation it rewrites).\n",
             size(c.assets),
             size(c.segments),
             size(c.rules),
@@ -133,10 +133,11 @@ pub fn markdown(r: &Results) -> String {
     if let Some(a) = &r.api {
         let _ = writeln!(
             s,
-            "**Live membership through the API**, {} assets / {} segments / {} rules: a PATCH of one asset's tags returns after the change is enforced and recorded in {:.2} ms (p50) / {:.2} ms (p99) over {} sequential requests; {} concurrent clients sustain {:.0} tag changes per second.\n",
-            size(a.assets), size(a.segments), size(a.rules), a.patch_ms_p50, a.patch_ms_p99, a.patches, a.clients, a.changes_per_sec
+            "**Live membership through the API**, {} assets / {} segments / {} rules: a PATCH of one asset's tags returns once the change is enforced and committed; isolated PATCHes (40 ms apart) take {:.2} ms (p50) / {:.2} ms (p99), back-to-back ones {:.2} ms (p50) / {:.2} ms (p99) over {} requests (each waits for the grace period of the apply two before it); {} concurrent clients sustain {:.0} tag changes per second.\n",
+            size(a.assets), size(a.segments), size(a.rules), a.isolated_ms_p50, a.isolated_ms_p99, a.patch_ms_p50, a.patch_ms_p99, a.patches, a.clients, a.changes_per_sec
         );
-        let _ = writeln!(s, "- {} PATCH-to-enforced p99 under 10 ms: {:.2} ms", mark(a.patch_ms_p99 < 10.0), a.patch_ms_p99);
+        let _ = writeln!(s, "- {} PATCH-to-enforced p99 under 10 ms for isolated changes: {:.2} ms", mark(a.isolated_ms_p99 < 10.0), a.isolated_ms_p99);
+        let _ = writeln!(s, "- {} PATCH-to-enforced p99 under 10 ms back-to-back: {:.2} ms", mark(a.patch_ms_p99 < 10.0), a.patch_ms_p99);
         let _ = writeln!(s, "- {} at least 1,000 tag changes per second: {:.0}\n", mark(a.changes_per_sec >= 1000.0), a.changes_per_sec);
     }
     s

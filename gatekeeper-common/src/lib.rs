@@ -9,8 +9,8 @@
 //!
 //! | map            | type              | key                  | value          | written by |
 //! |----------------|-------------------|----------------------|----------------|------------|
-//! | `GK_EPOCH`     | array\[1\]        | `u32` index 0        | `u32` epoch    | daemon: one store flips the policy generation (`gen = epoch & 1`) |
-//! | `GK_GEN_CONFIG`| array\[2\]        | `u32` generation     | [`GenConfig`]  | daemon, only for the inactive generation |
+//! | `GK_EPOCH`     | array\[1\]        | `u32` index 0        | `u32` epoch    | daemon: one store flips the policy generation (`gen = epoch % GENERATIONS`) |
+//! | `GK_GEN_CONFIG`| array\[3\]        | `u32` generation     | [`GenConfig`]  | daemon, only for an inactive generation |
 //! | `GK_HOSTS_V4`  | hash              | [`HostV4`]           | [`Identity`]   | daemon, only for the inactive generation (/32 entries) |
 //! | `GK_HOSTS_V6`  | hash              | [`HostV6`]           | [`Identity`]   | daemon, only for the inactive generation (/128 entries) |
 //! | `GK_IDS_V4`    | LPM trie          | [`LpmV4`]            | [`Identity`]   | daemon, only for the inactive generation (shorter prefixes) |
@@ -25,15 +25,20 @@
 //! number of assets; only addresses not found there walk the LPM trie of shorter prefixes. Each
 //! host entry already carries the segments of every prefix containing it.
 //!
-//! Policy maps hold two generations side by side (the generation is the first byte of every key).
-//! The program reads the epoch once per packet and uses only that generation, so a packet is
-//! judged entirely by the old policy or entirely by the new one, never by a mix.
+//! Policy maps hold three generations side by side (the generation is the first byte of every
+//! key). The program reads the epoch once per packet and uses only that generation, so a packet
+//! is judged entirely by the old policy or entirely by the new one, never by a mix. The daemon
+//! writes only a generation that no packet can still be using: the one retired two flips ago,
+//! once an RCU grace period begun after its retirement has passed.
 #![no_std]
 
 /// Version of the map layout. Pinned maps live under `<pin_dir>/v<LAYOUT_VERSION>/`; a daemon
 /// finding pins of another version (or incompatible ones) never reuses them. Bump it with any
 /// change to a map's key, value or type.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Policy generations side by side in every policy map; the program uses `epoch % GENERATIONS`.
+pub const GENERATIONS: u32 = 3;
 
 /// Identity of addresses that belong to no segment.
 pub const ID_WORLD: u32 = 0;
@@ -71,12 +76,12 @@ pub const PROTO_OTHER: u8 = 255;
 /// Only rules without a port restriction cover it.
 pub const PORT_CLASS_NONE: u32 = 0;
 /// Port-class array: per generation, per L4 protocol (TCP, UDP), one entry per port.
-pub const PORT_CLASS_ENTRIES: u32 = 2 * 2 * 65536;
+pub const PORT_CLASS_ENTRIES: u32 = GENERATIONS * 2 * 65536;
 
 /// Index of `port` for `l4` (0 = TCP, 1 = UDP) in generation `gen` of `GK_PORT_CLASS`.
 #[inline(always)]
 pub const fn port_class_index(generation: u32, l4: u32, port: u16) -> u32 {
-    ((generation & 1) << 17) | ((l4 & 1) << 16) | port as u32
+    ((generation % GENERATIONS) << 17) | ((l4 & 1) << 16) | port as u32
 }
 
 /// Per-packet outcomes: every packet increments exactly one of these in `GK_STATS`.
@@ -97,8 +102,8 @@ pub const EVENT_FLOW_REVOKED: u32 = 12;
 pub const EVENT_FLOW_INSERT_FAILED: u32 = 13;
 pub const STATS_ENTRIES: u32 = 14;
 
-/// Default map sizes (both generations together); the daemon can choose others at load time.
-pub const DEFAULT_HOST_ENTRIES: u32 = 1 << 18;
+/// Default map sizes (all generations together); the daemon can choose others at load time.
+pub const DEFAULT_HOST_ENTRIES: u32 = 1 << 19;
 pub const DEFAULT_PREFIX_ENTRIES: u32 = 1 << 16;
 pub const DEFAULT_POLICY_ENTRIES: u32 = 1 << 20;
 pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 17;
@@ -309,6 +314,6 @@ mod tests {
         assert_eq!(port_class_index(0, 0, 0), 0);
         assert_eq!(port_class_index(0, 1, 0), 65536);
         assert_eq!(port_class_index(1, 0, 65535), 131072 + 65535);
-        assert_eq!(port_class_index(1, 1, 65535) + 1, PORT_CLASS_ENTRIES);
+        assert_eq!(port_class_index(GENERATIONS - 1, 1, 65535) + 1, PORT_CLASS_ENTRIES);
     }
 }

@@ -21,7 +21,7 @@ use gatekeeper_common::{
     CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, Counter,
     EVENT_FLOW_INSERT_FAILED, EVENT_FLOW_REVOKED, FLOW_ORIG_LO, FlowKey, FlowValue, GOVERN_ENFORCE,
     DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
-    DEFAULT_RULE_SLOTS, GenConfig, HostV4, HostV6, ID_ANY, Identity, LpmV4, LpmV6, NO_RULE, OUTCOME_DROP_DEFAULT,
+    DEFAULT_RULE_SLOTS, GENERATIONS, GenConfig, HostV4, HostV6, ID_ANY, Identity, LpmV4, LpmV6, NO_RULE, OUTCOME_DROP_DEFAULT,
     OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT,
     OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_ALLOWED,
     OUTCOME_PASS_FLOW, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP,
@@ -34,7 +34,7 @@ use gatekeeper_common::{
 #[map]
 static GK_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
-static GK_GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(2, 0);
+static GK_GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(GENERATIONS, 0);
 // Hashes are not preallocated: sized for large policies, they only use memory for what is
 // there, and a lookup never aliases a recycled element.
 #[map]
@@ -485,7 +485,7 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
 fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
     // One read of the epoch decides the generation for the whole packet.
     let epoch = GK_EPOCH.get(0).copied().unwrap_or(0);
-    let generation = epoch & 1;
+    let generation = epoch % GENERATIONS;
     let cfg = GK_GEN_CONFIG.get(generation).copied().unwrap_or_default();
 
     let p = match parse(ctx) {

@@ -41,8 +41,8 @@ impl Default for Timeouts {
     }
 }
 
-/// How many entries each policy map may hold for one generation (half the map: during an apply
-/// the old and the new generation are both present), and how many rules have counter slots.
+/// How many entries each policy map may hold for one generation (a third of the map: the
+/// generations share it), and how many rules have counter slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
     pub hosts_v4: usize,
@@ -55,7 +55,7 @@ pub struct Capacity {
 
 impl Default for Capacity {
     fn default() -> Self {
-        let half = |n: u32| n as usize / 2;
+        let half = |n: u32| (n / gatekeeper_common::GENERATIONS) as usize;
         Self {
             hosts_v4: half(DEFAULT_HOST_ENTRIES),
             prefixes_v4: half(DEFAULT_PREFIX_ENTRIES),

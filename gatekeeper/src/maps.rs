@@ -2,14 +2,16 @@
 //! its maps atomically, and read its counters.
 //!
 //! # Atomic apply
-//! Policy maps hold two generations; the program uses the one selected by the epoch it reads
-//! once per packet. An apply writes the [`Delta`] into the *inactive* generation, flips the epoch
-//! with one 4-byte store, waits for every packet still running on the old generation to finish
-//! (an RCU grace period, via `membarrier(MEMBARRIER_CMD_GLOBAL)`), then writes the same delta into
-//! the old generation so both match again. Packets therefore see the old policy or the new one,
-//! never a mix, and a change touching a few assets writes a few entries. The epoch change also
-//! makes every established flow be judged again under the new policy on its next packet.
-//! If writing the inactive generation fails, it is rolled back and the epoch never moves.
+//! Policy maps hold three generations; the program uses `epoch % 3`, read once per packet. An
+//! apply brings the next generation up to date (the deltas it missed, then the new one), flips
+//! the epoch with one 4-byte store, and returns: packets see the old policy or the new one, never
+//! a mix, and a change touching a few assets writes a few entries. The generation written next
+//! was retired two flips earlier; before touching it the apply makes sure an RCU grace period
+//! begun after that retirement has passed (a background thread runs `membarrier(GLOBAL)`, which
+//! is `synchronize_rcu()`, after every flip), so no packet is still reading it; the wait is off
+//! the request path unless applies come faster than grace periods end. The epoch also tags every
+//! flow, so established flows are judged again under the new policy on their next packet. If a
+//! write fails, the epoch never moves and that generation is rebuilt in full next time.
 //!
 //! # Pinning: restarts without a gap
 //! With a pin directory, the maps and the XDP links are pinned in bpffs under
@@ -33,7 +35,7 @@ use aya::{
 };
 use gatekeeper_common::{
     Counter, DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
-    DEFAULT_RULE_SLOTS, FlowKey, FlowValue, GenConfig, HostV4, HostV6, Identity, LAYOUT_VERSION, LpmV4, LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
+    DEFAULT_RULE_SLOTS, FlowKey, FlowValue, GENERATIONS, GenConfig, HostV4, HostV6, Identity, LAYOUT_VERSION, LpmV4, LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
     OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED,
     OUTCOME_PASS_MALFORMED, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
 };
@@ -104,7 +106,7 @@ impl Stats {
     }
 }
 
-/// Map sizes chosen at load time (both generations together).
+/// Map sizes chosen at load time (all generations together).
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub flow_table_size: u32,
@@ -207,9 +209,9 @@ pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
 }
 
 impl LoadOptions {
-    /// What one generation may hold: half of each map, since an apply holds two at once.
+    /// What one generation may hold: a third of each map, the generations share it.
     pub fn capacity(&self) -> Capacity {
-        let half = |n: u32| n as usize / 2;
+        let half = |n: u32| (n / GENERATIONS) as usize;
         Capacity {
             hosts_v4: half(self.host_entries),
             prefixes_v4: half(self.prefix_entries),
@@ -243,8 +245,67 @@ pub struct Dataplane {
     pinned: Vec<(String, PinnedLink, &'static str)>,
     /// `<pin_dir>/v<LAYOUT_VERSION>` in pinned mode.
     pin_dir: Option<(PathBuf, PathBuf)>,
-    /// The maps came from pins with unknown contents: the first apply rewrites both generations.
+    /// The maps came from pins with unknown contents: the first apply rewrites every generation.
     adopted: bool,
+    /// Per generation: deltas applied since it was last written (at most two).
+    behind: [Vec<Delta>; GENERATIONS as usize],
+    /// Per generation: its contents are unknown (a write failed); rebuild it in full.
+    dirty: [bool; GENERATIONS as usize],
+    /// Per generation: the flip that retired it (0: never active).
+    retired_at: [u64; GENERATIONS as usize],
+    flips: u64,
+    grace: Grace,
+}
+
+/// Grace periods run by a background thread after each flip, so an apply rarely waits for one.
+struct Grace {
+    /// Flip numbers to cover; closing it stops the thread.
+    tx: std::sync::mpsc::Sender<u64>,
+    /// The highest flip a completed grace period covers.
+    done: std::sync::Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>,
+}
+
+impl Grace {
+    fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let done = std::sync::Arc::new((std::sync::Mutex::new(0u64), std::sync::Condvar::new()));
+        let d = done.clone();
+        std::thread::Builder::new()
+            .name("gk-grace".into())
+            .spawn(move || {
+                while let Ok(mut flip) = rx.recv() {
+                    while let Ok(later) = rx.try_recv() {
+                        flip = later;
+                    }
+                    // Begun after `flip` was stored: when it ends, no packet still reads an
+                    // epoch from before that flip.
+                    synchronize_rcu();
+                    let (lock, cv) = &*d;
+                    if let Ok(mut g) = lock.lock() {
+                        *g = (*g).max(flip);
+                    }
+                    cv.notify_all();
+                }
+            })
+            .expect("spawning the grace-period thread");
+        Self { tx, done }
+    }
+
+    fn after_flip(&self, flip: u64) {
+        let _ = self.tx.send(flip);
+    }
+
+    /// Blocks until a grace period begun after flip `flip` has ended.
+    fn wait(&self, flip: u64) {
+        let (lock, cv) = &*self.done;
+        let Ok(mut g) = lock.lock() else { return synchronize_rcu() };
+        while *g < flip {
+            g = match cv.wait(g) {
+                Ok(g) => g,
+                Err(_) => return synchronize_rcu(),
+            };
+        }
+    }
 }
 
 impl Dataplane {
@@ -301,7 +362,20 @@ impl Dataplane {
             .ok_or(DataplaneError::System(format!("the XDP object has no program {PROGRAM_NAME}")))?
             .try_into()?;
         program.load()?;
-        let mut dp = Self { ebpf, epoch: 0, applied: Compiled::empty(), links: Vec::new(), pinned: Vec::new(), pin_dir, adopted };
+        let mut dp = Self {
+            ebpf,
+            epoch: 0,
+            applied: Compiled::empty(),
+            links: Vec::new(),
+            pinned: Vec::new(),
+            pin_dir,
+            adopted,
+            behind: Default::default(),
+            dirty: [false; GENERATIONS as usize],
+            retired_at: [0; GENERATIONS as usize],
+            flips: 0,
+            grace: Grace::start(),
+        };
         if adopted {
             let epoch_map: Array<_, u32> = Array::try_from(dp.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
             dp.epoch = epoch_map.get(&0, 0).map_err(map_err("GK_EPOCH"))?;
@@ -448,44 +522,52 @@ impl Dataplane {
         if self.adopted {
             return self.apply_adopted(delta, started);
         }
-        let old_gen = self.epoch & 1;
-        let new_gen = old_gen ^ 1;
+        let gens = GENERATIONS as usize;
+        let active = (self.epoch % GENERATIONS) as usize;
+        let target = (active + 1) % gens;
+        // No packet may still be reading the generation we are about to write.
+        self.grace.wait(self.retired_at[target]);
         for &slot in &delta.new_slots {
             self.zero_rule_counter(slot)?;
         }
-        if let Err(e) = self.write(new_gen, &delta) {
-            // Undo what reached the inactive generation so it mirrors the active one again.
-            let undo = self.applied.inverse(&delta);
-            if let Err(undo_err) = self.write_lenient(new_gen, &undo) {
-                tracing::error!(error = %undo_err, "could not roll back the inactive policy generation");
-            }
+        let caught_up = if self.dirty[target] {
+            self.rebuild_generation(target as u32)
+        } else {
+            let missed = std::mem::take(&mut self.behind[target]);
+            missed.iter().try_for_each(|d| self.write(target as u32, d))
+        };
+        if let Err(e) = caught_up.and_then(|()| self.write(target as u32, &delta)) {
+            // The generation is half-written but unused: rebuild it in full next time.
+            self.dirty[target] = true;
+            self.behind[target].clear();
             return Err(e);
         }
+        self.dirty[target] = false;
         let epoch = self.epoch.wrapping_add(1);
         let mut epoch_map: Array<_, u32> = Array::try_from(self.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
         epoch_map.set(0, epoch, 0).map_err(map_err("GK_EPOCH"))?;
         self.epoch = epoch;
-        let enforced_after = started.elapsed();
-        synchronize_rcu();
-        // The old generation is unused now; bring it up to date for the next apply. A failure
-        // here leaves it inconsistent, so it is rewritten in full.
-        let synced = self.write(old_gen, &delta);
-        self.applied.apply(&delta);
-        if let Err(e) = synced {
-            tracing::error!(error = %e, "could not update the standby policy generation; rebuilding it");
-            self.rebuild_generation(old_gen)?;
+        self.flips += 1;
+        self.retired_at[active] = self.flips;
+        self.grace.after_flip(self.flips);
+        for g in (0..gens).filter(|&g| g != target) {
+            if !self.dirty[g] {
+                self.behind[g].push(delta.clone());
+            }
         }
-        Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: started.elapsed() })
+        self.applied.apply(&delta);
+        let enforced_after = started.elapsed();
+        Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: enforced_after })
     }
 
     /// The first apply over adopted maps: their contents are unknown (the previous daemon may
-    /// have died mid-apply), so the generation not in use is cleared and written in full, the
-    /// epoch flips, and then the other one is rewritten the same way.
+    /// have died mid-apply), so a generation not in use is cleared and written in full, the
+    /// epoch flips, and after a grace period the others are rewritten the same way.
     fn apply_adopted(&mut self, delta: Delta, started: std::time::Instant) -> Result<ApplyReport, DataplaneError> {
         let mut target = Compiled::empty();
         target.apply(&delta);
         let previous = std::mem::replace(&mut self.applied, target);
-        let new_gen = (self.epoch & 1) ^ 1;
+        let new_gen = (self.epoch + 1) % GENERATIONS;
         let slots: Vec<u32> = self.applied.rule_slots.values().copied().collect();
         let written = slots.iter().try_for_each(|&s| self.zero_rule_counter(s)).and_then(|()| self.rebuild_generation(new_gen));
         if let Err(e) = written {
@@ -499,7 +581,9 @@ impl Dataplane {
         self.adopted = false;
         let enforced_after = started.elapsed();
         synchronize_rcu();
-        self.rebuild_generation(new_gen ^ 1)?;
+        for g in (0..GENERATIONS).filter(|&g| g != new_gen) {
+            self.rebuild_generation(g)?;
+        }
         Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: started.elapsed() })
     }
 
@@ -555,26 +639,10 @@ impl Dataplane {
         stats.set(slot, zeros, 0).map_err(map_err("GK_RULE_STATS"))
     }
 
-    fn write_lenient(&mut self, generation: u32, delta: &Delta) -> Result<(), DataplaneError> {
-        self.write_impl(generation, delta, true)
-    }
-
+    /// Writes `delta` into generation `generation`; stops at the first refused entry.
     fn write(&mut self, generation: u32, delta: &Delta) -> Result<(), DataplaneError> {
-        self.write_impl(generation, delta, false)
-    }
-
-    fn write_impl(&mut self, generation: u32, delta: &Delta, lenient: bool) -> Result<(), DataplaneError> {
         let g = generation as u8;
-        let mut first_err: Option<DataplaneError> = None;
-        let mut note = |r: Result<(), DataplaneError>| -> Result<(), DataplaneError> {
-            match r {
-                Err(e) if lenient => {
-                    first_err.get_or_insert(e);
-                    Ok(())
-                }
-                other => other,
-            }
-        };
+        let note = |r: Result<(), DataplaneError>| r;
         {
             let [hosts, lpm] = self.ebpf.maps_disjoint_mut(["GK_HOSTS_V4", "GK_IDS_V4"]);
             let mut hosts: HashMap<_, HostV4, Identity> =
@@ -628,7 +696,7 @@ impl Dataplane {
                 Array::try_from(self.map("GK_GEN_CONFIG")?).map_err(map_err("GK_GEN_CONFIG"))?;
             note(config.set(generation, cfg, 0).map_err(map_err("GK_GEN_CONFIG")))?;
         }
-        first_err.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// Counters by outcome, summed over CPUs.

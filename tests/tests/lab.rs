@@ -347,7 +347,7 @@ fn incompatible_pins_are_replaced_cleanly() {
     // A stale pin of an incompatible map where ours would go: never reused.
     let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
     daemon.kill().unwrap();
-    let flows = lab.pin_dir().join("v1/maps/GK_FLOWS");
+    let flows = gatekeeper::maps::pin_version_dir(&lab.pin_dir()).join("maps/GK_FLOWS");
     assert!(flows.exists());
     // Restart with a different flow-table size: the pinned maps no longer fit.
     let daemon = lab.start_daemon_with(&bin, &policy(HMI), "flow_table_size = 4096\n").unwrap();
@@ -429,4 +429,29 @@ fn api_and_cli_drive_the_data_plane_with_real_traffic() {
     let out = std::process::Command::new(gatekeeper_bin().unwrap()).args(["--api", "http://127.0.0.1:9", "status"]).output().unwrap();
     assert_eq!(out.status.code(), Some(3));
     daemon.stop().unwrap();
+}
+
+#[test]
+fn pins_of_an_older_layout_are_taken_over() {
+    let s = setup();
+    let lab = &s.lab;
+    let bin = gatekeeper_bin().unwrap();
+    let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
+    daemon.kill().unwrap();
+    // Make the running enforcement look like an older version's: its pins under v0/.
+    let current = gatekeeper::maps::pin_version_dir(&lab.pin_dir());
+    let old = lab.pin_dir().join("v0");
+    std::fs::rename(&current, &old).unwrap();
+    assert_eq!(tcp(lab, "eng", "plc1", 502, false, SHORT), Reach::Silent, "the old program still enforces");
+    let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
+    let log = daemon.log();
+    assert!(!log.contains("adopted the pinned data plane"), "{log}");
+    assert!(log.contains("mode=\"replaced\"") || log.contains("mode=replaced"), "the old links were not taken over: {log}");
+    assert_eq!(lab.xdp_attached().unwrap().len(), HOSTS.len(), "one program per port");
+    assert!(!old.join("links/p-plc1").exists(), "old link pins left behind");
+    assert_eq!(tcp(lab, "hmi", "plc1", 502, false, LONG), Reach::Echoed);
+    assert_eq!(tcp(lab, "eng", "plc1", 502, false, SHORT), Reach::Silent);
+    daemon.stop().unwrap();
+    lab.detach(&bin).unwrap();
+    assert!(lab.xdp_attached().unwrap().is_empty());
 }
