@@ -183,20 +183,6 @@ impl Compiled {
             .collect();
         (prefixes, policy)
     }
-
-    /// The delta that undoes `delta` when applied after it (to roll back a failed write).
-    pub fn inverse(&self, delta: &Delta) -> Delta {
-        Delta {
-            v4: delta.v4.iter().map(|(k, _)| (*k, self.v4.get(k).copied())).collect(),
-            v6: delta.v6.iter().map(|(k, _)| (*k, self.v6.get(k).copied())).collect(),
-            ports: delta.ports.iter().map(|&(l4, p, _)| (l4, p, self.port_classes[l4 as usize & 1][usize::from(p)])).collect(),
-            policy: delta.policy.iter().map(|(k, _)| (*k, self.policy.get(k).copied())).collect(),
-            config: delta.config.map(|_| self.config),
-            new_slots: vec![],
-            identities: delta.identities.iter().map(|(id, _)| (*id, self.identities.get(id).cloned())).collect(),
-            rule_slots: delta.rule_slots.as_ref().map(|_| self.rule_slots.clone()),
-        }
-    }
 }
 
 fn diff_maps<K: Copy + Eq + std::hash::Hash, V: Copy + PartialEq>(
