@@ -276,9 +276,19 @@ impl Lab {
         PathBuf::from(format!("/sys/fs/bpf/{}", self.id))
     }
 
-    /// `gatekeeper detach` for this lab: removes the pins, which detaches a stopped daemon's program.
+    /// `gatekeeper detach` for this lab: removes the pins, which detaches a stopped daemon's
+    /// program. The kernel releases a link asynchronously, so this waits (up to 5 s) until no port
+    /// shows a program any more.
     pub fn detach(&self, gatekeeper: &Path) -> anyhow::Result<()> {
-        sh(&gatekeeper.display().to_string(), &["detach", "--pin-dir", &self.pin_dir().display().to_string()]).map(|_| ())
+        sh(&gatekeeper.display().to_string(), &["detach", "--pin-dir", &self.pin_dir().display().to_string()])?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.xdp_attached()?.is_empty() {
+            if Instant::now() > deadline {
+                bail!("XDP still attached 5 s after detach: {:?}", self.xdp_attached()?);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// The bridge ports, for the daemon's `interfaces`.
