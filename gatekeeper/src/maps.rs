@@ -642,7 +642,6 @@ impl Dataplane {
     /// Writes `delta` into generation `generation`; stops at the first refused entry.
     fn write(&mut self, generation: u32, delta: &Delta) -> Result<(), DataplaneError> {
         let g = generation as u8;
-        let note = |r: Result<(), DataplaneError>| r;
         {
             let [hosts, lpm] = self.ebpf.maps_disjoint_mut(["GK_HOSTS_V4", "GK_IDS_V4"]);
             let mut hosts: HashMap<_, HostV4, Identity> =
@@ -653,10 +652,10 @@ impl Dataplane {
                 let addr = net.addr().octets();
                 if net.prefix_len() == 32 {
                     let key = HostV4 { generation: g, _pad: [0; 3], addr };
-                    note(match v { Some(v) => hosts.insert(key, v, 0), None => ignore_missing(hosts.remove(&key)) }.map_err(map_err("GK_HOSTS_V4")))?;
+                    (match v { Some(v) => hosts.insert(key, v, 0), None => ignore_missing(hosts.remove(&key)) }.map_err(map_err("GK_HOSTS_V4")))?;
                 } else {
                     let key = Key::new(8 + u32::from(net.prefix_len()), LpmV4 { generation: g, addr, _pad: [0; 3] });
-                    note(match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V4")))?;
+                    (match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V4")))?;
                 }
             }
         }
@@ -670,17 +669,17 @@ impl Dataplane {
                 let addr = net.addr().octets();
                 if net.prefix_len() == 128 {
                     let key = HostV6 { generation: g, _pad: [0; 3], addr };
-                    note(match v { Some(v) => hosts.insert(key, v, 0), None => ignore_missing(hosts.remove(&key)) }.map_err(map_err("GK_HOSTS_V6")))?;
+                    (match v { Some(v) => hosts.insert(key, v, 0), None => ignore_missing(hosts.remove(&key)) }.map_err(map_err("GK_HOSTS_V6")))?;
                 } else {
                     let key = Key::new(8 + u32::from(net.prefix_len()), LpmV6 { generation: g, addr, _pad: [0; 3] });
-                    note(match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V6")))?;
+                    (match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V6")))?;
                 }
             }
         }
         {
             let mut classes: Array<_, u32> = Array::try_from(self.map("GK_PORT_CLASS")?).map_err(map_err("GK_PORT_CLASS"))?;
             for &(l4, port, class) in &delta.ports {
-                note(classes.set(port_class_index(generation, l4, port), class, 0).map_err(map_err("GK_PORT_CLASS")))?;
+                (classes.set(port_class_index(generation, l4, port), class, 0).map_err(map_err("GK_PORT_CLASS")))?;
             }
         }
         {
@@ -688,13 +687,13 @@ impl Dataplane {
                 HashMap::try_from(self.map("GK_POLICY")?).map_err(map_err("GK_POLICY"))?;
             for (k, v) in &delta.policy {
                 let key = PolicyKey { generation: g, ..*k };
-                note(match v { Some(v) => policy.insert(key, v, 0), None => ignore_missing(policy.remove(&key)) }.map_err(map_err("GK_POLICY")))?;
+                (match v { Some(v) => policy.insert(key, v, 0), None => ignore_missing(policy.remove(&key)) }.map_err(map_err("GK_POLICY")))?;
             }
         }
         if let Some(cfg) = delta.config {
             let mut config: Array<_, GenConfig> =
                 Array::try_from(self.map("GK_GEN_CONFIG")?).map_err(map_err("GK_GEN_CONFIG"))?;
-            note(config.set(generation, cfg, 0).map_err(map_err("GK_GEN_CONFIG")))?;
+            (config.set(generation, cfg, 0).map_err(map_err("GK_GEN_CONFIG")))?;
         }
         Ok(())
     }
