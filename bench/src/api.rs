@@ -53,7 +53,13 @@ fn document(assets: usize, segments: usize, rules: usize) -> PolicyDocument {
         segments: p
             .segments
             .iter()
-            .map(|s| SegmentSpec { name: s.name.clone(), selector: s.selector.as_ref().map(ToString::to_string), cidrs: vec![], mode: s.mode, description: None })
+            .map(|s| SegmentSpec {
+                name: s.name.clone(),
+                selector: s.selector.as_ref().map(ToString::to_string),
+                cidrs: vec![],
+                mode: s.mode,
+                description: None,
+            })
             .collect(),
         rules: p
             .rules
@@ -63,7 +69,15 @@ fn document(assets: usize, segments: usize, rules: usize) -> PolicyDocument {
                 from: r.from.to_string(),
                 to: r.to.to_string(),
                 protocol: r.protocol,
-                ports: r.ports.iter().map(|&(lo, hi)| if lo == hi { Scalar::Int(i64::from(lo)) } else { Scalar::Str(format!("{lo}-{hi}")) }).collect(),
+                ports: r
+                    .ports
+                    .iter()
+                    .map(
+                        |&(lo, hi)| {
+                            if lo == hi { Scalar::Int(i64::from(lo)) } else { Scalar::Str(format!("{lo}-{hi}")) }
+                        },
+                    )
+                    .collect(),
                 action: r.action,
                 expires: None,
                 description: None,
@@ -133,7 +147,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
     progress(&format!("  isolated PATCH: p50 {i50:.2} ms, p99 {i99:.2} ms"));
 
     let t = Instant::now();
-    let workers: Vec<(usize, ureq::Agent)> = (0..clients).map(|c| (assets / 2 + c * per_client, agent.clone())).collect();
+    let workers: Vec<(usize, ureq::Agent)> =
+        (0..clients).map(|c| (assets / 2 + c * per_client, agent.clone())).collect();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let handles: Vec<_> = workers
             .iter()

@@ -117,7 +117,11 @@ fn policy(rules: usize) -> Policy {
     let mut p = Policy::default();
     for i in 0..rules {
         let tags = [("id".to_string(), i.to_string())].into();
-        p.assets.push(Asset { name: format!("src-{i}"), prefixes: vec![IpNet::from(std::net::IpAddr::V4(src_addr(i)))], tags });
+        p.assets.push(Asset {
+            name: format!("src-{i}"),
+            prefixes: vec![IpNet::from(std::net::IpAddr::V4(src_addr(i)))],
+            tags,
+        });
         p.segments.push(Segment {
             name: format!("s-{i}"),
             selector: Selector::parse(&format!("id={i}")).ok(),
@@ -174,7 +178,8 @@ struct Rig {
 impl Rig {
     fn new() -> anyhow::Result<Self> {
         let lab = Lab::new(&[("gen", 1), ("sink", 2)])?;
-        let (app, gen_ns, sink_ns) = (lab.appliance.clone(), lab.host("gen").netns.clone(), lab.host("sink").netns.clone());
+        let (app, gen_ns, sink_ns) =
+            (lab.appliance.clone(), lab.host("gen").netns.clone(), lab.host("sink").netns.clone());
         // Bridge hooks of iptables would run for every configuration alike; keep only what is measured.
         for knob in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"] {
             let _ = sh("ip", &["netns", "exec", &app, "sysctl", "-qw", &format!("net.bridge.{knob}=0")]);
@@ -185,7 +190,22 @@ impl Rig {
         }
         let sink_mac = mac(&sink_ns)?;
         let mac_text: Vec<String> = sink_mac.iter().map(|b| format!("{b:02x}")).collect();
-        sh("ip", &["netns", "exec", &app, "bridge", "fdb", "replace", &mac_text.join(":"), "dev", "p-sink", "master", "static"])?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &app,
+                "bridge",
+                "fdb",
+                "replace",
+                &mac_text.join(":"),
+                "dev",
+                "p-sink",
+                "master",
+                "static",
+            ],
+        )?;
 
         let mut helpers = aya::Ebpf::load(gatekeeper::maps::BENCH_OBJECT)?;
         for name in ["gk_empty", "gk_redirect", "gk_sink"] {
@@ -254,7 +274,12 @@ impl Rig {
 
 /// A 64-byte (on the wire) UDP frame to the sink.
 fn frame(src: std::net::Ipv4Addr, dport: u16, sink_mac: [u8; 6]) -> Vec<u8> {
-    let mut f = Frame::new(std::net::IpAddr::V4(src), SINK.parse().unwrap_or(std::net::IpAddr::V4(src)), L4::Udp { sport: 4000, dport }).build();
+    let mut f = Frame::new(
+        std::net::IpAddr::V4(src),
+        SINK.parse().unwrap_or(std::net::IpAddr::V4(src)),
+        L4::Udp { sport: 4000, dport },
+    )
+    .build();
     f[..6].copy_from_slice(&sink_mac);
     f.resize(60, 0);
     f
@@ -286,7 +311,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
         for round in 0..rounds {
             progress(&format!("  {rules} rules, round {}/{rounds}", round + 1));
             // Rotate the order each round so no filter always runs first or last.
-            let order: Vec<&str> = FILTERS.iter().cycle().skip(round % FILTERS.len()).take(FILTERS.len()).copied().collect();
+            let order: Vec<&str> =
+                FILTERS.iter().cycle().skip(round % FILTERS.len()).take(FILTERS.len()).copied().collect();
             for filter in order {
                 for (traffic, f) in [("allowed", &allowed), ("denied", &denied)] {
                     let base = measure(&mut rig, "none", traffic, f, frames, target_secs, &app, rules)?;
@@ -301,7 +327,17 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
             let (_, pps_median) = stats(&pps);
             let pps_max = pps.iter().copied().fold(f64::MIN, f64::max);
             let (cost_ns_min, cost_ns_median) = stats(&cost);
-            out.push(Cell { rules, filter, traffic, pps, pps_median, pps_max, cost_ns: cost, cost_ns_min, cost_ns_median });
+            out.push(Cell {
+                rules,
+                filter,
+                traffic,
+                pps,
+                pps_median,
+                pps_max,
+                cost_ns: cost,
+                cost_ns_min,
+                cost_ns_median,
+            });
         }
     }
     Ok(out)
@@ -309,7 +345,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
 
 /// Sets `filter` up, measures one kind of traffic through it, and takes it down again.
 #[allow(clippy::too_many_arguments)]
-fn measure(rig: &mut Rig, filter: &str, traffic: &str, f: &[u8], frames: u32, target_secs: f64, app: &str, rules: usize) -> anyhow::Result<f64> {
+fn measure(
+    rig: &mut Rig,
+    filter: &str,
+    traffic: &str,
+    f: &[u8],
+    frames: u32,
+    target_secs: f64,
+    app: &str,
+    rules: usize,
+) -> anyhow::Result<f64> {
     match filter {
         "gatekeeper" => {
             rig.detach_empty()?;

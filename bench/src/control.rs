@@ -43,7 +43,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Control> {
     let t = Instant::now();
     let report = dp.apply(compiled)?;
     let full_apply_ms = t.elapsed().as_secs_f64() * 1e3;
-    progress(&format!("  full policy: compile {full_compile_ms:.0} ms, apply {full_apply_ms:.0} ms ({} entries)", report.entries));
+    progress(&format!(
+        "  full policy: compile {full_compile_ms:.0} ms, apply {full_apply_ms:.0} ms ({} entries)",
+        report.entries
+    ));
     let (mut cc, mut ce, mut ca, mut total, mut entries) = (vec![], vec![], vec![], vec![], 0);
     for i in 0..changes {
         // Isolated edits, as an operator or a SIEM makes them: far enough apart that the grace

@@ -148,7 +148,14 @@ pub fn run(args: &Args) -> anyhow::Result<Results> {
     pin(cpu)?;
     let opts = if args.smoke { Options::smoke() } else { Options::full() };
     let want = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
-    let mut results = Results { machine: machine(cpu, cores), smoke: args.smoke, program: vec![], bridge: vec![], control: None, api: None };
+    let mut results = Results {
+        machine: machine(cpu, cores),
+        smoke: args.smoke,
+        program: vec![],
+        bridge: vec![],
+        control: None,
+        api: None,
+    };
     if want("program") {
         results.program = program::run(&opts)?;
     }
@@ -172,7 +179,8 @@ fn main() -> ExitCode {
             .and_then(|t| serde_json::from_str::<Results>(&t).map_err(anyhow::Error::from)),
         None => run(&args),
     };
-    let result = results.and_then(|r| if args.from.is_some() { report::render(&r, &args) } else { report::write(&r, &args) });
+    let result =
+        results.and_then(|r| if args.from.is_some() { report::render(&r, &args) } else { report::write(&r, &args) });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

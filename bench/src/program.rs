@@ -102,7 +102,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
             let t = std::time::Instant::now();
             let compiled = compiler.compile(&policy, Utc::now())?;
             let report = dp.apply(compiled)?;
-            progress(&format!("  applied in {:.2} s ({} entries written); measuring", t.elapsed().as_secs_f64(), report.entries));
+            progress(&format!(
+                "  applied in {:.2} s ({} entries written); measuring",
+                t.elapsed().as_secs_f64(),
+                report.entries
+            ));
             dp.clear_flows()?;
             let members = |s: usize| (assets + segments - 1 - s) / segments;
             let mut rounds: BTreeMap<(String, String, String), (u32, Vec<f64>)> = BTreeMap::new();
@@ -118,12 +122,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
                     let base_hot = hot(&empty.fd, &tcp(0, 1, v6, 1, 502), repeat, 2)?;
                     let cold_allowed: Vec<Vec<u8>> = (0..k)
                         .map(|_| {
-                            let (a, b) = (synth::member(0, rnd(members(0)), segments), synth::member(1, rnd(members(1)), segments));
+                            let (a, b) = (
+                                synth::member(0, rnd(members(0)), segments),
+                                synth::member(1, rnd(members(1)), segments),
+                            );
                             tcp(a, b, v6, next_sport(), 502)
                         })
                         .collect();
                     let base_cold = per_packet(&empty.fd, &cold_allowed, 2)?;
-                    let hot_allowed: Vec<Vec<u8>> = (0..k).map(|_| tcp(0, synth::member(1, 0, segments), v6, next_sport(), 502)).collect();
+                    let hot_allowed: Vec<Vec<u8>> =
+                        (0..k).map(|_| tcp(0, synth::member(1, 0, segments), v6, next_sport(), 502)).collect();
                     let base_pp = per_packet(&empty.fd, &hot_allowed, 2)?;
                     let mut record = |kind: &str, temp: &str, action: u32, ns: f64, base: f64| {
                         let e = rounds.entry((kind.into(), fam.into(), temp.into())).or_insert((action, vec![]));
@@ -133,7 +141,13 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
                     let allowed = icmp_error(0, synth::member(1, 0, segments), v6);
                     record("allowed", "hot", 2, hot(&prog, &allowed, repeat, 2)?, base_hot);
                     let cold_icmp: Vec<Vec<u8>> = (0..k)
-                        .map(|_| icmp_error(synth::member(0, rnd(members(0)), segments), synth::member(1, rnd(members(1)), segments), v6))
+                        .map(|_| {
+                            icmp_error(
+                                synth::member(0, rnd(members(0)), segments),
+                                synth::member(1, rnd(members(1)), segments),
+                                v6,
+                            )
+                        })
                         .collect();
                     let base_cold_icmp = per_packet(&empty.fd, &cold_icmp, 2)?;
                     record("allowed", "cold", 2, per_packet(&prog, &cold_icmp, 2)?, base_cold_icmp);
@@ -147,7 +161,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
                     let denied = tcp(0, synth::member(1, 0, segments), v6, 40000, synth::DENIED_PORT);
                     record("denied", "hot", 1, hot(&prog, &denied, repeat, 1)?, base_hot);
                     let cold_denied: Vec<Vec<u8>> = (0..k)
-                        .map(|_| tcp(rnd(assets), synth::member(1, rnd(members(1)), segments), v6, 40000, synth::DENIED_PORT))
+                        .map(|_| {
+                            tcp(rnd(assets), synth::member(1, rnd(members(1)), segments), v6, 40000, synth::DENIED_PORT)
+                        })
                         .collect();
                     let base_cold_denied = per_packet(&empty.fd, &cold_denied, 2)?;
                     record("denied", "cold", 1, per_packet(&prog, &cold_denied, 1)?, base_cold_denied);
@@ -161,7 +177,17 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Cell>> {
             }
             for ((kind, family, temp), (action, net)) in rounds {
                 let (min, median) = stats(&net);
-                cells.push(Cell { rules, assets, kind, family, temp, net_ns: net, net_ns_min: min, net_ns_median: median, action });
+                cells.push(Cell {
+                    rules,
+                    assets,
+                    kind,
+                    family,
+                    temp,
+                    net_ns: net,
+                    net_ns_min: min,
+                    net_ns_median: median,
+                    action,
+                });
             }
         }
     }

@@ -67,7 +67,9 @@ pub fn markdown(r: &Results) -> String {
                 let fam = if kind == "non-ip" { "-" } else { family };
                 let _ = write!(s, "| {kind} ({temp}) | ");
                 for (a, ru) in &configs {
-                    let c = r.program.iter().find(|c| c.assets == *a && c.rules == *ru && c.kind == kind && c.family == fam && c.temp == temp);
+                    let c = r.program.iter().find(|c| {
+                        c.assets == *a && c.rules == *ru && c.kind == kind && c.family == fam && c.temp == temp
+                    });
                     match c {
                         Some(c) => {
                             let _ = write!(s, "{} ({}) | ", fmt_ns(c.net_ns_median), fmt_ns(c.net_ns_min));
@@ -128,17 +130,46 @@ pub fn markdown(r: &Results) -> String {
         );
         let full = (c.full_compile_ms + c.full_apply_ms) / 1e3;
         let _ = writeln!(s, "- {} full policy under 2 s: {:.2} s", mark(full < 2.0), full);
-        let _ = writeln!(s, "- {} one tag change under 5 ms: {:.3} ms median\n", mark(c.change_total_ms_median < 5.0), c.change_total_ms_median);
+        let _ = writeln!(
+            s,
+            "- {} one tag change under 5 ms: {:.3} ms median\n",
+            mark(c.change_total_ms_median < 5.0),
+            c.change_total_ms_median
+        );
     }
     if let Some(a) = &r.api {
         let _ = writeln!(
             s,
             "**Live membership through the API**, {} assets / {} segments / {} rules: a PATCH of one asset's tags returns once the change is enforced and committed; isolated PATCHes (40 ms apart) take {:.2} ms (p50) / {:.2} ms (p99), back-to-back ones {:.2} ms (p50) / {:.2} ms (p99) over {} requests (each waits for the grace period of the apply two before it); {} concurrent clients sustain {:.0} tag changes per second.\n",
-            size(a.assets), size(a.segments), size(a.rules), a.isolated_ms_p50, a.isolated_ms_p99, a.patch_ms_p50, a.patch_ms_p99, a.patches, a.clients, a.changes_per_sec
+            size(a.assets),
+            size(a.segments),
+            size(a.rules),
+            a.isolated_ms_p50,
+            a.isolated_ms_p99,
+            a.patch_ms_p50,
+            a.patch_ms_p99,
+            a.patches,
+            a.clients,
+            a.changes_per_sec
         );
-        let _ = writeln!(s, "- {} PATCH-to-enforced p99 under 10 ms for isolated changes: {:.2} ms", mark(a.isolated_ms_p99 < 10.0), a.isolated_ms_p99);
-        let _ = writeln!(s, "- {} PATCH-to-enforced p99 under 10 ms back-to-back: {:.2} ms", mark(a.patch_ms_p99 < 10.0), a.patch_ms_p99);
-        let _ = writeln!(s, "- {} at least 1,000 tag changes per second: {:.0}\n", mark(a.changes_per_sec >= 1000.0), a.changes_per_sec);
+        let _ = writeln!(
+            s,
+            "- {} PATCH-to-enforced p99 under 10 ms for isolated changes: {:.2} ms",
+            mark(a.isolated_ms_p99 < 10.0),
+            a.isolated_ms_p99
+        );
+        let _ = writeln!(
+            s,
+            "- {} PATCH-to-enforced p99 under 10 ms back-to-back: {:.2} ms",
+            mark(a.patch_ms_p99 < 10.0),
+            a.patch_ms_p99
+        );
+        let _ = writeln!(
+            s,
+            "- {} at least 1,000 tag changes per second: {:.0}\n",
+            mark(a.changes_per_sec >= 1000.0),
+            a.changes_per_sec
+        );
     }
     s
 }
@@ -180,7 +211,8 @@ fn program_targets(r: &Results) -> String {
         // Below 10 ns, differences are timer resolution, not growth.
         let spread = if hi < 10.0 { 0.0 } else { (hi - lo) / lo.max(1.0) };
         if spread > spread_worst.0 {
-            spread_worst = (spread, format!("{} {} at {} assets: {:.0}..{:.0} ns", c.kind, c.family, size(c.assets), lo, hi));
+            spread_worst =
+                (spread, format!("{} {} at {} assets: {:.0}..{:.0} ns", c.kind, c.family, size(c.assets), lo, hi));
         }
     }
     let _ = writeln!(
@@ -219,7 +251,12 @@ fn bridge_targets(r: &Results) -> String {
         }
         if let (Some(g), Some(n)) = (get("gatekeeper", "denied"), get("nft-bridge-set", "denied")) {
             let ratio = g.pps_median / n.pps_median;
-            let _ = writeln!(s, "- {} {} rules, denied: at least 2x the pps of nftables (set, bridge hook): {ratio:.2}x", mark(ratio >= 2.0), size(ru));
+            let _ = writeln!(
+                s,
+                "- {} {} rules, denied: at least 2x the pps of nftables (set, bridge hook): {ratio:.2}x",
+                mark(ratio >= 2.0),
+                size(ru)
+            );
         }
     }
     s + "\n"
@@ -229,7 +266,11 @@ fn bridge_targets(r: &Results) -> String {
 /// (new flows, an order of magnitude dearer and not one packet repeated, are in the tables only).
 pub fn svg(r: &Results) -> String {
     let (w, h, left, right, top, bottom) = (720.0, 420.0, 60.0, 190.0, 30.0, 50.0);
-    let hot: Vec<_> = r.program.iter().filter(|c| c.temp == "hot" && c.kind != "new-flow" && (c.family == "v4" || c.family == "-")).collect();
+    let hot: Vec<_> = r
+        .program
+        .iter()
+        .filter(|c| c.temp == "hot" && c.kind != "new-flow" && (c.family == "v4" || c.family == "-"))
+        .collect();
     let rules: Vec<usize> = hot.iter().map(|c| c.rules).collect::<BTreeSet<_>>().into_iter().collect();
     let ymax = hot.iter().map(|c| c.net_ns_median).fold(100.0f64, f64::max) * 1.1;
     let xs = |i: usize| left + (w - left - right) * (i as f64 + 0.5) / rules.len().max(1) as f64;
@@ -237,19 +278,52 @@ pub fn svg(r: &Results) -> String {
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"18\" font-size=\"14\">gatekeeper XDP cost per packet (hot, IPv4, net of an empty program)</text>\n"
     );
-    let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - bottom, w - right, h - bottom);
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom,
+        w - right,
+        h - bottom
+    );
     let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>", h - bottom);
-    let step = if ymax > 400.0 { 100.0 } else if ymax > 150.0 { 50.0 } else { 20.0 };
+    let step = if ymax > 400.0 {
+        100.0
+    } else if ymax > 150.0 {
+        50.0
+    } else {
+        20.0
+    };
     let mut y = 0.0;
     while y <= ymax {
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y:.0}</text><line x1=\"{left}\" y1=\"{1}\" x2=\"{}\" y2=\"{1}\" stroke=\"#ddd\"/>", left - 6.0, ys(y), w - right);
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y:.0}</text><line x1=\"{left}\" y1=\"{1}\" x2=\"{}\" y2=\"{1}\" stroke=\"#ddd\"/>",
+            left - 6.0,
+            ys(y),
+            w - right
+        );
         y += step;
     }
-    let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"red\" stroke-dasharray=\"4 3\"/><text x=\"{1}\" y=\"{0}\" fill=\"red\"> 100 ns target</text>", ys(100.0), w - right);
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"red\" stroke-dasharray=\"4 3\"/><text x=\"{1}\" y=\"{0}\" fill=\"red\"> 100 ns target</text>",
+        ys(100.0),
+        w - right
+    );
     for (i, ru) in rules.iter().enumerate() {
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{} rules</text>", xs(i), h - bottom + 18.0, size(*ru));
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{} rules</text>",
+            xs(i),
+            h - bottom + 18.0,
+            size(*ru)
+        );
     }
-    let _ = writeln!(s, "<text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {0})\">ns per packet</text>", (h - bottom + top) / 2.0);
+    let _ = writeln!(
+        s,
+        "<text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {0})\">ns per packet</text>",
+        (h - bottom + top) / 2.0
+    );
     let colors = [("allowed", "#1f77b4"), ("flow-hit", "#2ca02c"), ("denied", "#d62728"), ("non-ip", "#7f7f7f")];
     let assets: Vec<usize> = hot.iter().map(|c| c.assets).collect::<BTreeSet<_>>().into_iter().collect();
     let mut legend_y = top + 10.0;
@@ -262,7 +336,9 @@ pub fn svg(r: &Results) -> String {
                 .filter_map(|(i, ru)| {
                     r.program
                         .iter()
-                        .find(|c| c.temp == "hot" && c.kind == kind && c.family == fam && c.assets == *a && c.rules == *ru)
+                        .find(|c| {
+                            c.temp == "hot" && c.kind == kind && c.family == fam && c.assets == *a && c.rules == *ru
+                        })
                         .map(|c| (xs(i), ys(c.net_ns_median)))
                 })
                 .collect();
@@ -271,12 +347,23 @@ pub fn svg(r: &Results) -> String {
             }
             let dash = ["", "6 3", "2 2"][ai % 3];
             let path: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-            let _ = writeln!(s, "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/>", path.join(" "));
+            let _ = writeln!(
+                s,
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/>",
+                path.join(" ")
+            );
             for (x, y) in &pts {
                 let _ = writeln!(s, "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{color}\"/>");
             }
             let lx = w - right + 10.0;
-            let _ = writeln!(s, "<line x1=\"{lx}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/><text x=\"{}\" y=\"{}\">{kind}, {} assets</text>", lx + 24.0, lx + 30.0, legend_y + 4.0, size(*a));
+            let _ = writeln!(
+                s,
+                "<line x1=\"{lx}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/><text x=\"{}\" y=\"{}\">{kind}, {} assets</text>",
+                lx + 24.0,
+                lx + 30.0,
+                legend_y + 4.0,
+                size(*a)
+            );
             legend_y += 18.0;
         }
     }
@@ -286,20 +373,59 @@ pub fn svg(r: &Results) -> String {
 /// Differences against an earlier results file.
 pub fn compare(old: &Results, new: &Results) -> String {
     let pct = |o: f64, n: f64| if o.abs() < 1e-9 { String::from("-") } else { format!("{:+.0}%", (n - o) / o * 100.0) };
-    let mut s = format!("Comparing with the run of {} ({}):\n\n| measurement | old | new | change |\n|---|---:|---:|---:|\n", old.machine.date, old.machine.cpu);
+    let mut s = format!(
+        "Comparing with the run of {} ({}):\n\n| measurement | old | new | change |\n|---|---:|---:|---:|\n",
+        old.machine.date, old.machine.cpu
+    );
     for c in &new.program {
-        if let Some(o) = old.program.iter().find(|o| o.assets == c.assets && o.rules == c.rules && o.kind == c.kind && o.family == c.family && o.temp == c.temp) {
-            let _ = writeln!(s, "| program {} {} {} {}/{} (ns) | {:.0} | {:.0} | {} |", c.kind, c.family, c.temp, size(c.assets), size(c.rules), o.net_ns_median, c.net_ns_median, pct(o.net_ns_median, c.net_ns_median));
+        if let Some(o) = old.program.iter().find(|o| {
+            o.assets == c.assets && o.rules == c.rules && o.kind == c.kind && o.family == c.family && o.temp == c.temp
+        }) {
+            let _ = writeln!(
+                s,
+                "| program {} {} {} {}/{} (ns) | {:.0} | {:.0} | {} |",
+                c.kind,
+                c.family,
+                c.temp,
+                size(c.assets),
+                size(c.rules),
+                o.net_ns_median,
+                c.net_ns_median,
+                pct(o.net_ns_median, c.net_ns_median)
+            );
         }
     }
     for c in &new.bridge {
-        if let Some(o) = old.bridge.iter().find(|o| o.rules == c.rules && o.filter == c.filter && o.traffic == c.traffic) {
-            let _ = writeln!(s, "| bridge {} {} {} rules (pps) | {:.0} | {:.0} | {} |", c.filter, c.traffic, size(c.rules), o.pps_median, c.pps_median, pct(o.pps_median, c.pps_median));
+        if let Some(o) =
+            old.bridge.iter().find(|o| o.rules == c.rules && o.filter == c.filter && o.traffic == c.traffic)
+        {
+            let _ = writeln!(
+                s,
+                "| bridge {} {} {} rules (pps) | {:.0} | {:.0} | {} |",
+                c.filter,
+                c.traffic,
+                size(c.rules),
+                o.pps_median,
+                c.pps_median,
+                pct(o.pps_median, c.pps_median)
+            );
         }
     }
     if let (Some(o), Some(c)) = (&old.control, &new.control) {
-        let _ = writeln!(s, "| control full compile+apply (ms) | {:.0} | {:.0} | {} |", o.full_compile_ms + o.full_apply_ms, c.full_compile_ms + c.full_apply_ms, pct(o.full_compile_ms + o.full_apply_ms, c.full_compile_ms + c.full_apply_ms));
-        let _ = writeln!(s, "| control tag change (ms) | {:.1} | {:.1} | {} |", o.change_total_ms_median, c.change_total_ms_median, pct(o.change_total_ms_median, c.change_total_ms_median));
+        let _ = writeln!(
+            s,
+            "| control full compile+apply (ms) | {:.0} | {:.0} | {} |",
+            o.full_compile_ms + o.full_apply_ms,
+            c.full_compile_ms + c.full_apply_ms,
+            pct(o.full_compile_ms + o.full_apply_ms, c.full_compile_ms + c.full_apply_ms)
+        );
+        let _ = writeln!(
+            s,
+            "| control tag change (ms) | {:.1} | {:.1} | {} |",
+            o.change_total_ms_median,
+            c.change_total_ms_median,
+            pct(o.change_total_ms_median, c.change_total_ms_median)
+        );
     }
     s
 }

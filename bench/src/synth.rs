@@ -67,7 +67,11 @@ pub fn policy(assets: usize, segments: usize, rules: usize) -> Policy {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            ((x % segments as u64) as usize, ((x >> 20) % segments as u64) as usize, PORTS[(x >> 40) as usize % PORTS.len()])
+            (
+                (x % segments as u64) as usize,
+                ((x >> 20) % segments as u64) as usize,
+                PORTS[(x >> 40) as usize % PORTS.len()],
+            )
         };
         p.rules.push(Rule {
             name: format!("rule-{j}"),

@@ -16,7 +16,11 @@ fn smoke_run_measures_every_section() {
     assert!(run.status.success(), "gatekeeper-bench --smoke failed:\n{stderr}");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("SMOKE RUN"), "{stdout}");
-    let file = std::fs::read_dir(&out).unwrap().filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().ends_with("-smoke.json")).expect("results file");
+    let file = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().ends_with("-smoke.json"))
+        .expect("results file");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(file.path()).unwrap()).unwrap();
     let _ = std::fs::remove_dir_all(&out);
 
@@ -32,7 +36,10 @@ fn smoke_run_measures_every_section() {
     let bridge = r["bridge"].as_array().unwrap();
     for filter in ["none", "gatekeeper", "nft-bridge-set", "nft-netdev-set", "nft-bridge-linear"] {
         for traffic in ["allowed", "denied"] {
-            let c = bridge.iter().find(|c| c["filter"] == filter && c["traffic"] == traffic).unwrap_or_else(|| panic!("no {filter} {traffic}"));
+            let c = bridge
+                .iter()
+                .find(|c| c["filter"] == filter && c["traffic"] == traffic)
+                .unwrap_or_else(|| panic!("no {filter} {traffic}"));
             assert!(c["pps_median"].as_f64().unwrap() > 1000.0, "{filter} {traffic}: {c}");
         }
     }

@@ -44,7 +44,11 @@ pub fn gk_sink(ctx: XdpContext) -> u32 {
     }
     // SAFETY: 42 bytes (Ethernet, IPv4 without options, UDP) checked just above.
     let h = unsafe { core::ptr::read_unaligned(start as *const [u8; 42]) };
-    let ours = h[12] == 0x08 && h[13] == 0x00 && h[14] == 0x45 && h[23] == 17 && u16::from_be_bytes([h[34], h[35]]) == GENERATOR_SPORT;
+    let ours = h[12] == 0x08
+        && h[13] == 0x00
+        && h[14] == 0x45
+        && h[23] == 17
+        && u16::from_be_bytes([h[34], h[35]]) == GENERATOR_SPORT;
     if !ours {
         return xdp_action::XDP_PASS;
     }

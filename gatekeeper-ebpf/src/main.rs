@@ -18,15 +18,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use gatekeeper_common::{
-    CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, Counter,
-    EVENT_FLOW_INSERT_FAILED, EVENT_FLOW_REVOKED, FLOW_ORIG_LO, FlowKey, FlowValue, GOVERN_ENFORCE,
-    DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
-    DEFAULT_RULE_SLOTS, GENERATIONS, GenConfig, HostV4, HostV6, ID_ANY, Identity, LpmV4, LpmV6, NO_RULE, OUTCOME_DROP_DEFAULT,
-    OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT,
-    OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_ALLOWED,
-    OUTCOME_PASS_FLOW, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP,
-    OUTCOME_PASS_UNGOVERNED, PORT_CLASS_ENTRIES, PORT_CLASS_NONE, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
+    CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, Counter, DEFAULT_FLOW_ENTRIES,
+    DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_RULE_SLOTS, EVENT_FLOW_INSERT_FAILED,
+    EVENT_FLOW_REVOKED, FLOW_ORIG_LO, FlowKey, FlowValue, GENERATIONS, GOVERN_ENFORCE, GenConfig, HostV4, HostV6,
+    ID_ANY, Identity, LpmV4, LpmV6, NO_RULE, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED,
+    OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_ALLOWED,
+    OUTCOME_PASS_FLOW, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP, OUTCOME_PASS_UNGOVERNED,
+    PORT_CLASS_ENTRIES, PORT_CLASS_NONE, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey,
+    PolicyValue, STATS_ENTRIES, port_class_index,
 };
 
 // ---- Maps (documented in gatekeeper-common) -------------------------------------------------
@@ -304,9 +303,7 @@ fn parse_l4(ctx: &XdpContext, offset: usize, mut p: Packet) -> Parsed {
                 p.dport = id;
                 p.trackable = true;
             }
-            p.neighbor = p.family == 6
-                && p.proto == PROTO_ICMPV6
-                && ((130..=137).contains(&ty) || ty == 143);
+            p.neighbor = p.family == 6 && p.proto == PROTO_ICMPV6 && ((130..=137).contains(&ty) || ty == 143);
         }
         _ => {}
     }
@@ -378,14 +375,8 @@ fn merge(key: &PolicyKey, allow: &mut u32, deny: &mut u32) {
 fn decide(cfg_flags: u32, generation: u32, proto: u8, port_class: u32, src: u32, dst: u32) -> (bool, u32) {
     let mut allow = NO_RULE;
     let mut deny = NO_RULE;
-    let mut key = PolicyKey {
-        generation: generation as u8,
-        proto: proto_class(proto),
-        _pad: [0; 2],
-        port_class,
-        src,
-        dst,
-    };
+    let mut key =
+        PolicyKey { generation: generation as u8, proto: proto_class(proto), _pad: [0; 2], port_class, src, dst };
     merge(&key, &mut allow, &mut deny);
     if cfg_flags & CFG_DST_ANY != 0 {
         key.dst = ID_ANY;
@@ -413,22 +404,10 @@ fn decide(cfg_flags: u32, generation: u32, proto: u8, port_class: u32, src: u32,
 /// The flow key in canonical order, and whether the packet's source is the `lo` endpoint.
 #[inline(always)]
 fn flow_key(p: &Packet) -> (FlowKey, bool) {
-    let src_lo = (p.src[0], p.src[1], p.src[2], p.src[3], p.sport)
-        <= (p.dst[0], p.dst[1], p.dst[2], p.dst[3], p.dport);
-    let (a, pa, b, pb) = if src_lo {
-        (p.src, p.sport, p.dst, p.dport)
-    } else {
-        (p.dst, p.dport, p.src, p.sport)
-    };
-    let key = FlowKey {
-        addr_lo: a,
-        addr_hi: b,
-        port_lo: pa,
-        port_hi: pb,
-        proto: p.proto,
-        family: p.family,
-        _pad: [0; 2],
-    };
+    let src_lo = (p.src[0], p.src[1], p.src[2], p.src[3], p.sport) <= (p.dst[0], p.dst[1], p.dst[2], p.dst[3], p.dport);
+    let (a, pa, b, pb) = if src_lo { (p.src, p.sport, p.dst, p.dport) } else { (p.dst, p.dport, p.src, p.sport) };
+    let key =
+        FlowKey { addr_lo: a, addr_hi: b, port_lo: pa, port_hi: pb, proto: p.proto, family: p.family, _pad: [0; 2] };
     (key, src_lo)
 }
 
@@ -547,11 +526,7 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
     // A flow opened under an older policy is judged again, in its original direction.
     if let Some(v) = stale {
         let orig_lo = v.flags & FLOW_ORIG_LO != 0;
-        let (os, od, odport) = if orig_lo == src_lo {
-            (src.id, dst.id, p.dport)
-        } else {
-            (dst.id, src.id, p.sport)
-        };
+        let (os, od, odport) = if orig_lo == src_lo { (src.id, dst.id, p.dport) } else { (dst.id, src.id, p.sport) };
         let pc = port_class(generation, &p, odport);
         let (allowed, _) = decide(cfg.flags, generation, p.proto, pc, os, od);
         if allowed {

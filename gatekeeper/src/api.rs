@@ -54,7 +54,9 @@ pub enum ApiError {
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::BadRequest(d) | Self::NotFound(d) | Self::Conflict(d) | Self::Unsupported(d) | Self::Internal(d) => f.write_str(d),
+            Self::BadRequest(d) | Self::NotFound(d) | Self::Conflict(d) | Self::Unsupported(d) | Self::Internal(d) => {
+                f.write_str(d)
+            }
             Self::Unauthorized => f.write_str("unauthorized"),
             Self::Forbidden => f.write_str("forbidden"),
             Self::Invalid(p) => f.write_str(&p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
@@ -66,13 +68,16 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, title, detail, errors) = match self {
             Self::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad request", d, vec![]),
-            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required".into(), vec![]),
+            Self::Unauthorized => {
+                (StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required".into(), vec![])
+            }
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "this token may only read".into(), vec![]),
             Self::NotFound(d) => (StatusCode::NOT_FOUND, "not found", d, vec![]),
             Self::Conflict(d) => (StatusCode::CONFLICT, "conflict", d, vec![]),
             Self::Unsupported(d) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type", d, vec![]),
             Self::Invalid(problems) => {
-                let errors = problems.iter().map(|p| json!({"entry": p.entry, "field": p.field, "reason": p.reason})).collect();
+                let errors =
+                    problems.iter().map(|p| json!({"entry": p.entry, "field": p.field, "reason": p.reason})).collect();
                 let detail = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid policy", detail, errors)
             }
@@ -100,7 +105,13 @@ impl App {
     }
 
     /// Makes `new` the desired state: validate, enforce, record. Returns the changes.
-    pub fn change(&mut self, new: PolicyDocument, actor: &str, action: &str, dry_run: bool) -> Result<Vec<Change>, ApiError> {
+    pub fn change(
+        &mut self,
+        new: PolicyDocument,
+        actor: &str,
+        action: &str,
+        dry_run: bool,
+    ) -> Result<Vec<Change>, ApiError> {
         let policy = match new.validate("request") {
             Ok(p) => p,
             Err(PolicyError::Invalid { problems, .. }) => return Err(ApiError::Invalid(problems)),
@@ -151,17 +162,19 @@ impl App {
         for w in writes {
             let asset = match &w.spec {
                 None => None,
-                Some(spec) => match (PolicyDocument { assets: vec![spec.clone()], ..Default::default() }).validate("request") {
-                    Ok(mut p) => p.assets.pop(),
-                    Err(PolicyError::Invalid { problems, .. }) => {
-                        let _ = w.reply.send(Err(ApiError::Invalid(problems)));
-                        continue;
+                Some(spec) => {
+                    match (PolicyDocument { assets: vec![spec.clone()], ..Default::default() }).validate("request") {
+                        Ok(mut p) => p.assets.pop(),
+                        Err(PolicyError::Invalid { problems, .. }) => {
+                            let _ = w.reply.send(Err(ApiError::Invalid(problems)));
+                            continue;
+                        }
+                        Err(e) => {
+                            let _ = w.reply.send(Err(ApiError::BadRequest(e.to_string())));
+                            continue;
+                        }
                     }
-                    Err(e) => {
-                        let _ = w.reply.send(Err(ApiError::BadRequest(e.to_string())));
-                        continue;
-                    }
-                },
+                }
             };
             if !names.insert(w.name.clone()) {
                 self.apply_batch(std::mem::take(&mut batch));
@@ -212,7 +225,10 @@ impl App {
                         .iter()
                         .map(|(w, _, old)| {
                             let a = old.as_ref().and_then(|o| {
-                                (PolicyDocument { assets: vec![o.clone()], ..Default::default() }).validate("store").ok().and_then(|mut p| p.assets.pop())
+                                (PolicyDocument { assets: vec![o.clone()], ..Default::default() })
+                                    .validate("store")
+                                    .ok()
+                                    .and_then(|mut p| p.assets.pop())
                             });
                             (w.name.clone(), a)
                         })
@@ -304,7 +320,13 @@ impl ApiState {
         Self { app, tokens: Arc::new(tokens), writes: tx }
     }
 
-    async fn write_asset(&self, name: &str, spec: Option<AssetSpec>, actor: &'static str, action: &'static str) -> Result<(), ApiError> {
+    async fn write_asset(
+        &self,
+        name: &str,
+        spec: Option<AssetSpec>,
+        actor: &'static str,
+        action: &'static str,
+    ) -> Result<(), ApiError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let w = AssetWrite { name: name.to_string(), spec, actor, action, reply };
         self.writes.send(w).await.map_err(|_| ApiError::Internal("the writer stopped".into()))?;
@@ -412,7 +434,14 @@ async fn list_assets(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> R
     let app = s.app.lock().await;
     let Some(text) = q.selector else { return Ok(Json(app.doc.assets.clone())) };
     let sel = Selector::parse(&text).map_err(|e| ApiError::BadRequest(format!("selector: {e}")))?;
-    let matching = app.enforcer.policy().assets.iter().filter(|a| sel.matches(&a.tags)).map(|a| a.name.as_str()).collect::<Vec<_>>();
+    let matching = app
+        .enforcer
+        .policy()
+        .assets
+        .iter()
+        .filter(|a| sel.matches(&a.tags))
+        .map(|a| a.name.as_str())
+        .collect::<Vec<_>>();
     Ok(Json(app.doc.assets.iter().filter(|a| matching.contains(&a.name.as_str())).cloned().collect()))
 }
 
@@ -432,13 +461,25 @@ fn upsert<T: Clone>(list: &mut Vec<T>, item: T, of: impl Fn(&T) -> &str) {
     }
 }
 
-async fn put_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn put_asset(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    ext: axum::http::Extensions,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let spec: AssetSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
     s.write_asset(&name, Some(spec.clone()), actor(&ext), "put asset").await?;
     Ok(Json(spec).into_response())
 }
 
-async fn patch_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn patch_asset(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    ext: axum::http::Extensions,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let patch = body_json(&headers, &body, &["application/merge-patch+json", "application/json"])?;
     let current = {
         let app = s.app.lock().await;
@@ -451,7 +492,11 @@ async fn patch_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: a
     Ok(Json(spec).into_response())
 }
 
-async fn delete_asset(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions) -> Result<StatusCode, ApiError> {
+async fn delete_asset(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    ext: axum::http::Extensions,
+) -> Result<StatusCode, ApiError> {
     if s.app.lock().await.asset(&name).is_none() {
         return Err(ApiError::NotFound(format!("no asset {name:?}")));
     }
@@ -468,7 +513,13 @@ async fn get_segment(State(s): State<ApiState>, Path(name): Path<String>) -> Res
     Ok(Json(find(&app.doc.segments, &name, |x| &x.name, "segment")?.clone()))
 }
 
-async fn put_segment(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn put_segment(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    ext: axum::http::Extensions,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let spec: SegmentSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
     let mut app = s.app.lock().await;
     let mut doc = app.doc.clone();
@@ -477,12 +528,19 @@ async fn put_segment(State(s): State<ApiState>, Path(name): Path<String>, ext: a
     Ok(Json(spec).into_response())
 }
 
-async fn delete_segment(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions) -> Result<StatusCode, ApiError> {
+async fn delete_segment(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    ext: axum::http::Extensions,
+) -> Result<StatusCode, ApiError> {
     let mut app = s.app.lock().await;
     find(&app.doc.segments, &name, |x| &x.name, "segment")?;
-    let users: Vec<&str> = app.doc.rules.iter().filter(|r| r.from == name || r.to == name).map(|r| r.name.as_str()).collect();
+    let users: Vec<&str> =
+        app.doc.rules.iter().filter(|r| r.from == name || r.to == name).map(|r| r.name.as_str()).collect();
     if !users.is_empty() {
-        return Err(ApiError::Conflict(format!("segment {name:?} is used by rules {users:?}; delete or change them first")));
+        return Err(ApiError::Conflict(format!(
+            "segment {name:?} is used by rules {users:?}; delete or change them first"
+        )));
     }
     let mut doc = app.doc.clone();
     doc.segments.retain(|x| x.name != name);
@@ -513,7 +571,13 @@ async fn get_rule(State(s): State<ApiState>, Path(name): Path<String>) -> Result
     Ok(Json(find(&app.doc.rules, &name, |x| &x.name, "rule")?.clone()))
 }
 
-async fn put_rule(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn put_rule(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    ext: axum::http::Extensions,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let spec: RuleSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
     let mut app = s.app.lock().await;
     let mut doc = app.doc.clone();
@@ -522,7 +586,11 @@ async fn put_rule(State(s): State<ApiState>, Path(name): Path<String>, ext: axum
     Ok(Json(spec).into_response())
 }
 
-async fn delete_rule(State(s): State<ApiState>, Path(name): Path<String>, ext: axum::http::Extensions) -> Result<StatusCode, ApiError> {
+async fn delete_rule(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    ext: axum::http::Extensions,
+) -> Result<StatusCode, ApiError> {
     let mut app = s.app.lock().await;
     find(&app.doc.rules, &name, |x| &x.name, "rule")?;
     let mut doc = app.doc.clone();
@@ -537,7 +605,13 @@ struct ApplyQuery {
     dry_run: bool,
 }
 
-async fn apply(State(s): State<ApiState>, Query(q): Query<ApplyQuery>, ext: axum::http::Extensions, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn apply(
+    State(s): State<ApiState>,
+    Query(q): Query<ApplyQuery>,
+    ext: axum::http::Extensions,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
     let ct = ct.split(';').next().unwrap_or("").trim();
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
@@ -568,8 +642,10 @@ async fn status(State(s): State<ApiState>) -> Json<Value> {
     let app = s.app.lock().await;
     let dp = app.enforcer.dataplane();
     let c = dp.applied();
-    let (h4, n4) = (c.v4.keys().filter(|n| n.prefix_len() == 32).count(), c.v4.keys().filter(|n| n.prefix_len() < 32).count());
-    let (h6, n6) = (c.v6.keys().filter(|n| n.prefix_len() == 128).count(), c.v6.keys().filter(|n| n.prefix_len() < 128).count());
+    let (h4, n4) =
+        (c.v4.keys().filter(|n| n.prefix_len() == 32).count(), c.v4.keys().filter(|n| n.prefix_len() < 32).count());
+    let (h6, n6) =
+        (c.v6.keys().filter(|n| n.prefix_len() == 128).count(), c.v6.keys().filter(|n| n.prefix_len() < 128).count());
     let cap = app.enforcer.capacity();
     let fill = |used: usize, max: usize| json!({"used": used, "capacity": max});
     let interfaces: BTreeMap<String, &str> = dp.attachments().into_iter().collect();

@@ -123,13 +123,25 @@ impl Client {
         match status {
             200..=299 => Ok(value),
             400..=499 => {
-                let mut msg = format!("{status} {}: {}", value["title"].as_str().unwrap_or(""), value["detail"].as_str().unwrap_or(""));
+                let mut msg = format!(
+                    "{status} {}: {}",
+                    value["title"].as_str().unwrap_or(""),
+                    value["detail"].as_str().unwrap_or("")
+                );
                 for e in value["errors"].as_array().into_iter().flatten() {
-                    msg += &format!("\n  {}: {}: {}", e["entry"].as_str().unwrap_or(""), e["field"].as_str().unwrap_or(""), e["reason"].as_str().unwrap_or(""));
+                    msg += &format!(
+                        "\n  {}: {}: {}",
+                        e["entry"].as_str().unwrap_or(""),
+                        e["field"].as_str().unwrap_or(""),
+                        e["reason"].as_str().unwrap_or("")
+                    );
                 }
                 Err(Failure::Refused(msg))
             }
-            _ => Err(Failure::Unreachable(format!("{status}: {}", value["detail"].as_str().unwrap_or(&value.to_string())))),
+            _ => Err(Failure::Unreachable(format!(
+                "{status}: {}",
+                value["detail"].as_str().unwrap_or(&value.to_string())
+            ))),
         }
     }
 }
@@ -141,7 +153,16 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
             widths[i] = widths[i].max(c.len());
         }
     }
-    let line = |cells: Vec<String>| cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
     let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
     out.extend(rows.into_iter().map(line));
     out.join("\n")
@@ -172,7 +193,13 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
             print(output, &v, |v| {
                 let maps = v["maps"].as_object().map(|m| {
                     m.iter()
-                        .map(|(k, x)| if x.is_object() { format!("{k} {}/{}", x["used"], x["capacity"]) } else { format!("{k} {x}") })
+                        .map(|(k, x)| {
+                            if x.is_object() {
+                                format!("{k} {}/{}", x["used"], x["capacity"])
+                            } else {
+                                format!("{k} {x}")
+                            }
+                        })
                         .collect::<Vec<_>>()
                         .join(", ")
                 });
@@ -188,8 +215,10 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
             });
         }
         ClientCommand::Apply { file, dry_run, output } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| Failure::Refused(format!("{}: {e}", file.display())))?;
-            let ct = if file.extension().is_some_and(|e| e == "json") { "application/json" } else { "application/yaml" };
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| Failure::Refused(format!("{}: {e}", file.display())))?;
+            let ct =
+                if file.extension().is_some_and(|e| e == "json") { "application/json" } else { "application/yaml" };
             let path = if dry_run { "/apply?dry_run=true" } else { "/apply" };
             let v = c.send("POST", path, ct, Some(text))?;
             print(output, &v, |v| {
@@ -201,7 +230,11 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
                     .collect();
                 let n = rows.len();
                 let verb = if dry_run { "would change" } else { "changed" };
-                if n == 0 { "no changes".into() } else { format!("{}\n{n} object(s) {verb}", table(&["OP", "KIND", "NAME"], rows)) }
+                if n == 0 {
+                    "no changes".into()
+                } else {
+                    format!("{}\n{n} object(s) {verb}", table(&["OP", "KIND", "NAME"], rows))
+                }
             });
         }
         ClientCommand::Get { kind, selector, output } => {
@@ -214,16 +247,32 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
             print(output, &v, |v| {
                 let items = v.as_array().cloned().unwrap_or_default();
                 match kind.as_str() {
-                    "assets" => table(&["NAME", "IPS", "TAGS"], items.iter().map(|a| vec![s(&a["name"]), s(&a["ips"]), s(&a["tags"])]).collect()),
+                    "assets" => table(
+                        &["NAME", "IPS", "TAGS"],
+                        items.iter().map(|a| vec![s(&a["name"]), s(&a["ips"]), s(&a["tags"])]).collect(),
+                    ),
                     "segments" => table(
                         &["NAME", "SELECTOR", "CIDRS", "MODE"],
-                        items.iter().map(|x| vec![s(&x["name"]), s(&x["selector"]), s(&x["cidrs"]), s(&x["mode"])]).collect(),
+                        items
+                            .iter()
+                            .map(|x| vec![s(&x["name"]), s(&x["selector"]), s(&x["cidrs"]), s(&x["mode"])])
+                            .collect(),
                     ),
                     _ => table(
                         &["NAME", "FROM", "TO", "PROTOCOL", "PORTS", "ACTION", "EXPIRES"],
                         items
                             .iter()
-                            .map(|r| vec![s(&r["name"]), s(&r["from"]), s(&r["to"]), s(&r["protocol"]), s(&r["ports"]), s(&r["action"]), s(&r["expires"])])
+                            .map(|r| {
+                                vec![
+                                    s(&r["name"]),
+                                    s(&r["from"]),
+                                    s(&r["to"]),
+                                    s(&r["protocol"]),
+                                    s(&r["ports"]),
+                                    s(&r["action"]),
+                                    s(&r["expires"]),
+                                ]
+                            })
                             .collect(),
                     ),
                 }
@@ -232,15 +281,26 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
         ClientCommand::Tag { asset, tags } => {
             let mut map = serde_json::Map::new();
             for t in &tags {
-                let (k, v) = t.split_once('=').ok_or_else(|| Failure::Refused(format!("{t:?}: write tags as key=value")))?;
+                let (k, v) =
+                    t.split_once('=').ok_or_else(|| Failure::Refused(format!("{t:?}: write tags as key=value")))?;
                 map.insert(k.into(), Value::String(v.into()));
             }
-            c.send("PATCH", &format!("/assets/{}", urlencode(&asset)), "application/merge-patch+json", Some(json!({"tags": map}).to_string()))?;
+            c.send(
+                "PATCH",
+                &format!("/assets/{}", urlencode(&asset)),
+                "application/merge-patch+json",
+                Some(json!({"tags": map}).to_string()),
+            )?;
             println!("tagged {asset}: {}", tags.join(" "));
         }
         ClientCommand::Untag { asset, keys } => {
             let map: serde_json::Map<String, Value> = keys.iter().map(|k| (k.clone(), Value::Null)).collect();
-            c.send("PATCH", &format!("/assets/{}", urlencode(&asset)), "application/merge-patch+json", Some(json!({"tags": map}).to_string()))?;
+            c.send(
+                "PATCH",
+                &format!("/assets/{}", urlencode(&asset)),
+                "application/merge-patch+json",
+                Some(json!({"tags": map}).to_string()),
+            )?;
             println!("untagged {asset}: {}", keys.join(" "));
         }
         ClientCommand::Audit { limit, output } => {
@@ -248,7 +308,20 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
             print(output, &v, |v| {
                 table(
                     &["ID", "AT", "ACTOR", "ACTION", "KIND", "NAME"],
-                    v.as_array().into_iter().flatten().map(|e| vec![s(&e["id"]), s(&e["at"]), s(&e["actor"]), s(&e["action"]), s(&e["kind"]), s(&e["name"])]).collect(),
+                    v.as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|e| {
+                            vec![
+                                s(&e["id"]),
+                                s(&e["at"]),
+                                s(&e["actor"]),
+                                s(&e["action"]),
+                                s(&e["kind"]),
+                                s(&e["name"]),
+                            ]
+                        })
+                        .collect(),
                 )
             });
         }
@@ -258,7 +331,13 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
 
 fn urlencode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 

@@ -18,10 +18,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use gatekeeper_common::{
-    CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, GOVERN_ENFORCE, GOVERN_MONITOR,
-    DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_RULE_SLOTS, GenConfig, ID_ANY,
-    Identity, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
-    PolicyKey, PolicyValue,
+    CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, DEFAULT_HOST_ENTRIES,
+    DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_RULE_SLOTS, GOVERN_ENFORCE, GOVERN_MONITOR, GenConfig,
+    ID_ANY, Identity, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -167,7 +166,8 @@ impl Compiled {
     #[allow(clippy::type_complexity)]
     pub fn canonical(
         &self,
-    ) -> (BTreeMap<IpNet, (Vec<String>, u32)>, BTreeMap<(Option<Vec<String>>, Option<Vec<String>>, u8, u32), (u32, u32)>) {
+    ) -> (BTreeMap<IpNet, (Vec<String>, u32)>, BTreeMap<(Option<Vec<String>>, Option<Vec<String>>, u8, u32), (u32, u32)>)
+    {
         let name = |id: u32| self.identities.get(&id).cloned().unwrap_or_else(|| vec![format!("?{id}")]);
         let side = |id: u32| (id != ID_ANY).then(|| name(id));
         let prefixes = self
@@ -206,8 +206,12 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Delta {
         }
     }
     let old_slots: BTreeSet<u32> = old.rule_slots.values().copied().collect();
-    let mut identities: Vec<(u32, Option<Vec<String>>)> =
-        new.identities.iter().filter(|(id, n)| old.identities.get(id) != Some(n)).map(|(id, n)| (*id, Some(n.clone()))).collect();
+    let mut identities: Vec<(u32, Option<Vec<String>>)> = new
+        .identities
+        .iter()
+        .filter(|(id, n)| old.identities.get(id) != Some(n))
+        .map(|(id, n)| (*id, Some(n.clone())))
+        .collect();
     identities.extend(old.identities.keys().filter(|id| !new.identities.contains_key(id)).map(|id| (*id, None)));
     Delta {
         v4: diff_maps(&old.v4, &new.v4),
@@ -353,7 +357,9 @@ impl Base {
     }
 
     fn segments_of(&self, tags: &BTreeMap<String, String>) -> Vec<usize> {
-        (0..self.segments.len()).filter(|&s| self.segments[s].selector.as_ref().is_some_and(|sel| sel.matches(tags))).collect()
+        (0..self.segments.len())
+            .filter(|&s| self.segments[s].selector.as_ref().is_some_and(|sel| sel.matches(tags)))
+            .collect()
     }
 }
 
@@ -429,7 +435,10 @@ impl Compiler {
                 }
             };
             match selector.candidates() {
-                Some(pairs) => pairs.iter().flat_map(|p| by_tag.get(p).map(Vec::as_slice).unwrap_or_default()).for_each(|&i| consider(i)),
+                Some(pairs) => pairs
+                    .iter()
+                    .flat_map(|p| by_tag.get(p).map(Vec::as_slice).unwrap_or_default())
+                    .for_each(|&i| consider(i)),
                 None => (0..policy.assets.len()).for_each(consider),
             }
         }
@@ -576,7 +585,9 @@ impl Compiler {
                 .collect();
             let g = RuleGen { slot: slots[&r.name], action: r.action, from: seg(&r.from), to: seg(&r.to), classes };
             // A rule naming a segment that does not exist matches nothing (validation prevents it).
-            if matches!(r.from, Endpoint::Segment(_)) && g.from.is_none() || matches!(r.to, Endpoint::Segment(_)) && g.to.is_none() {
+            if matches!(r.from, Endpoint::Segment(_)) && g.from.is_none()
+                || matches!(r.to, Endpoint::Segment(_)) && g.to.is_none()
+            {
                 continue;
             }
             flags |= match (g.from, g.to) {
@@ -668,7 +679,8 @@ impl Compiler {
             return Ok(diff(applied, &self.compile(policy, now)?));
         };
         let names: Vec<&str> = changed.iter().map(|(n, _)| *n).collect();
-        let assets: HashMap<&str, &crate::policy::Asset> = changed.iter().filter_map(|(n, a)| a.map(|a| (*n, a))).collect();
+        let assets: HashMap<&str, &crate::policy::Asset> =
+            changed.iter().filter_map(|(n, a)| a.map(|a| (*n, a))).collect();
         let result = self.update_base(&mut base, &assets, &names, applied);
         if result.is_ok() {
             self.base = Some(base);
@@ -737,9 +749,10 @@ impl Compiler {
         let mut created: Vec<u32> = Vec::new();
         for (net, new_set, old_ident) in &changes {
             if let Some(old) = old_ident.and_then(|i| base.id_sets.get(&i.id).cloned())
-                && let Some((_, n)) = base.sets.get_mut(&old) {
-                    *n = n.saturating_sub(1);
-                }
+                && let Some((_, n)) = base.sets.get_mut(&old)
+            {
+                *n = n.saturating_sub(1);
+            }
             let ident = match new_set {
                 None => None,
                 Some(set) => Some(match base.sets.get_mut(set) {
@@ -827,7 +840,11 @@ impl Compiler {
             }
         }
         if applied.policy.len() + added.len() > self.capacity.policy {
-            return Err(CompileError::Capacity { what: "policy", needed: applied.policy.len() + added.len(), max: self.capacity.policy });
+            return Err(CompileError::Capacity {
+                what: "policy",
+                needed: applied.policy.len() + added.len(),
+                max: self.capacity.policy,
+            });
         }
         delta.policy.extend(added.into_iter().map(|(k, v)| (k, Some(v))));
         Ok(delta)
@@ -882,7 +899,14 @@ rules:
     fn a_tag_change_is_a_small_delta() {
         let mut c = Compiler::default();
         let before = c.compile(&policy(BASE), Utc::now()).unwrap();
-        let after = c.compile(&policy(&BASE.replace("plc-2, ips: [10.0.0.11], tags: {role: plc}", "plc-2, ips: [10.0.0.11], tags: {}")), Utc::now()).unwrap();
+        let after = c
+            .compile(
+                &policy(
+                    &BASE.replace("plc-2, ips: [10.0.0.11], tags: {role: plc}", "plc-2, ips: [10.0.0.11], tags: {}"),
+                ),
+                Utc::now(),
+            )
+            .unwrap();
         let d = diff(&before, &after);
         assert_eq!(d.v4, vec![("10.0.0.11/32".parse().unwrap(), None)]);
         assert!(d.policy.is_empty() && d.ports.is_empty() && d.config.is_none());
@@ -917,7 +941,6 @@ rules:
         assert_eq!(diff(&b, &c2).new_slots, vec![0]);
     }
 
-
     fn random_policy(rng: &mut fastrand::Rng) -> PolicyDocument {
         use crate::policy::{AssetSpec, RuleSpec, Scalar, SegmentSpec};
         let mut doc = PolicyDocument::default();
@@ -927,19 +950,40 @@ rules:
         let sels = ["role=plc", "role=hmi", "role in (plc,eng)", "site!=x", "site", "!q", "role=eng,site=y"];
         let nseg = rng.usize(2..6);
         for i in 0..nseg {
-            let cidrs = if rng.u8(..4) == 0 { vec![["10.0.0.0/28", "10.0.1.0/24", "fd00::/120"][rng.usize(..3)].to_string()] } else { vec![] };
+            let cidrs = if rng.u8(..4) == 0 {
+                vec![["10.0.0.0/28", "10.0.1.0/24", "fd00::/120"][rng.usize(..3)].to_string()]
+            } else {
+                vec![]
+            };
             let mode = [Mode::Enforce, Mode::Monitor, Mode::Label][rng.usize(..3)];
-            doc.segments.push(SegmentSpec { name: format!("s{i}"), selector: Some(sels[rng.usize(..sels.len())].into()), cidrs, mode, description: None });
+            doc.segments.push(SegmentSpec {
+                name: format!("s{i}"),
+                selector: Some(sels[rng.usize(..sels.len())].into()),
+                cidrs,
+                mode,
+                description: None,
+            });
         }
         for i in 0..rng.usize(1..8) {
-            let ep = |rng: &mut fastrand::Rng| if rng.u8(..5) == 0 { "any".to_string() } else { format!("s{}", rng.usize(..nseg)) };
+            let ep = |rng: &mut fastrand::Rng| {
+                if rng.u8(..5) == 0 { "any".to_string() } else { format!("s{}", rng.usize(..nseg)) }
+            };
             let (protocol, ports) = match rng.u8(..3) {
                 0 => (Protocol::Tcp, vec![Scalar::Int(i64::from([22u16, 502, 102][rng.usize(..3)]))]),
                 1 => (Protocol::Udp, vec![]),
                 _ => (Protocol::Any, vec![]),
             };
             let action = if rng.u8(..4) == 0 { Action::Deny } else { Action::Allow };
-            doc.rules.push(RuleSpec { name: format!("r{i}"), from: ep(rng), to: ep(rng), protocol, ports, action, expires: None, description: None });
+            doc.rules.push(RuleSpec {
+                name: format!("r{i}"),
+                from: ep(rng),
+                to: ep(rng),
+                protocol,
+                ports,
+                action,
+                expires: None,
+                description: None,
+            });
         }
         doc
     }
@@ -968,7 +1012,19 @@ rules:
                 }
                 1 | 2 => {
                     a.ips = (0..rng.usize(0..3))
-                        .map(|_| ["10.0.0.1", "10.0.0.2", "10.0.0.0/30", "10.0.0.0/29", "10.0.1.7", "fd00::1", "fd00::/124", "10.0.0.9"][rng.usize(..8)].to_string())
+                        .map(|_| {
+                            [
+                                "10.0.0.1",
+                                "10.0.0.2",
+                                "10.0.0.0/30",
+                                "10.0.0.0/29",
+                                "10.0.1.7",
+                                "fd00::1",
+                                "fd00::/124",
+                                "10.0.0.9",
+                            ][rng.usize(..8)]
+                            .to_string()
+                        })
                         .collect::<BTreeSet<_>>()
                         .into_iter()
                         .collect();
@@ -1008,7 +1064,12 @@ rules:
                 let delta = inc.update_assets(&policy, &names, &applied, now).unwrap();
                 applied.apply(&delta);
                 let full = Compiler::default().compile(&policy, now).unwrap();
-                assert_eq!(applied.canonical(), full.canonical(), "seed {seed} step {step}: changed {changed:?}\n{}", serde_yaml::to_string(&doc).unwrap_or_default());
+                assert_eq!(
+                    applied.canonical(),
+                    full.canonical(),
+                    "seed {seed} step {step}: changed {changed:?}\n{}",
+                    serde_yaml::to_string(&doc).unwrap_or_default()
+                );
                 // Only identities in use are kept.
                 let used: BTreeSet<u32> = applied.v4.values().chain(applied.v6.values()).map(|i| i.id).collect();
                 let known: BTreeSet<u32> = applied.identities.keys().copied().collect();
@@ -1022,7 +1083,9 @@ rules:
         let mut c = Compiler::default();
         let p = policy(BASE);
         let mut applied = c.compile(&p, Utc::now()).unwrap();
-        let moved = policy(&BASE.replace("plc-2, ips: [10.0.0.11], tags: {role: plc}", "plc-2, ips: [10.0.0.11], tags: {role: hmi}"));
+        let moved = policy(
+            &BASE.replace("plc-2, ips: [10.0.0.11], tags: {role: plc}", "plc-2, ips: [10.0.0.11], tags: {role: hmi}"),
+        );
         let d = c.update_assets(&moved, &["plc-2"], &applied, Utc::now()).unwrap();
         let hmi = applied.v4[&"10.0.0.5/32".parse().unwrap()];
         assert_eq!(d.v4, vec![("10.0.0.11/32".parse().unwrap(), Some(hmi))], "joins the existing hmi identity");

@@ -124,7 +124,8 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), error: e.to_string() })?;
+        let cfg: Self =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), error: e.to_string() })?;
         let bad = |error: String| ConfigError::Parse { path: path.into(), error };
         if cfg.dataplane.interfaces.is_empty() {
             return Err(bad("[dataplane] interfaces: list at least one bridge port".into()));
@@ -138,7 +139,10 @@ impl Config {
             }
         }
         if !cfg.dataplane.pin_dir.is_absolute() {
-            return Err(bad(format!("[dataplane] pin_dir: {:?} must be an absolute path in bpffs", cfg.dataplane.pin_dir)));
+            return Err(bad(format!(
+                "[dataplane] pin_dir: {:?} must be an absolute path in bpffs",
+                cfg.dataplane.pin_dir
+            )));
         }
         if cfg.dataplane.flow_table_size == 0 {
             return Err(bad("[dataplane] flow_table_size: must be at least 1".into()));

@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use crate::{
     api::{ApiState, App, Tokens},
-    policy::PolicyDocument,
-    store::{Store, changes},
     compile::{CompileError, Compiler},
     config::Config,
     maps::{ApplyReport, Dataplane, DataplaneError, LoadOptions},
+    policy::PolicyDocument,
     policy::{Policy, PolicyError},
+    store::{Store, changes},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +105,10 @@ impl Enforcer {
     /// Replaces (or with `None` removes) assets of the policy in force, by name (each at most
     /// once), and compiles only those changes: the path of tag edits. On error the policy in
     /// force is unchanged.
-    pub fn apply_assets(&mut self, changes: Vec<(String, Option<crate::policy::Asset>)>) -> Result<ApplyReport, EnforceError> {
+    pub fn apply_assets(
+        &mut self,
+        changes: Vec<(String, Option<crate::policy::Asset>)>,
+    ) -> Result<ApplyReport, EnforceError> {
         // Only the changed assets are saved for a rollback: cloning the whole list would make
         // a tag edit cost as much as the policy is large.
         let mut undo: Vec<(String, Option<crate::policy::Asset>)> = Vec::with_capacity(changes.len());
@@ -164,8 +167,10 @@ impl Enforcer {
 
 /// Names of the assets that differ between `old` and `new` (edited, added or removed).
 pub fn changed_assets(old: &Policy, new: &Policy) -> Vec<String> {
-    let before: std::collections::HashMap<&str, &crate::policy::Asset> = old.assets.iter().map(|a| (a.name.as_str(), a)).collect();
-    let after: std::collections::HashMap<&str, &crate::policy::Asset> = new.assets.iter().map(|a| (a.name.as_str(), a)).collect();
+    let before: std::collections::HashMap<&str, &crate::policy::Asset> =
+        old.assets.iter().map(|a| (a.name.as_str(), a)).collect();
+    let after: std::collections::HashMap<&str, &crate::policy::Asset> =
+        new.assets.iter().map(|a| (a.name.as_str(), a)).collect();
     let mut changed: Vec<String> =
         new.assets.iter().filter(|a| before.get(a.name.as_str()) != Some(a)).map(|a| a.name.clone()).collect();
     changed.extend(old.assets.iter().filter(|a| !after.contains_key(a.name.as_str())).map(|a| a.name.clone()));
@@ -222,7 +227,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.store.path)?;
     let stored = store.load()?;
     let desired = file.as_ref().map_or_else(|| stored.clone(), |f| merged(&stored, f));
-    let source = config.policy.file.as_ref().map_or_else(|| config.store.path.display().to_string(), |p| p.display().to_string());
+    let source = config
+        .policy
+        .file
+        .as_ref()
+        .map_or_else(|| config.store.path.display().to_string(), |p| p.display().to_string());
     let policy = desired.validate(&source)?;
     let tokens = match &config.api {
         Some(api) => Some(Tokens {
@@ -305,7 +314,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if detached {
             "detached; gatekeeper stopped".to_string()
         } else {
-            format!("gatekeeper stopped; enforcement stays in place (pinned under {})", config.dataplane.pin_dir.display())
+            format!(
+                "gatekeeper stopped; enforcement stays in place (pinned under {})",
+                config.dataplane.pin_dir.display()
+            )
         }
     );
     Ok(())

@@ -6,14 +6,14 @@
 //! * [`maps`]: loading the XDP program, writing a compiled policy atomically, reading counters.
 //! * [`reference`]: the plain-Rust reference model of the data-plane semantics.
 //! * [`config`], [`daemon`]: the `gatekeeper run` daemon.
-pub mod compile;
-pub mod policy;
-pub mod segment;
-pub mod selector;
-pub mod maps;
-pub mod reference;
-pub mod config;
-pub mod daemon;
-pub mod store;
 pub mod api;
 pub mod cli;
+pub mod compile;
+pub mod config;
+pub mod daemon;
+pub mod maps;
+pub mod policy;
+pub mod reference;
+pub mod segment;
+pub mod selector;
+pub mod store;

@@ -35,9 +35,10 @@ use aya::{
 };
 use gatekeeper_common::{
     Counter, DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
-    DEFAULT_RULE_SLOTS, FlowKey, FlowValue, GENERATIONS, GenConfig, HostV4, HostV6, Identity, LAYOUT_VERSION, LpmV4, LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
-    OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED,
-    OUTCOME_PASS_MALFORMED, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
+    DEFAULT_RULE_SLOTS, FlowKey, FlowValue, GENERATIONS, GenConfig, HostV4, HostV6, Identity, LAYOUT_VERSION, LpmV4,
+    LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT,
+    OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_MALFORMED, PolicyKey, PolicyValue,
+    STATS_ENTRIES, port_class_index,
 };
 
 use crate::compile::{Capacity, Compiled, Delta, diff};
@@ -180,7 +181,10 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
     // SAFETY: mount with NUL-terminated strings and no data.
     let r = unsafe { libc::mount(c"bpf".as_ptr(), c.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if r != 0 {
-        return Err(DataplaneError::System(format!("mounting bpffs at /sys/fs/bpf: {}", std::io::Error::last_os_error())));
+        return Err(DataplaneError::System(format!(
+            "mounting bpffs at /sys/fs/bpf: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     tracing::info!("mounted bpffs at /sys/fs/bpf");
     Ok(())
@@ -336,7 +340,8 @@ impl Dataplane {
                         maps.display()
                     ))
                 })?;
-                std::fs::create_dir_all(vdir.join("links")).map_err(|e| DataplaneError::System(format!("creating {}: {e}", vdir.display())))?;
+                std::fs::create_dir_all(vdir.join("links"))
+                    .map_err(|e| DataplaneError::System(format!("creating {}: {e}", vdir.display())))?;
                 let pinned: Vec<bool> = MAPS.iter().map(|m| maps.join(m.0).exists()).collect();
                 let all_ok = MAPS.iter().zip(&pinned).all(|(m, &p)| p && compatible(&maps.join(m.0), m.0, &options));
                 if all_ok {
@@ -443,7 +448,9 @@ impl Dataplane {
                             let _ = std::fs::remove_file(&path);
                         }
                         let _ = std::fs::remove_file(&own);
-                        let pinned = fd.pin(&own).map_err(|e| DataplaneError::System(format!("pinning {}: {e}", own.display())))?;
+                        let pinned = fd
+                            .pin(&own)
+                            .map_err(|e| DataplaneError::System(format!("pinning {}: {e}", own.display())))?;
                         self.pinned.push((interface.to_string(), pinned, "replaced"));
                         return Ok("replaced");
                     }
@@ -467,7 +474,9 @@ impl Dataplane {
                         let link = self.program_mut()?.take_link(id)?;
                         let fd = FdLink::try_from(link).map_err(|e| DataplaneError::System(format!("link: {e}")))?;
                         let path = vdir.join("links").join(interface);
-                        let pinned = fd.pin(&path).map_err(|e| DataplaneError::System(format!("pinning {}: {e}", path.display())))?;
+                        let pinned = fd
+                            .pin(&path)
+                            .map_err(|e| DataplaneError::System(format!("pinning {}: {e}", path.display())))?;
                         self.pinned.push((interface.to_string(), pinned, name));
                     } else {
                         self.links.push((interface.to_string(), id, name));
@@ -483,7 +492,11 @@ impl Dataplane {
 
     /// Interfaces attached, with their mode.
     pub fn attachments(&self) -> Vec<(String, &'static str)> {
-        self.links.iter().map(|(i, _, m)| (i.clone(), *m)).chain(self.pinned.iter().map(|(i, _, m)| (i.clone(), *m))).collect()
+        self.links
+            .iter()
+            .map(|(i, _, m)| (i.clone(), *m))
+            .chain(self.pinned.iter().map(|(i, _, m)| (i.clone(), *m)))
+            .collect()
     }
 
     /// Detaches from every interface (traffic then flows unfiltered) and removes every pin.
@@ -569,7 +582,8 @@ impl Dataplane {
         let previous = std::mem::replace(&mut self.applied, target);
         let new_gen = (self.epoch + 1) % GENERATIONS;
         let slots: Vec<u32> = self.applied.rule_slots.values().copied().collect();
-        let written = slots.iter().try_for_each(|&s| self.zero_rule_counter(s)).and_then(|()| self.rebuild_generation(new_gen));
+        let written =
+            slots.iter().try_for_each(|&s| self.zero_rule_counter(s)).and_then(|()| self.rebuild_generation(new_gen));
         if let Err(e) = written {
             self.applied = previous;
             return Err(e);
@@ -645,39 +659,58 @@ impl Dataplane {
         {
             let [hosts, lpm] = self.ebpf.maps_disjoint_mut(["GK_HOSTS_V4", "GK_IDS_V4"]);
             let mut hosts: HashMap<_, HostV4, Identity> =
-                HashMap::try_from(hosts.ok_or(DataplaneError::MissingMap("GK_HOSTS_V4"))?).map_err(map_err("GK_HOSTS_V4"))?;
+                HashMap::try_from(hosts.ok_or(DataplaneError::MissingMap("GK_HOSTS_V4"))?)
+                    .map_err(map_err("GK_HOSTS_V4"))?;
             let mut lpm: LpmTrie<_, LpmV4, Identity> =
                 LpmTrie::try_from(lpm.ok_or(DataplaneError::MissingMap("GK_IDS_V4"))?).map_err(map_err("GK_IDS_V4"))?;
             for (net, v) in &delta.v4 {
                 let addr = net.addr().octets();
                 if net.prefix_len() == 32 {
                     let key = HostV4 { generation: g, _pad: [0; 3], addr };
-                    (match v { Some(v) => hosts.insert(key, v, 0), None => ignore_missing(hosts.remove(&key)) }.map_err(map_err("GK_HOSTS_V4")))?;
+                    (match v {
+                        Some(v) => hosts.insert(key, v, 0),
+                        None => ignore_missing(hosts.remove(&key)),
+                    }
+                    .map_err(map_err("GK_HOSTS_V4")))?;
                 } else {
                     let key = Key::new(8 + u32::from(net.prefix_len()), LpmV4 { generation: g, addr, _pad: [0; 3] });
-                    (match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V4")))?;
+                    (match v {
+                        Some(v) => lpm.insert(&key, v, 0),
+                        None => ignore_missing(lpm.remove(&key)),
+                    }
+                    .map_err(map_err("GK_IDS_V4")))?;
                 }
             }
         }
         {
             let [hosts, lpm] = self.ebpf.maps_disjoint_mut(["GK_HOSTS_V6", "GK_IDS_V6"]);
             let mut hosts: HashMap<_, HostV6, Identity> =
-                HashMap::try_from(hosts.ok_or(DataplaneError::MissingMap("GK_HOSTS_V6"))?).map_err(map_err("GK_HOSTS_V6"))?;
+                HashMap::try_from(hosts.ok_or(DataplaneError::MissingMap("GK_HOSTS_V6"))?)
+                    .map_err(map_err("GK_HOSTS_V6"))?;
             let mut lpm: LpmTrie<_, LpmV6, Identity> =
                 LpmTrie::try_from(lpm.ok_or(DataplaneError::MissingMap("GK_IDS_V6"))?).map_err(map_err("GK_IDS_V6"))?;
             for (net, v) in &delta.v6 {
                 let addr = net.addr().octets();
                 if net.prefix_len() == 128 {
                     let key = HostV6 { generation: g, _pad: [0; 3], addr };
-                    (match v { Some(v) => hosts.insert(key, v, 0), None => ignore_missing(hosts.remove(&key)) }.map_err(map_err("GK_HOSTS_V6")))?;
+                    (match v {
+                        Some(v) => hosts.insert(key, v, 0),
+                        None => ignore_missing(hosts.remove(&key)),
+                    }
+                    .map_err(map_err("GK_HOSTS_V6")))?;
                 } else {
                     let key = Key::new(8 + u32::from(net.prefix_len()), LpmV6 { generation: g, addr, _pad: [0; 3] });
-                    (match v { Some(v) => lpm.insert(&key, v, 0), None => ignore_missing(lpm.remove(&key)) }.map_err(map_err("GK_IDS_V6")))?;
+                    (match v {
+                        Some(v) => lpm.insert(&key, v, 0),
+                        None => ignore_missing(lpm.remove(&key)),
+                    }
+                    .map_err(map_err("GK_IDS_V6")))?;
                 }
             }
         }
         {
-            let mut classes: Array<_, u32> = Array::try_from(self.map("GK_PORT_CLASS")?).map_err(map_err("GK_PORT_CLASS"))?;
+            let mut classes: Array<_, u32> =
+                Array::try_from(self.map("GK_PORT_CLASS")?).map_err(map_err("GK_PORT_CLASS"))?;
             for &(l4, port, class) in &delta.ports {
                 (classes.set(port_class_index(generation, l4, port), class, 0).map_err(map_err("GK_PORT_CLASS")))?;
             }
@@ -687,7 +720,11 @@ impl Dataplane {
                 HashMap::try_from(self.map("GK_POLICY")?).map_err(map_err("GK_POLICY"))?;
             for (k, v) in &delta.policy {
                 let key = PolicyKey { generation: g, ..*k };
-                (match v { Some(v) => policy.insert(key, v, 0), None => ignore_missing(policy.remove(&key)) }.map_err(map_err("GK_POLICY")))?;
+                (match v {
+                    Some(v) => policy.insert(key, v, 0),
+                    None => ignore_missing(policy.remove(&key)),
+                }
+                .map_err(map_err("GK_POLICY")))?;
             }
         }
         if let Some(cfg) = delta.config {
@@ -784,7 +821,9 @@ fn sum(values: &PerCpuValues<Counter>) -> Counter {
 /// the old epoch is still running. `MEMBARRIER_CMD_GLOBAL` is `synchronize_rcu()` in the kernel.
 fn synchronize_rcu() {
     // SAFETY: membarrier takes no pointers.
-    let r = unsafe { libc::syscall(libc::SYS_membarrier, 1 /* MEMBARRIER_CMD_GLOBAL */, 0, 0) };
+    let r = unsafe {
+        libc::syscall(libc::SYS_membarrier, 1 /* MEMBARRIER_CMD_GLOBAL */, 0, 0)
+    };
     if r != 0 {
         // nohz_full kernels refuse it; an XDP invocation lasts microseconds, so wait well past that.
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -799,7 +838,12 @@ pub fn test_run_fd(prog: std::os::fd::BorrowedFd<'_>, frame: &[u8], repeat: u32)
 
 /// `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`: the program's redirects really
 /// transmit, `batch` frames at a time. Runs in the calling thread's network namespace.
-pub fn test_run_live_fd(prog: std::os::fd::BorrowedFd<'_>, frame: &[u8], repeat: u32, batch: u32) -> std::io::Result<()> {
+pub fn test_run_live_fd(
+    prog: std::os::fd::BorrowedFd<'_>,
+    frame: &[u8],
+    repeat: u32,
+    batch: u32,
+) -> std::io::Result<()> {
     const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
     test_run_raw(prog, frame, repeat, BPF_F_TEST_XDP_LIVE_FRAMES, batch).map(|_| ())
 }

@@ -260,8 +260,7 @@ impl PolicyDocument {
 /// Reads, parses and validates a policy file.
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
     let name = path.display().to_string();
-    let text =
-        std::fs::read_to_string(path).map_err(|error| PolicyError::Read { source_name: name.clone(), error })?;
+    let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Read { source_name: name.clone(), error })?;
     PolicyDocument::from_yaml(&text, &name)?.validate(&name)
 }
 

@@ -250,7 +250,8 @@ fn parse_l4(f: &[u8], at: usize, mut h: Header, v6: bool) -> Frame {
         }
         1 | 58 => {
             let ty = f[at];
-            let echo = if v6 { h.proto == 58 && (ty == 128 || ty == 129) } else { h.proto == 1 && (ty == 8 || ty == 0) };
+            let echo =
+                if v6 { h.proto == 58 && (ty == 128 || ty == 129) } else { h.proto == 1 && (ty == 8 || ty == 0) };
             if echo {
                 let id = be16(f, at + 4);
                 h.flow_ports = Some((id, id));

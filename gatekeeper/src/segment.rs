@@ -83,10 +83,7 @@ pub fn segments_of(policy: &Policy, addr: std::net::IpAddr) -> SegmentSet {
         let by_cidr = segment.cidrs.iter().any(|n| n.contains(&addr));
         let by_asset = || {
             segment.selector.as_ref().is_some_and(|sel| {
-                policy
-                    .assets
-                    .iter()
-                    .any(|a| sel.matches(&a.tags) && a.prefixes.iter().any(|n| n.contains(&addr)))
+                policy.assets.iter().any(|a| sel.matches(&a.tags) && a.prefixes.iter().any(|n| n.contains(&addr)))
             })
         };
         if by_cidr || by_asset() {

@@ -133,10 +133,7 @@ impl Parser<'_> {
     fn word(&mut self) -> &str {
         self.skip_ws();
         let start = self.pos;
-        while self
-            .rest()
-            .starts_with(|c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
-        {
+        while self.rest().starts_with(|c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/')) {
             self.pos += 1;
         }
         &self.text[start..self.pos]

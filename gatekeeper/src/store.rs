@@ -66,14 +66,24 @@ pub struct Store {
 
 /// Every object change between two documents, in document order.
 pub fn changes(old: &PolicyDocument, new: &PolicyDocument) -> Vec<Change> {
-    fn kind_changes<T: Serialize + PartialEq>(kind: Kind, old: &[T], new: &[T], name: impl Fn(&T) -> &str) -> Vec<Change> {
+    fn kind_changes<T: Serialize + PartialEq>(
+        kind: Kind,
+        old: &[T],
+        new: &[T],
+        name: impl Fn(&T) -> &str,
+    ) -> Vec<Change> {
         let old_by: std::collections::HashMap<&str, &T> = old.iter().map(|x| (name(x), x)).collect();
         let new_names: std::collections::HashSet<&str> = new.iter().map(&name).collect();
         let mut out = Vec::new();
         for n in new {
             match old_by.get(name(n)) {
                 Some(o) if *o == n => {}
-                Some(o) => out.push(Change { kind, name: name(n).into(), old: serde_json::to_value(o).ok(), new: serde_json::to_value(n).ok() }),
+                Some(o) => out.push(Change {
+                    kind,
+                    name: name(n).into(),
+                    old: serde_json::to_value(o).ok(),
+                    new: serde_json::to_value(n).ok(),
+                }),
                 None => out.push(Change { kind, name: name(n).into(), old: None, new: serde_json::to_value(n).ok() }),
             }
         }
@@ -136,7 +146,11 @@ impl Store {
         let mut doc = PolicyDocument::default();
         for row in rows {
             let (kind, name, spec) = row.map_err(self.err())?;
-            let corrupt = |error: serde_json::Error| StoreError::Corrupt { kind: kind.clone(), name: name.clone(), error: error.to_string() };
+            let corrupt = |error: serde_json::Error| StoreError::Corrupt {
+                kind: kind.clone(),
+                name: name.clone(),
+                error: error.to_string(),
+            };
             match kind.as_str() {
                 "asset" => doc.assets.push(serde_json::from_str(&spec).map_err(corrupt)?),
                 "segment" => doc.segments.push(serde_json::from_str(&spec).map_err(corrupt)?),
@@ -158,7 +172,11 @@ impl Store {
 
     /// Records changes made by different requests, each with its own actor and action, in one
     /// transaction (group commit). With no change, `empty` is recorded as an audit row alone.
-    pub fn commit_each(&mut self, changes: &[(Change, &str, &str)], empty: Option<(&str, &str)>) -> Result<(), StoreError> {
+    pub fn commit_each(
+        &mut self,
+        changes: &[(Change, &str, &str)],
+        empty: Option<(&str, &str)>,
+    ) -> Result<(), StoreError> {
         let path = self.path.clone();
         let sql = |error| StoreError::Sqlite { path: path.clone(), error };
         let tx = self.conn.transaction().map_err(sql)?;
@@ -172,16 +190,27 @@ impl Store {
                         (c.kind.as_str(), &c.name, v.to_string()),
                     )
                     .map_err(sql)?,
-                None => tx.execute("DELETE FROM objects WHERE kind = ?1 AND name = ?2", (c.kind.as_str(), &c.name)).map_err(sql)?,
+                None => tx
+                    .execute("DELETE FROM objects WHERE kind = ?1 AND name = ?2", (c.kind.as_str(), &c.name))
+                    .map_err(sql)?,
             };
             tx.execute(
                 "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                (&at, actor, action, c.kind.as_str(), &c.name, c.old.as_ref().map(Value::to_string), c.new.as_ref().map(Value::to_string)),
+                (
+                    &at,
+                    actor,
+                    action,
+                    c.kind.as_str(),
+                    &c.name,
+                    c.old.as_ref().map(Value::to_string),
+                    c.new.as_ref().map(Value::to_string),
+                ),
             )
             .map_err(sql)?;
         }
         if let (true, Some((actor, action))) = (changes.is_empty(), empty) {
-            tx.execute("INSERT INTO audit (at, actor, action) VALUES (?1, ?2, ?3)", (&at, actor, action)).map_err(sql)?;
+            tx.execute("INSERT INTO audit (at, actor, action) VALUES (?1, ?2, ?3)", (&at, actor, action))
+                .map_err(sql)?;
         }
         tx.commit().map_err(sql)
     }
@@ -224,16 +253,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gk-store-{}", std::process::id()));
         let path = dir.join("state.db");
         let _ = std::fs::remove_dir_all(&dir);
-        let a = doc("assets:\n  - {name: b, ips: [10.0.0.2]}\n  - {name: a, ips: [10.0.0.1], tags: {role: plc}}\nrules:\n  - {name: r2, from: any, to: any}\n  - {name: r1, from: any, to: any}\n");
+        let a = doc(
+            "assets:\n  - {name: b, ips: [10.0.0.2]}\n  - {name: a, ips: [10.0.0.1], tags: {role: plc}}\nrules:\n  - {name: r2, from: any, to: any}\n  - {name: r1, from: any, to: any}\n",
+        );
         {
             let mut s = Store::open(&path).unwrap();
             s.commit(&changes(&PolicyDocument::default(), &a), "test", "apply").unwrap();
         }
-        let mode = std::fs::metadata(&path).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap();
+        let mode = std::fs::metadata(&path)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap();
         assert_eq!(mode, 0o600);
         let mut s = Store::open(&path).unwrap();
         assert_eq!(s.load().unwrap(), a, "same objects, same order");
-        let b = doc("assets:\n  - {name: b, ips: [10.0.0.2]}\n  - {name: a, ips: [10.0.0.1], tags: {role: hmi}}\nrules:\n  - {name: r2, from: any, to: any}\n");
+        let b = doc(
+            "assets:\n  - {name: b, ips: [10.0.0.2]}\n  - {name: a, ips: [10.0.0.1], tags: {role: hmi}}\nrules:\n  - {name: r2, from: any, to: any}\n",
+        );
         let c = changes(&a, &b);
         assert_eq!(c.len(), 2, "{c:?}");
         s.commit(&c, "alice", "put").unwrap();

@@ -186,7 +186,11 @@ impl Servers {
                                                 break;
                                             }
                                         }
-                                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                        Err(e)
+                                            if matches!(
+                                                e.kind(),
+                                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                            ) => {}
                                         Err(_) => break,
                                     }
                                 }
@@ -423,7 +427,10 @@ pub fn gatekeeper_bin() -> anyhow::Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    bail!("no gatekeeper binary near {}: build it first (`cargo build -p gatekeeper`; `cargo xtask test` does)", exe.display())
+    bail!(
+        "no gatekeeper binary near {}: build it first (`cargo build -p gatekeeper`; `cargo xtask test` does)",
+        exe.display()
+    )
 }
 
 /// A running daemon in the lab's appliance namespace.
@@ -487,10 +494,11 @@ impl Daemon {
                 return Ok(());
             }
             if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    bail!("gatekeeper exited ({status}):\n{}", self.log());
-                }
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                bail!("gatekeeper exited ({status}):\n{}", self.log());
+            }
             if Instant::now() > deadline {
                 bail!("timed out waiting for gatekeeper; log:\n{}", self.log());
             }
@@ -510,7 +518,8 @@ impl Daemon {
     /// Writes a new policy file, sends SIGHUP, and waits for the daemon's answer:
     /// `Ok(())` when applied, `Err(message)` with the daemon's rejection otherwise.
     pub fn reload(&mut self, policy: &str) -> anyhow::Result<Result<(), String>> {
-        let applied = |l: &str| l.contains("applied policy") && l.contains("reason=\"reload\"") || l.contains("reason=reload");
+        let applied =
+            |l: &str| l.contains("applied policy") && l.contains("reason=\"reload\"") || l.contains("reason=reload");
         let rejected = |l: &str| l.contains("policy reload rejected");
         let (a0, r0) = (self.count(&applied), self.count(&rejected));
         fs::write(&self.policy_path, policy)?;

@@ -6,12 +6,23 @@ use std::net::IpAddr;
 /// What to put above the IP header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16 },
-    Udp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
     /// ICMP (v4) or ICMPv6, by the packet's family.
-    Icmp { ty: u8, id: u16 },
+    Icmp {
+        ty: u8,
+        id: u16,
+    },
     /// Any other protocol number with a few payload bytes.
-    Other { proto: u8 },
+    Other {
+        proto: u8,
+    },
 }
 
 impl L4 {

@@ -31,7 +31,8 @@ impl Server {
         let _ = std::fs::remove_dir_all(&dir);
         let store_path = dir.join("state.db");
         let store = Store::open(&store_path).unwrap();
-        let enforcer = Enforcer::with_options(LoadOptions::default(), Timeouts::default()).expect("load XDP program (root)");
+        let enforcer =
+            Enforcer::with_options(LoadOptions::default(), Timeouts::default()).expect("load XDP program (root)");
         let app = Arc::new(tokio::sync::Mutex::new(App::new(enforcer, store, PolicyDocument::default())));
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
@@ -83,7 +84,7 @@ impl Server {
         let f = Frame::new(src.parse().unwrap(), dst.parse().unwrap(), L4::Tcp { sport: 40000, dport }).build();
         let app = self.app.blocking_lock();
         let dp = app.enforcer.dataplane();
-        
+
         dp.test_run(&f).unwrap()
     }
 
@@ -93,13 +94,17 @@ impl Server {
 }
 
 fn seed(s: &Server) {
-    for (name, ip, role) in [("hmi-1", "10.0.0.1", "hmi"), ("plc-1", "10.0.0.11", "plc"), ("eng-1", "10.0.0.2", "eng")] {
+    for (name, ip, role) in [("hmi-1", "10.0.0.1", "hmi"), ("plc-1", "10.0.0.11", "plc"), ("eng-1", "10.0.0.2", "eng")]
+    {
         let (st, _) = s.admin("PUT", &format!("/assets/{name}"), Some(json!({"ips": [ip], "tags": {"role": role}})));
         assert_eq!(st, 200, "PUT asset {name}");
     }
     assert_eq!(s.admin("PUT", "/segments/hmi", Some(json!({"selector": "role=hmi", "mode": "label"}))).0, 200);
     assert_eq!(s.admin("PUT", "/segments/plc", Some(json!({"selector": "role=plc", "mode": "enforce"}))).0, 200);
-    assert_eq!(s.admin("PUT", "/rules/modbus", Some(json!({"from": "hmi", "to": "plc", "protocol": "tcp", "ports": [502]}))).0, 200);
+    assert_eq!(
+        s.admin("PUT", "/rules/modbus", Some(json!({"from": "hmi", "to": "plc", "protocol": "tcp", "ports": [502]}))).0,
+        200
+    );
 }
 
 #[test]
@@ -124,7 +129,8 @@ fn objects_go_through_the_api_into_the_data_plane() {
     assert_eq!(st, 200, "{a}");
     assert_eq!(a["tags"], json!({"role": "hmi"}));
     assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 2, "eng-1 tagged hmi is allowed");
-    let (st, _) = s.call("PATCH", "/assets/eng-1", Some(ADMIN), "application/json", Some(r#"{"tags": {"role": null}}"#));
+    let (st, _) =
+        s.call("PATCH", "/assets/eng-1", Some(ADMIN), "application/json", Some(r#"{"tags": {"role": null}}"#));
     assert_eq!(st, 200);
     assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 1, "untagged again: denied");
 
@@ -133,8 +139,16 @@ fn objects_go_through_the_api_into_the_data_plane() {
     let before = s.audit_len();
     let (st, d) = s.call("POST", "/apply?dry_run=true", Some(ADMIN), "application/yaml", Some(doc));
     assert_eq!(st, 200, "{d}");
-    let ops: Vec<(String, String)> = d["changes"].as_array().unwrap().iter().map(|c| (c["op"].as_str().unwrap().into(), c["name"].as_str().unwrap().into())).collect();
-    assert!(ops.contains(&("delete".into(), "modbus".into())) && ops.contains(&("delete".into(), "hmi-1".into())), "{ops:?}");
+    let ops: Vec<(String, String)> = d["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["op"].as_str().unwrap().into(), c["name"].as_str().unwrap().into()))
+        .collect();
+    assert!(
+        ops.contains(&("delete".into(), "modbus".into())) && ops.contains(&("delete".into(), "hmi-1".into())),
+        "{ops:?}"
+    );
     assert_eq!(s.audit_len(), before, "a dry run records nothing");
     assert_eq!(s.verdict("10.0.0.1", "10.0.0.11", 502), 2, "a dry run applies nothing");
     // The real apply replaces the state.
@@ -175,7 +189,10 @@ fn refused_requests_change_nothing() {
     // Validation: precise, nothing applied.
     let (st, p) = s.admin("PUT", "/rules/bad", Some(json!({"from": "nope", "to": "plc"})));
     assert_eq!(st, 422, "{p}");
-    assert_eq!(p["errors"][0], json!({"entry": "rules[1] \"bad\"", "field": "from", "reason": "unknown segment \"nope\""}));
+    assert_eq!(
+        p["errors"][0],
+        json!({"entry": "rules[1] \"bad\"", "field": "from", "reason": "unknown segment \"nope\""})
+    );
     let (st, p) = s.admin("PUT", "/assets/x", Some(json!({"ips": ["10.0.0.300"]})));
     assert_eq!((st, p["errors"][0]["field"].as_str()), (422, Some("ips")));
     let (st, p) = s.admin("PUT", "/segments/s", Some(json!({"selector": "role in (x"})));

@@ -24,7 +24,9 @@ fn policy(yaml: &str) -> Policy {
 
 fn frames() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    for (s, d) in [("10.0.0.1", "10.0.0.2"), ("10.0.0.2", "10.0.0.1"), ("10.0.0.3", "10.0.0.2"), ("10.0.0.1", "10.0.0.3")] {
+    for (s, d) in
+        [("10.0.0.1", "10.0.0.2"), ("10.0.0.2", "10.0.0.1"), ("10.0.0.3", "10.0.0.2"), ("10.0.0.1", "10.0.0.3")]
+    {
         for l4 in [L4::Other { proto: 47 }, L4::Icmp { ty: 3, id: 0 }] {
             out.push(Frame::new(s.parse().unwrap(), d.parse().unwrap(), l4).build());
         }
@@ -67,7 +69,9 @@ fn a_failed_apply_changes_nothing() {
         big += &format!("  - {{name: h{i}, ips: [10.0.1.{i}], tags: {{n: \"{i}\"}}}}\n");
         segs += &format!("  - {{name: s{i}, selector: n={i}}}\n");
     }
-    let big = format!("{big}{segs}rules:\n  - {{name: all, from: any, to: any, protocol: tcp}}\n  - {{name: s0-s1, from: s0, to: s1}}\n  - {{name: s2-s3, from: s2, to: s3}}\n");
+    let big = format!(
+        "{big}{segs}rules:\n  - {{name: all, from: any, to: any, protocol: tcp}}\n  - {{name: s0-s1, from: s0, to: s1}}\n  - {{name: s2-s3, from: s2, to: s3}}\n"
+    );
     let cb = compiler.compile(&policy(&big), Utc::now()).unwrap();
     assert!(cb.policy.len() > 4);
     let err = dp.apply(cb).unwrap_err();

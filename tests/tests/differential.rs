@@ -153,7 +153,13 @@ fn mutate_assets(rng: &mut fastrand::Rng, doc: &mut PolicyDocument) -> Vec<Strin
             0 => {
                 doc.assets.remove(i);
             }
-            1 => doc.assets[i].ips = (0..rng.usize(1..3)).map(|_| prefix(rng)).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+            1 => {
+                doc.assets[i].ips = (0..rng.usize(1..3))
+                    .map(|_| prefix(rng))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
+            }
             _ => {
                 let a = &mut doc.assets[i];
                 a.tags.insert("role".into(), Scalar::Str(ROLES[rng.usize(..ROLES.len())].into()));
@@ -243,12 +249,15 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
         // Half the changes edit only assets (tags, addresses, added, removed) and go through the
         // incremental compiler, the way a tag edit does; the others replace the whole policy.
         let incremental = round > 0 && rng.bool();
-        let changed = if incremental { mutate_assets(&mut rng, &mut doc) } else {
+        let changed = if incremental {
+            mutate_assets(&mut rng, &mut doc)
+        } else {
             doc = random_policy(&mut rng, now);
             vec![]
         };
         let yaml = serde_yaml::to_string(&doc).unwrap_or_default();
-        let policy = doc.validate("random").unwrap_or_else(|e| panic!("seed {seed}: generated policy invalid: {e}\n{yaml}"));
+        let policy =
+            doc.validate("random").unwrap_or_else(|e| panic!("seed {seed}: generated policy invalid: {e}\n{yaml}"));
         if incremental {
             let names: Vec<&str> = changed.iter().map(String::as_str).collect();
             let delta = compiler.update_assets(&policy, &names, dp.applied(), now).expect("incremental compile");
@@ -274,16 +283,17 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
             // Remember plain frames for later replies.
             if let gatekeeper::reference::Frame::Ip(h) = gatekeeper::reference::parse(&frame)
                 && !h.malformed
-                    && let Some((sp, dp_)) = h.flow_ports {
-                        let l4 = match h.proto {
-                            6 => L4::Tcp { sport: sp, dport: dp_ },
-                            17 => L4::Udp { sport: sp, dport: dp_ },
-                            _ => L4::Icmp { ty: if h.src.is_ipv6() { 128 } else { 8 }, id: sp },
-                        };
-                        if h.ports.is_some() || matches!(h.proto, 1 | 58) {
-                            history.push(Frame::new(h.src, h.dst, l4));
-                        }
-                    }
+                && let Some((sp, dp_)) = h.flow_ports
+            {
+                let l4 = match h.proto {
+                    6 => L4::Tcp { sport: sp, dport: dp_ },
+                    17 => L4::Udp { sport: sp, dport: dp_ },
+                    _ => L4::Icmp { ty: if h.src.is_ipv6() { 128 } else { 8 }, id: sp },
+                };
+                if h.ports.is_some() || matches!(h.proto, 1 | 58) {
+                    history.push(Frame::new(h.src, h.dst, l4));
+                }
+            }
             let expected = m.judge(&frame);
             let slot_before = expected.rule.map(|s| dp.rule_counter(s).expect("rule counter").packets);
             let before = counters(dp);
@@ -297,7 +307,8 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
                 (Some(s), Some(b)) => dp.rule_counter(s).expect("rule counter").packets == b + 1,
                 _ => true,
             };
-            if action != want_action || got_outcome != Some(expected.outcome) || revoked != expected.revoked || !rule_ok {
+            if action != want_action || got_outcome != Some(expected.outcome) || revoked != expected.revoked || !rule_ok
+            {
                 panic!(
                     "seed {seed} policy round {round} packet {i}: kernel action {action} outcome {:?} revoked {revoked} \
                      rule counter ok {rule_ok}; reference {:?}\nframe: {}\nparsed: {:?}\npolicy:\n{yaml}",
@@ -333,7 +344,8 @@ fn xdp_program_matches_reference_model() {
         let after = counters(&dp);
         revoked += after.outcomes[EVENT_FLOW_REVOKED as usize] - before.outcomes[EVENT_FLOW_REVOKED as usize];
         for o in Outcome::ALL {
-            *by_outcome.entry(o.name()).or_default() += after.outcomes[o.counter() as usize] - before.outcomes[o.counter() as usize];
+            *by_outcome.entry(o.name()).or_default() +=
+                after.outcomes[o.counter() as usize] - before.outcomes[o.counter() as usize];
         }
     }
     eprintln!("{total} packets agreed over {} seeds; {revoked} flows revoked; outcomes: {by_outcome:?}", seeds.len());

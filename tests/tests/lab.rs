@@ -174,7 +174,15 @@ fn daemon_refuses_to_start_on_a_broken_policy() {
 }
 
 /// Sends a TCP SYN from `from` to `to` in `vlans` tags and reports whether it reached `to`.
-fn tagged_syn_arrives(lab: &Lab, from: &str, to: &str, v6: bool, vlans: &[(u16, u16)], sport: u16, wait: Duration) -> bool {
+fn tagged_syn_arrives(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    v6: bool,
+    vlans: &[(u16, u16)],
+    sport: u16,
+    wait: Duration,
+) -> bool {
     let (src, dst) = (lab.host(from).addr(v6), lab.host(to).addr(v6));
     let mut frame = Frame::new(src, dst, L4::Tcp { sport, dport: 502 });
     frame.vlans = vlans.to_vec();
@@ -224,7 +232,10 @@ fn an_expiring_rule_stops_matching_without_a_reload() {
     let expires = chrono::Utc::now() + chrono::Duration::seconds(4);
     let policy = policy(HMI).replace(
         "{name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502]}",
-        &format!("{{name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502], expires: {}}}", expires.to_rfc3339()),
+        &format!(
+            "{{name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502], expires: {}}}",
+            expires.to_rfc3339()
+        ),
     );
     let daemon = lab.start_daemon(&gatekeeper_bin().unwrap(), &policy).unwrap();
     let plc = lab.host("plc1").addr(false);
@@ -246,9 +257,8 @@ fn idle_flows_age_out() {
     let policy = "assets:\n  - {name: hmi, ips: [10.0.0.1], tags: {role: hmi}}\n  - {name: plc, ips: [10.0.0.11], tags: {role: plc}}\n\
 segments:\n  - {name: hmi, selector: role=hmi, mode: label}\n  - {name: plc, selector: role=plc}\n\
 rules:\n  - {name: io, from: hmi, to: plc, protocol: udp, ports: [2222]}\n";
-    let daemon = lab
-        .start_daemon_with(&gatekeeper_bin().unwrap(), policy, "[dataplane.flow_timeouts]\nudp = 2\n")
-        .unwrap();
+    let daemon =
+        lab.start_daemon_with(&gatekeeper_bin().unwrap(), policy, "[dataplane.flow_timeouts]\nudp = 2\n").unwrap();
     let hmi = in_netns(&lab.host("hmi").netns, || UdpSocket::bind("10.0.0.1:40000")).unwrap().unwrap();
     let plc = in_netns(&lab.host("plc1").netns, || UdpSocket::bind("10.0.0.11:2222")).unwrap().unwrap();
     hmi.set_read_timeout(Some(SHORT)).unwrap();
@@ -316,8 +326,16 @@ fn kill_and_restart_keep_enforcing_without_a_gap() {
     daemon.kill().unwrap();
     assert_eq!(lab.xdp_attached().unwrap().len(), HOSTS.len(), "XDP gone with the daemon");
     assert!(echo(&mut session, b"daemon dead\n", LONG), "allowed session cut by the crash");
-    assert_eq!(tcp(lab, "eng", "plc1", 502, false, SHORT), Reach::Silent, "denied traffic passes while the daemon is dead");
-    assert_eq!(tcp(lab, "hmi", "plc2", 502, false, LONG), Reach::Echoed, "new allowed session while the daemon is dead");
+    assert_eq!(
+        tcp(lab, "eng", "plc1", 502, false, SHORT),
+        Reach::Silent,
+        "denied traffic passes while the daemon is dead"
+    );
+    assert_eq!(
+        tcp(lab, "hmi", "plc2", 502, false, LONG),
+        Reach::Echoed,
+        "new allowed session while the daemon is dead"
+    );
 
     // A new daemon adopts the pinned maps and swaps its program onto the pinned links.
     let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
@@ -372,7 +390,11 @@ fn cli(lab: &Lab, token: &std::path::Path, args: &[&str]) -> (i32, String, Strin
         .args(args)
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -385,7 +407,11 @@ fn api_and_cli_drive_the_data_plane_with_real_traffic() {
         std::fs::write(p, t).unwrap();
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let extra = format!("\n[api]\nlisten = \"127.0.0.1:8080\"\nadmin_token_file = {:?}\nreader_token_file = {:?}\n", admin.display().to_string(), reader.display().to_string());
+    let extra = format!(
+        "\n[api]\nlisten = \"127.0.0.1:8080\"\nadmin_token_file = {:?}\nreader_token_file = {:?}\n",
+        admin.display().to_string(),
+        reader.display().to_string()
+    );
     let daemon = lab.start_daemon_with(&gatekeeper_bin().unwrap(), &policy("{}"), &extra).unwrap();
     assert!(daemon.log().contains("API listening"), "{}", daemon.log());
     assert_eq!(tcp(lab, "hmi", "plc1", 502, false, SHORT), Reach::Silent);
@@ -426,7 +452,10 @@ fn api_and_cli_drive_the_data_plane_with_real_traffic() {
     let (code, out, _) = cli(lab, &admin, &["audit"]);
     assert!(code == 0 && out.contains("patch asset") && out.contains("admin"), "{out}");
     // Nothing listening: exit 3.
-    let out = std::process::Command::new(gatekeeper_bin().unwrap()).args(["--api", "http://127.0.0.1:9", "status"]).output().unwrap();
+    let out = std::process::Command::new(gatekeeper_bin().unwrap())
+        .args(["--api", "http://127.0.0.1:9", "status"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     daemon.stop().unwrap();
 }
@@ -446,7 +475,10 @@ fn pins_of_an_older_layout_are_taken_over() {
     let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
     let log = daemon.log();
     assert!(!log.contains("adopted the pinned data plane"), "{log}");
-    assert!(log.contains("mode=\"replaced\"") || log.contains("mode=replaced"), "the old links were not taken over: {log}");
+    assert!(
+        log.contains("mode=\"replaced\"") || log.contains("mode=replaced"),
+        "the old links were not taken over: {log}"
+    );
     assert_eq!(lab.xdp_attached().unwrap().len(), HOSTS.len(), "one program per port");
     assert!(!old.join("links/p-plc1").exists(), "old link pins left behind");
     assert_eq!(tcp(lab, "hmi", "plc1", 502, false, LONG), Reach::Echoed);

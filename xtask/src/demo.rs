@@ -139,9 +139,15 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the quarantine policy was rejected: {e}");
     }
     let after = echo(&mut session, b"write single coil\n", Duration::from_millis(800));
-    eprintln!("    the same session after the tag removal: {}", if after { "STILL WORKING <-- UNEXPECTED" } else { "cut" });
+    eprintln!(
+        "    the same session after the tag removal: {}",
+        if after { "STILL WORKING <-- UNEXPECTED" } else { "cut" }
+    );
     let new = lab.host("hmi").tcp(plc, 502, Duration::from_millis(800))?;
-    eprintln!("    a new session hmi-1 -> plc-1: {}", if new == Reach::Silent { "blocked" } else { "ALLOWED <-- UNEXPECTED" });
+    eprintln!(
+        "    a new session hmi-1 -> plc-1: {}",
+        if new == Reach::Silent { "blocked" } else { "ALLOWED <-- UNEXPECTED" }
+    );
     wrong += usize::from(!before) + usize::from(after) + usize::from(new != Reach::Silent);
 
     step("Stopping gatekeeper (SIGTERM; enforcement stays pinned), then `gatekeeper detach`");

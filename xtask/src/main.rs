@@ -126,7 +126,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             if let Some(rest) = line.strip_prefix("test result: ") {
                 let count = |word: &str| -> u64 {
                     rest.split(';')
-                        .find_map(|part| part.trim().strip_suffix(word).map(|n| n.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim().parse().unwrap_or(0)))
+                        .find_map(|part| {
+                            part.trim().strip_suffix(word).map(|n| {
+                                n.trim()
+                                    .trim_start_matches("ok.")
+                                    .trim_start_matches("FAILED.")
+                                    .trim()
+                                    .parse()
+                                    .unwrap_or(0)
+                            })
+                        })
                         .unwrap_or(0)
                 };
                 passed += count("passed");

@@ -36,10 +36,18 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         step("Installing the nightly Rust toolchain (the XDP program needs -Z build-std)");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
-    let installed =
-        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"])).unwrap_or_default();
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         step("Adding rust-src to the nightly toolchain");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
@@ -91,7 +99,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn installed(package: &str) -> bool {
-    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package])).is_some_and(|s| s.contains("install ok installed"))
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|s| s.contains("install ok installed"))
 }
 
 fn packages() -> anyhow::Result<()> {
