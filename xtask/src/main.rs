@@ -111,6 +111,10 @@ pub fn build(release: bool) -> anyhow::Result<()> {
 fn test(args: &[String]) -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
     setup::all()?;
+    step("Checking formatting (cargo fmt --all --check)");
+    if !cargo().args(["fmt", "--all", "--check"]).status().is_ok_and(|s| s.success()) {
+        bail!("the code is not formatted: run `cargo fmt --all`");
+    }
     build(false)?;
     step("Running every test (unit, differential against the reference model, lab with real traffic)");
     let mut c = cargo();

@@ -18,6 +18,7 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 pub fn all() -> anyhow::Result<()> {
+    rustfmt()?;
     nightly_rust_src()?;
     bpf_linker()?;
     packages()?;
@@ -27,6 +28,14 @@ pub fn all() -> anyhow::Result<()> {
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rustfmt() -> anyhow::Result<()> {
+    if output(Command::new("cargo").args(["fmt", "--version"])).is_none() {
+        step("Adding rustfmt (the tests check formatting)");
+        run(Command::new("rustup").args(["component", "add", "rustfmt"]))?;
+    }
+    Ok(())
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
