@@ -104,6 +104,18 @@ impl App {
         self.index.get(name).map(|&i| &self.doc.assets[i])
     }
 
+    /// Edits a copy of the desired state with `edit` and makes it the desired state.
+    pub fn edit(
+        &mut self,
+        actor: &str,
+        action: &str,
+        edit: impl FnOnce(&mut PolicyDocument),
+    ) -> Result<Vec<Change>, ApiError> {
+        let mut doc = self.doc.clone();
+        edit(&mut doc);
+        self.change(doc, actor, action, false)
+    }
+
     /// Makes `new` the desired state: validate, enforce, record. Returns the changes.
     pub fn change(
         &mut self,
@@ -454,10 +466,13 @@ async fn get_asset(State(s): State<ApiState>, Path(name): Path<String>) -> Resul
     app.asset(&name).cloned().map(Json).ok_or_else(|| ApiError::NotFound(format!("no asset {name:?}")))
 }
 
-fn upsert<T: Clone>(list: &mut Vec<T>, item: T, of: impl Fn(&T) -> &str) {
-    match list.iter().position(|x| of(x) == of(&item)) {
-        Some(i) => list[i] = item,
-        None => list.push(item),
+/// Replaces the items of `list` named like those of `items`, appends the others.
+pub(crate) fn upsert<T: Clone>(list: &mut Vec<T>, items: &[T], name: impl Fn(&T) -> &str) {
+    for item in items {
+        match list.iter().position(|x| name(x) == name(item)) {
+            Some(i) => list[i] = item.clone(),
+            None => list.push(item.clone()),
+        }
     }
 }
 
@@ -521,10 +536,10 @@ async fn put_segment(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let spec: SegmentSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    let mut app = s.app.lock().await;
-    let mut doc = app.doc.clone();
-    upsert(&mut doc.segments, spec.clone(), |x| &x.name);
-    app.change(doc, actor(&ext), "put segment", false)?;
+    s.app
+        .lock()
+        .await
+        .edit(actor(&ext), "put segment", |d| upsert(&mut d.segments, std::slice::from_ref(&spec), |x| &x.name))?;
     Ok(Json(spec).into_response())
 }
 
@@ -542,9 +557,7 @@ async fn delete_segment(
             "segment {name:?} is used by rules {users:?}; delete or change them first"
         )));
     }
-    let mut doc = app.doc.clone();
-    doc.segments.retain(|x| x.name != name);
-    app.change(doc, actor(&ext), "delete segment", false)?;
+    app.edit(actor(&ext), "delete segment", |d| d.segments.retain(|x| x.name != name))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -579,10 +592,10 @@ async fn put_rule(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let spec: RuleSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    let mut app = s.app.lock().await;
-    let mut doc = app.doc.clone();
-    upsert(&mut doc.rules, spec.clone(), |x| &x.name);
-    app.change(doc, actor(&ext), "put rule", false)?;
+    s.app
+        .lock()
+        .await
+        .edit(actor(&ext), "put rule", |d| upsert(&mut d.rules, std::slice::from_ref(&spec), |x| &x.name))?;
     Ok(Json(spec).into_response())
 }
 
@@ -593,9 +606,7 @@ async fn delete_rule(
 ) -> Result<StatusCode, ApiError> {
     let mut app = s.app.lock().await;
     find(&app.doc.rules, &name, |x| &x.name, "rule")?;
-    let mut doc = app.doc.clone();
-    doc.rules.retain(|x| x.name != name);
-    app.change(doc, actor(&ext), "delete rule", false)?;
+    app.edit(actor(&ext), "delete rule", |d| d.rules.retain(|x| x.name != name))?;
     Ok(StatusCode::NO_CONTENT)
 }
 

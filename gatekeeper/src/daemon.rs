@@ -180,18 +180,10 @@ pub fn changed_assets(old: &Policy, new: &Policy) -> Vec<String> {
 /// The policy file merged into the stored state, like `kubectl apply`: objects the file names
 /// replace the stored ones of the same kind and name; other stored objects stay.
 pub fn merged(base: &PolicyDocument, file: &PolicyDocument) -> PolicyDocument {
-    fn upsert<T: Clone>(list: &mut Vec<T>, items: &[T], name: impl Fn(&T) -> &str) {
-        for item in items {
-            match list.iter().position(|x| name(x) == name(item)) {
-                Some(i) => list[i] = item.clone(),
-                None => list.push(item.clone()),
-            }
-        }
-    }
     let mut out = base.clone();
-    upsert(&mut out.assets, &file.assets, |a| &a.name);
-    upsert(&mut out.segments, &file.segments, |s| &s.name);
-    upsert(&mut out.rules, &file.rules, |r| &r.name);
+    crate::api::upsert(&mut out.assets, &file.assets, |a| &a.name);
+    crate::api::upsert(&mut out.segments, &file.segments, |s| &s.name);
+    crate::api::upsert(&mut out.rules, &file.rules, |r| &r.name);
     out
 }
 

@@ -604,36 +604,11 @@ impl Dataplane {
     /// Rewrites generation `generation` from scratch from `self.applied`.
     fn rebuild_generation(&mut self, generation: u32) -> Result<(), DataplaneError> {
         let g = generation as u8;
-        let mut lpm4: LpmTrie<_, LpmV4, Identity> =
-            LpmTrie::try_from(self.map("GK_IDS_V4")?).map_err(map_err("GK_IDS_V4"))?;
-        let keys: Vec<_> = lpm4.keys().filter_map(Result::ok).filter(|k| k.data().generation == g).collect();
-        for k in keys {
-            let _ = lpm4.remove(&k);
-        }
-        let mut lpm6: LpmTrie<_, LpmV6, Identity> =
-            LpmTrie::try_from(self.map("GK_IDS_V6")?).map_err(map_err("GK_IDS_V6"))?;
-        let keys: Vec<_> = lpm6.keys().filter_map(Result::ok).filter(|k| k.data().generation == g).collect();
-        for k in keys {
-            let _ = lpm6.remove(&k);
-        }
-        let mut hosts4: HashMap<_, HostV4, Identity> =
-            HashMap::try_from(self.map("GK_HOSTS_V4")?).map_err(map_err("GK_HOSTS_V4"))?;
-        let keys: Vec<_> = hosts4.keys().filter_map(Result::ok).filter(|k| k.generation == g).collect();
-        for k in keys {
-            let _ = hosts4.remove(&k);
-        }
-        let mut hosts6: HashMap<_, HostV6, Identity> =
-            HashMap::try_from(self.map("GK_HOSTS_V6")?).map_err(map_err("GK_HOSTS_V6"))?;
-        let keys: Vec<_> = hosts6.keys().filter_map(Result::ok).filter(|k| k.generation == g).collect();
-        for k in keys {
-            let _ = hosts6.remove(&k);
-        }
-        let mut policy: HashMap<_, PolicyKey, PolicyValue> =
-            HashMap::try_from(self.map("GK_POLICY")?).map_err(map_err("GK_POLICY"))?;
-        let keys: Vec<_> = policy.keys().filter_map(Result::ok).filter(|k| k.generation == g).collect();
-        for k in keys {
-            let _ = policy.remove(&k);
-        }
+        self.clear_lpm::<LpmV4>("GK_IDS_V4", |k| k.generation == g)?;
+        self.clear_lpm::<LpmV6>("GK_IDS_V6", |k| k.generation == g)?;
+        self.clear_hash::<HostV4, Identity>("GK_HOSTS_V4", |k| k.generation == g)?;
+        self.clear_hash::<HostV6, Identity>("GK_HOSTS_V6", |k| k.generation == g)?;
+        self.clear_hash::<PolicyKey, PolicyValue>("GK_POLICY", |k| k.generation == g)?;
         let mut ports: Vec<(u32, u16, u32)> = Vec::new();
         for l4 in 0..2u32 {
             for (port, class) in self.applied.port_classes[l4 as usize].iter().enumerate() {
@@ -642,6 +617,34 @@ impl Dataplane {
         }
         let full = Delta { ports, config: Some(self.applied.config), ..diff(&Compiled::empty(), &self.applied) };
         self.write(generation, &full)
+    }
+
+    /// Removes the entries of hash map `name` whose key `of_gen` picks.
+    fn clear_hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        of_gen: impl Fn(&K) -> bool,
+    ) -> Result<(), DataplaneError> {
+        let mut map: HashMap<_, K, V> = HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        let keys: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| of_gen(k)).collect();
+        for k in keys {
+            let _ = map.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Removes the entries of LPM trie `name` whose key data `of_gen` picks.
+    fn clear_lpm<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        of_gen: impl Fn(&K) -> bool,
+    ) -> Result<(), DataplaneError> {
+        let mut map: LpmTrie<_, K, Identity> = LpmTrie::try_from(self.map(name)?).map_err(map_err(name))?;
+        let keys: Vec<Key<K>> = map.keys().filter_map(Result::ok).filter(|k| of_gen(&k.data())).collect();
+        for k in keys {
+            let _ = map.remove(&k);
+        }
+        Ok(())
     }
 
     fn zero_rule_counter(&mut self, slot: u32) -> Result<(), DataplaneError> {
@@ -762,13 +765,7 @@ impl Dataplane {
 
     /// Forgets every flow (tests use it between independent cases).
     pub fn clear_flows(&mut self) -> Result<(), DataplaneError> {
-        let mut flows: HashMap<_, FlowKey, FlowValue> =
-            HashMap::try_from(self.map("GK_FLOWS")?).map_err(map_err("GK_FLOWS"))?;
-        let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = flows.remove(&k);
-        }
-        Ok(())
+        self.clear_hash::<FlowKey, FlowValue>("GK_FLOWS", |_| true)
     }
 
     /// A handle on the loaded program for [`test_run_fd`], usable from other threads while
