@@ -25,20 +25,22 @@
 //! number of assets; only addresses not found there walk the LPM trie of shorter prefixes. Each
 //! host entry already carries the segments of every prefix containing it.
 //!
-//! Policy maps hold three generations side by side (the generation is the first byte of every
+//! Policy maps hold four generations side by side (the generation is the first byte of every
 //! key). The program reads the epoch once per packet and uses only that generation, so a packet
 //! is judged entirely by the old policy or entirely by the new one, never by a mix. The daemon
-//! writes only a generation that no packet can still be using: the one retired two flips ago,
+//! writes only a generation that no packet can still be using: the one retired three flips ago,
 //! once an RCU grace period begun after its retirement has passed.
 #![no_std]
 
 /// Version of the map layout. Pinned maps live under `<pin_dir>/v<LAYOUT_VERSION>/`; a daemon
 /// finding pins of another version (or incompatible ones) never reuses them. Bump it with any
 /// change to a map's key, value or type.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Policy generations side by side in every policy map; the program uses `epoch % GENERATIONS`.
-pub const GENERATIONS: u32 = 3;
+/// Four, not three: two flips can go by per grace period before an apply waits, and 2^32 is a
+/// multiple of four, so `epoch` wrapping around never reuses the active generation.
+pub const GENERATIONS: u32 = 4;
 
 /// Identity of addresses that belong to no segment.
 pub const ID_WORLD: u32 = 0;

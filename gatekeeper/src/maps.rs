@@ -2,11 +2,11 @@
 //! its maps atomically, and read its counters.
 //!
 //! # Atomic apply
-//! Policy maps hold three generations; the program uses `epoch % 3`, read once per packet. An
+//! Policy maps hold four generations; the program uses `epoch % 4`, read once per packet. An
 //! apply brings the next generation up to date (the deltas it missed, then the new one), flips
 //! the epoch with one 4-byte store, and returns: packets see the old policy or the new one, never
 //! a mix, and a change touching a few assets writes a few entries. The generation written next
-//! was retired two flips earlier; before touching it the apply makes sure an RCU grace period
+//! was retired three flips earlier; before touching it the apply makes sure an RCU grace period
 //! begun after that retirement has passed (a background thread runs `membarrier(GLOBAL)`, which
 //! is `synchronize_rcu()`, after every flip), so no packet is still reading it; the wait is off
 //! the request path unless applies come faster than grace periods end. The epoch also tags every
