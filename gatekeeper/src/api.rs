@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use crate::{
     daemon::Enforcer,
+    netskope::http as netskope,
     policy::{AssetSpec, PolicyDocument, PolicyError, Problem, RuleSpec, SegmentSpec},
     selector::Selector,
     store::{Change, Store, changes},
@@ -34,6 +35,8 @@ pub struct App {
     /// The desired state (what the store holds).
     pub doc: PolicyDocument,
     pub last_apply: Option<(DateTime<Utc>, f64)>,
+    /// The Netskope integration: its generated objects are enforced with `doc`.
+    pub netskope: crate::netskope::Integration,
     /// Asset name to its position in `doc.assets`.
     index: std::collections::HashMap<String, usize>,
 }
@@ -49,14 +52,19 @@ pub enum ApiError {
     Unsupported(String),
     Invalid(Vec<Problem>),
     Internal(String),
+    /// An upstream service (Netskope) failed.
+    Upstream(String),
 }
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::BadRequest(d) | Self::NotFound(d) | Self::Conflict(d) | Self::Unsupported(d) | Self::Internal(d) => {
-                f.write_str(d)
-            }
+            Self::BadRequest(d)
+            | Self::NotFound(d)
+            | Self::Conflict(d)
+            | Self::Unsupported(d)
+            | Self::Internal(d)
+            | Self::Upstream(d) => f.write_str(d),
             Self::Unauthorized => f.write_str("unauthorized"),
             Self::Forbidden => f.write_str("forbidden"),
             Self::Invalid(p) => f.write_str(&p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
@@ -82,6 +90,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid policy", detail, errors)
             }
             Self::Internal(d) => (StatusCode::INTERNAL_SERVER_ERROR, "not applied", d, vec![]),
+            Self::Upstream(d) => (StatusCode::BAD_GATEWAY, "upstream failure", d, vec![]),
         };
         let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail, "errors": errors});
         (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
@@ -90,7 +99,8 @@ impl IntoResponse for ApiError {
 
 impl App {
     pub fn new(enforcer: Enforcer, store: Store, doc: PolicyDocument) -> Self {
-        let mut app = Self { enforcer, store, doc, last_apply: None, index: Default::default() };
+        let mut app =
+            Self { enforcer, store, doc, last_apply: None, netskope: Default::default(), index: Default::default() };
         app.reindex();
         app
     }
@@ -124,11 +134,14 @@ impl App {
         action: &str,
         dry_run: bool,
     ) -> Result<Vec<Change>, ApiError> {
-        let policy = match new.validate("request") {
-            Ok(p) => p,
+        // The user's objects alone first, so problems name their own entries.
+        match new.validate("request") {
+            Ok(_) => {}
             Err(PolicyError::Invalid { problems, .. }) => return Err(ApiError::Invalid(problems)),
             Err(e) => return Err(ApiError::BadRequest(e.to_string())),
-        };
+        }
+        self.check_generated_names(&new)?;
+        let policy = self.validate_effective(&new)?;
         let diff = changes(&self.doc, &new);
         if dry_run || diff.is_empty() {
             return Ok(diff);
@@ -149,6 +162,10 @@ impl App {
         for c in &diff {
             tracing::info!(actor, action, kind = c.kind.as_str(), name = %c.name, "changed");
         }
+        // Any object may move members in or out of a mapped segment; a push that finds
+        // nothing to change costs no request.
+        let acting = self.netskope.acting();
+        self.netskope_mark(&acting, "change");
         Ok(diff)
     }
 }
@@ -277,6 +294,10 @@ impl App {
                 }
                 self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
                 tracing::info!(assets = work.len(), "asset changes applied");
+                let moved: Vec<(Option<&AssetSpec>, Option<&AssetSpec>)> =
+                    work.iter().map(|(w, _, old)| (old.as_ref(), w.spec.as_ref())).collect();
+                let affected = self.netskope_affected(&moved);
+                self.netskope_mark(&affected, "change");
                 for (w, _, _) in work {
                     let _ = w.reply.send(Ok(()));
                 }
@@ -306,10 +327,29 @@ async fn writer(app: Arc<tokio::sync::Mutex<App>>, mut rx: tokio::sync::mpsc::Re
 }
 
 /// Bearer tokens read from the files named in the configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Tokens {
     pub admin: Option<String>,
     pub reader: Option<String>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens").field("admin", &self.admin.is_some()).field("reader", &self.reader.is_some()).finish()
+    }
+}
+
+/// SHA-256 of a token, hex: what the store keeps and what requests are compared against.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The tokens' hashes: the tokens themselves are dropped once hashed.
+#[derive(Debug, Default)]
+struct Credentials {
+    admin: Option<String>,
+    reader: Option<String>,
 }
 
 /// Constant-time comparison, so response times say nothing about a token.
@@ -320,7 +360,7 @@ fn same(a: &str, b: &str) -> bool {
 #[derive(Clone)]
 pub struct ApiState {
     pub app: Arc<tokio::sync::Mutex<App>>,
-    pub tokens: Arc<Tokens>,
+    credentials: Arc<Credentials>,
     writes: tokio::sync::mpsc::Sender<AssetWrite>,
 }
 
@@ -329,7 +369,11 @@ impl ApiState {
     pub fn new(app: Arc<tokio::sync::Mutex<App>>, tokens: Tokens) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(8192);
         tokio::spawn(writer(app.clone(), rx));
-        Self { app, tokens: Arc::new(tokens), writes: tx }
+        let credentials = Credentials {
+            admin: tokens.admin.as_deref().map(token_hash),
+            reader: tokens.reader.as_deref().map(token_hash),
+        };
+        Self { app, credentials: Arc::new(credentials), writes: tx }
     }
 
     async fn write_asset(
@@ -358,10 +402,11 @@ async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Re
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;
-    let is = |t: &Option<String>| t.as_deref().is_some_and(|t| same(t, presented));
-    let actor = if is(&state.tokens.admin) {
+    let presented = token_hash(presented);
+    let is = |t: &Option<String>| t.as_deref().is_some_and(|t| same(t, &presented));
+    let actor = if is(&state.credentials.admin) {
         "admin"
-    } else if is(&state.tokens.reader) {
+    } else if is(&state.credentials.reader) {
         if req.method() != Method::GET {
             return Err(ApiError::Forbidden);
         }
@@ -385,13 +430,22 @@ pub fn router(state: ApiState) -> Router {
         .route("/apply", post(apply))
         .route("/status", get(status))
         .route("/audit", get(audit))
+        .route("/integrations/netskope", get(netskope::get_integration).put(netskope::put_integration))
+        .route("/integrations/netskope/sync", post(netskope::sync))
+        .route("/integrations/netskope/apps", get(netskope::list_apps))
+        .route("/integrations/netskope/apps/{id}", get(netskope::get_app).put(netskope::put_app))
+        .route("/integrations/netskope/apps/{id}/suggestions", get(netskope::suggestions))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/openapi.json", get(openapi))
+        .with_state(state.clone());
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
-    Router::new().nest("/api/v1", api)
+    Router::new().nest("/api/v1", api).merge(metrics)
 }
 
-fn body_json(headers: &HeaderMap, body: &Bytes, accept: &[&str]) -> Result<Value, ApiError> {
+pub(crate) fn body_json(headers: &HeaderMap, body: &Bytes, accept: &[&str]) -> Result<Value, ApiError> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
     let ct = ct.split(';').next().unwrap_or("").trim();
     if !accept.contains(&ct) {
@@ -433,7 +487,7 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-fn actor(headers: &axum::http::Extensions) -> &'static str {
+pub(crate) fn actor(headers: &axum::http::Extensions) -> &'static str {
     headers.get::<Actor>().map_or("unknown", |a| a.0)
 }
 
@@ -519,13 +573,41 @@ async fn delete_asset(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_segments(State(s): State<ApiState>) -> Json<Vec<SegmentSpec>> {
-    Json(s.app.lock().await.doc.segments.clone())
+/// User segments, then the generated ones (marked).
+fn segments_json(app: &App) -> Vec<Value> {
+    let user = app.doc.segments.iter().map(|x| serde_json::to_value(x).unwrap_or_default());
+    let generated = app.netskope.segments.iter().map(|x| {
+        let mut v = serde_json::to_value(x).unwrap_or_default();
+        v["generated"] = json!({"by": "netskope"});
+        v
+    });
+    user.chain(generated).collect()
 }
 
-async fn get_segment(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<SegmentSpec>, ApiError> {
-    let app = s.app.lock().await;
-    Ok(Json(find(&app.doc.segments, &name, |x| &x.name, "segment")?.clone()))
+/// User rules, then the rules Netskope mappings generate (marked, with their app).
+fn rules_json(app: &App) -> Vec<Value> {
+    let user = app.doc.rules.iter().map(|x| serde_json::to_value(x).unwrap_or_default());
+    let generated = app.netskope.rules.iter().map(|g| {
+        let mut v = serde_json::to_value(&g.rule).unwrap_or_default();
+        v["generated"] = json!({"by": "netskope", "app_id": g.app_id});
+        v
+    });
+    user.chain(generated).collect()
+}
+
+fn named(list: Vec<Value>, name: &str, kind: &str) -> Result<Json<Value>, ApiError> {
+    list.into_iter()
+        .find(|v| v["name"] == name)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no {kind} {name:?}")))
+}
+
+async fn list_segments(State(s): State<ApiState>) -> Json<Vec<Value>> {
+    Json(segments_json(&*s.app.lock().await))
+}
+
+async fn get_segment(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    named(segments_json(&*s.app.lock().await), &name, "segment")
 }
 
 async fn put_segment(
@@ -549,6 +631,9 @@ async fn delete_segment(
     ext: axum::http::Extensions,
 ) -> Result<StatusCode, ApiError> {
     let mut app = s.app.lock().await;
+    if crate::netskope::reserved_segment(&name) {
+        return Err(ApiError::Conflict(format!("segment {name:?} is generated from the Netskope publishers")));
+    }
     find(&app.doc.segments, &name, |x| &x.name, "segment")?;
     let users: Vec<&str> =
         app.doc.rules.iter().filter(|r| r.from == name || r.to == name).map(|r| r.name.as_str()).collect();
@@ -575,13 +660,12 @@ async fn segment_members(State(s): State<ApiState>, Path(name): Path<String>) ->
     Ok(Json(json!({"segment": name, "assets": assets, "cidrs": cidrs})))
 }
 
-async fn list_rules(State(s): State<ApiState>) -> Json<Vec<RuleSpec>> {
-    Json(s.app.lock().await.doc.rules.clone())
+async fn list_rules(State(s): State<ApiState>) -> Json<Vec<Value>> {
+    Json(rules_json(&*s.app.lock().await))
 }
 
-async fn get_rule(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<RuleSpec>, ApiError> {
-    let app = s.app.lock().await;
-    Ok(Json(find(&app.doc.rules, &name, |x| &x.name, "rule")?.clone()))
+async fn get_rule(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    named(rules_json(&*s.app.lock().await), &name, "rule")
 }
 
 async fn put_rule(
@@ -605,6 +689,11 @@ async fn delete_rule(
     ext: axum::http::Extensions,
 ) -> Result<StatusCode, ApiError> {
     let mut app = s.app.lock().await;
+    if app.netskope.rules.iter().any(|g| g.rule.name == name) {
+        return Err(ApiError::Conflict(format!(
+            "rule {name:?} is generated by a Netskope mapping; change the mapping instead"
+        )));
+    }
     find(&app.doc.rules, &name, |x| &x.name, "rule")?;
     app.edit(actor(&ext), "delete rule", |d| d.rules.retain(|x| x.name != name))?;
     Ok(StatusCode::NO_CONTENT)
@@ -683,6 +772,11 @@ async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> Result
     let app = s.app.lock().await;
     let rows = app.store.audit(q.limit.unwrap_or(100).min(10_000)).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(json!(rows)))
+}
+
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    let text = crate::metrics::render(&*s.app.lock().await);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn openapi() -> impl IntoResponse {

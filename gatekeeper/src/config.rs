@@ -16,6 +16,24 @@ pub struct Config {
     pub store: StoreConfig,
     /// The REST API; served only when the section is present.
     pub api: Option<ApiConfig>,
+    /// Netskope One private apps follow segment membership (also settable through the API).
+    pub netskope: Option<NetskopeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetskopeConfig {
+    /// `https://TENANT.goskope.com` (plain `http://` only for test tenants and TLS proxies).
+    pub tenant_url: String,
+    /// File holding the REST API v2 token (0600; never logged, never returned by the API).
+    pub token_file: PathBuf,
+    /// How often apps and publishers are imported and drift corrected (`24h`, `30m`, ...).
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: String,
+}
+
+fn default_sync_interval() -> String {
+    "24h".into()
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -196,18 +196,30 @@ fn file_document(path: &std::path::Path) -> Result<PolicyDocument, PolicyError> 
     Ok(doc)
 }
 
-fn read_token(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+/// Reads a secret from a file only its owner may read. `what` names the setting in errors.
+fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
     use std::os::unix::fs::PermissionsExt as _;
-    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("[api] {what}: {}: {e}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{what}: {}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
-        anyhow::bail!("[api] {what}: {} is readable by others; make it 0600", path.display());
+        anyhow::bail!("{what}: {} is readable by others; make it 0600", path.display());
     }
-    let token = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("[api] {what}: {}: {e}", path.display()))?;
+    let token = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{what}: {}: {e}", path.display()))?;
     let token = token.trim().to_string();
     if token.len() < 16 {
-        anyhow::bail!("[api] {what}: {} holds a token shorter than 16 characters", path.display());
+        anyhow::bail!("{what}: {} holds a token shorter than 16 characters", path.display());
     }
     Ok(token)
+}
+
+/// The `[netskope]` section as settings (config wins over settings made through the API).
+fn netskope_settings(config: &Config) -> anyhow::Result<Option<crate::netskope::Settings>> {
+    let Some(n) = &config.netskope else { return Ok(None) };
+    let token = read_secret(&n.token_file, "[netskope] token_file")?;
+    let tenant_url =
+        crate::netskope::check_tenant_url(&n.tenant_url).map_err(|e| anyhow::anyhow!("[netskope] tenant_url: {e}"))?;
+    let sync_interval_secs = crate::netskope::parse_interval(&n.sync_interval)
+        .map_err(|e| anyhow::anyhow!("[netskope] sync_interval: {e}"))?;
+    Ok(Some(crate::netskope::Settings { tenant_url, token, sync_interval_secs }))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -216,33 +228,74 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(path) => Some(file_document(path)?),
         None => None,
     };
-    let store = Store::open(&config.store.path)?;
+    let mut store = Store::open(&config.store.path)?;
     let stored = store.load()?;
+    let mut integration = crate::netskope::Integration::load(&store)?;
+    if let Some(settings) = netskope_settings(&config)?
+        && integration.settings.as_ref() != Some(&settings)
+    {
+        let audit = crate::store::AuditRow {
+            actor: "config".into(),
+            action: "configure netskope".into(),
+            kind: Some("integration".into()),
+            name: Some("netskope".into()),
+            old: None,
+            new: Some(
+                serde_json::json!({"tenant_url": settings.tenant_url, "sync_interval_secs": settings.sync_interval_secs}),
+            ),
+        };
+        store.set_setting(crate::netskope::KEY_SETTINGS, Some(&settings), &[audit])?;
+        integration.settings = Some(settings);
+        integration.regenerate();
+    }
     let desired = file.as_ref().map_or_else(|| stored.clone(), |f| merged(&stored, f));
     let source = config
         .policy
         .file
         .as_ref()
         .map_or_else(|| config.store.path.display().to_string(), |p| p.display().to_string());
-    let policy = desired.validate(&source)?;
+    desired.validate(&source)?;
+    // Enforced: the user's objects and those the Netskope mappings generate.
+    let policy = integration.effective(&desired).validate(&source)?;
     let tokens = match &config.api {
         Some(api) => Some(Tokens {
-            admin: api.admin_token_file.as_deref().map(|p| read_token(p, "admin_token_file")).transpose()?,
-            reader: api.reader_token_file.as_deref().map(|p| read_token(p, "reader_token_file")).transpose()?,
+            admin: api.admin_token_file.as_deref().map(|p| read_secret(p, "[api] admin_token_file")).transpose()?,
+            reader: api.reader_token_file.as_deref().map(|p| read_secret(p, "[api] reader_token_file")).transpose()?,
         }),
         None => None,
     };
+    // The store keeps the tokens' hashes (and audits rotations), never the tokens.
+    for (role, token, file) in [
+        (
+            "admin",
+            tokens.as_ref().and_then(|t| t.admin.as_deref()),
+            config.api.as_ref().and_then(|a| a.admin_token_file.as_ref()),
+        ),
+        (
+            "reader",
+            tokens.as_ref().and_then(|t| t.reader.as_deref()),
+            config.api.as_ref().and_then(|a| a.reader_token_file.as_ref()),
+        ),
+    ] {
+        match (token, file) {
+            (Some(t), Some(f)) => {
+                store.set_credential(role, &crate::api::token_hash(t), &f.display().to_string())?;
+            }
+            _ => store.remove_credential(role)?,
+        }
+    }
     let mut enforcer = Enforcer::new(&config)?;
     let started = Instant::now();
     let report = enforcer.apply(policy)?;
     log_applied("start", &enforcer, report, started);
     let diff = changes(&stored, &desired);
-    let mut store = store;
     if !diff.is_empty() {
         store.commit(&diff, "policy-file", "start")?;
     }
     let mut app = App::new(enforcer, store, desired);
     app.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
+    app.netskope = integration;
+    crate::metrics::netskope_apps(&app.netskope);
 
     // Maps are filled before the program sees its first packet.
     for interface in &config.dataplane.interfaces {
@@ -255,6 +308,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let app = Arc::new(tokio::sync::Mutex::new(app));
+    // Idle until the integration is configured (here or through the API).
+    crate::netskope::worker::spawn(app.clone())?;
     if let (Some(api), Some(tokens)) = (&config.api, tokens) {
         let listener = tokio::net::TcpListener::bind(&api.listen)
             .await

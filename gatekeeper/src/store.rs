@@ -1,5 +1,6 @@
-//! The embedded store (SQLite, WAL): the desired state (assets, segments, rules) and the audit
-//! log. Every change is one transaction with its audit rows: it is recorded whole or not at all.
+//! The embedded store (SQLite, WAL): the desired state (assets, segments, rules), settings,
+//! credentials' hashes, the Netskope integration's state (apps, mappings, pending pushes) and the
+//! audit log. Every change is one transaction with its audit rows: it is recorded whole or not at all.
 
 use std::path::Path;
 
@@ -127,7 +128,23 @@ impl Store {
                  at TEXT NOT NULL,
                  actor TEXT NOT NULL,
                  action TEXT NOT NULL,
-                 kind TEXT, name TEXT, old TEXT, new TEXT);",
+                 kind TEXT, name TEXT, old TEXT, new TEXT);
+             CREATE TABLE IF NOT EXISTS settings (
+                 key TEXT PRIMARY KEY,
+                 value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS credentials (
+                 role TEXT PRIMARY KEY,
+                 sha256 TEXT NOT NULL,
+                 source TEXT NOT NULL,
+                 updated TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS netskope_apps (
+                 app_id INTEGER PRIMARY KEY,
+                 record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS netskope_pending (
+                 app_id INTEGER PRIMARY KEY,
+                 seq INTEGER NOT NULL,
+                 reason TEXT NOT NULL,
+                 since TEXT NOT NULL);",
         )
         .map_err(sql)?;
         Ok(Self { conn, path: p })
@@ -215,6 +232,157 @@ impl Store {
         tx.commit().map_err(sql)
     }
 
+    /// A setting (JSON), or `None` when never set.
+    pub fn setting<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let text: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+            .map(Some)
+            .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })
+            .map_err(self.err())?;
+        text.map(|t| {
+            serde_json::from_str(&t).map_err(|e| StoreError::Corrupt {
+                kind: "setting".into(),
+                name: key.into(),
+                error: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Sets (or with `None` removes) a setting and records `audit` rows, in one transaction.
+    pub fn set_setting<T: Serialize>(
+        &mut self,
+        key: &str,
+        value: Option<&T>,
+        audit: &[AuditRow],
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |error| StoreError::Sqlite { path: path.clone(), error };
+        let tx = self.conn.transaction().map_err(sql)?;
+        match value {
+            Some(v) => tx
+                .execute(
+                    "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, serde_json::to_string(v).unwrap_or_default()),
+                )
+                .map_err(sql)?,
+            None => tx.execute("DELETE FROM settings WHERE key = ?1", [key]).map_err(sql)?,
+        };
+        insert_audit(&tx, audit).map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Replaces the hash of a role's credential (the token itself is never stored).
+    pub fn set_credential(&mut self, role: &str, sha256: &str, source: &str) -> Result<bool, StoreError> {
+        let old: Option<String> = self
+            .conn
+            .query_row("SELECT sha256 FROM credentials WHERE role = ?1", [role], |r| r.get(0))
+            .map(Some)
+            .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })
+            .map_err(self.err())?;
+        if old.as_deref() == Some(sha256) {
+            return Ok(false);
+        }
+        let at = chrono::Utc::now().to_rfc3339();
+        let audit = AuditRow {
+            actor: "daemon".into(),
+            action: if old.is_some() { "rotate credential".into() } else { "add credential".into() },
+            kind: Some("credential".into()),
+            name: Some(role.into()),
+            old: None,
+            new: Some(serde_json::json!({"source": source})),
+        };
+        let path = self.path.clone();
+        let sql = |error| StoreError::Sqlite { path: path.clone(), error };
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute(
+            "INSERT INTO credentials (role, sha256, source, updated) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (role) DO UPDATE SET sha256 = excluded.sha256, source = excluded.source,
+             updated = excluded.updated",
+            (role, sha256, source, &at),
+        )
+        .map_err(sql)?;
+        insert_audit(&tx, &[audit]).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(true)
+    }
+
+    /// Removes a role's credential (its token file is no longer configured).
+    pub fn remove_credential(&mut self, role: &str) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM credentials WHERE role = ?1", [role]).map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Role to SHA-256 (hex) of its token.
+    pub fn credentials(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT role, sha256 FROM credentials ORDER BY role").map_err(self.err())?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Every stored Netskope private app.
+    pub fn netskope_apps(&self) -> Result<Vec<crate::netskope::AppRecord>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT app_id, record FROM netskope_apps ORDER BY app_id").map_err(self.err())?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, text) = row.map_err(self.err())?;
+            out.push(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                kind: "netskope app".into(),
+                name: id.to_string(),
+                error: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Writes app records (and removes `delete`), marks `pending` apps for a push (the change
+    /// that made them pending commits with them, so it cannot be lost) and clears pushed ones,
+    /// with `audit` rows: one transaction.
+    pub fn netskope_commit(&mut self, c: NetskopeCommit<'_>) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |error| StoreError::Sqlite { path: path.clone(), error };
+        let tx = self.conn.transaction().map_err(sql)?;
+        for r in c.records {
+            tx.execute(
+                "INSERT INTO netskope_apps (app_id, record) VALUES (?1, ?2)
+                 ON CONFLICT (app_id) DO UPDATE SET record = excluded.record",
+                (r.remote.id as i64, serde_json::to_string(r).unwrap_or_default()),
+            )
+            .map_err(sql)?;
+        }
+        let at = chrono::Utc::now().to_rfc3339();
+        for (id, reason) in c.pending {
+            tx.execute(
+                "INSERT INTO netskope_pending (app_id, seq, reason, since) VALUES (?1, 1, ?2, ?3)
+                 ON CONFLICT (app_id) DO UPDATE SET seq = seq + 1,
+                 reason = CASE WHEN reason = 'change' THEN excluded.reason ELSE reason END",
+                (*id as i64, reason, &at),
+            )
+            .map_err(sql)?;
+        }
+        for (id, seq) in c.pushed {
+            tx.execute("DELETE FROM netskope_pending WHERE app_id = ?1 AND seq = ?2", (*id as i64, seq))
+                .map_err(sql)?;
+        }
+        insert_audit(&tx, c.audit).map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Apps waiting for a push: (app id, sequence, reason), oldest first.
+    pub fn netskope_pending(&self) -> Result<Vec<(u64, i64, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT app_id, seq, reason FROM netskope_pending ORDER BY since, app_id")
+            .map_err(self.err())?;
+        let rows =
+            stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     /// The newest `limit` audit rows, newest first.
     pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let mut stmt = self
@@ -238,6 +406,48 @@ impl Store {
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
+}
+
+/// An audit row not tied to a policy object change (pushes, settings, credentials).
+#[derive(Debug, Clone, Default)]
+pub struct AuditRow {
+    pub actor: String,
+    pub action: String,
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+}
+
+/// One Netskope state transaction (see [`Store::netskope_commit`]).
+#[derive(Default)]
+pub struct NetskopeCommit<'a> {
+    pub records: &'a [crate::netskope::AppRecord],
+    /// Apps to push, with why: `change` (membership or mapping), `sync` or `start` (always read
+    /// the app, to correct drift).
+    pub pending: &'a [(u64, &'a str)],
+    /// Pushed apps with the pending sequence they covered (a newer mark stays).
+    pub pushed: &'a [(u64, i64)],
+    pub audit: &'a [AuditRow],
+}
+
+fn insert_audit(tx: &rusqlite::Transaction<'_>, rows: &[AuditRow]) -> rusqlite::Result<()> {
+    let at = chrono::Utc::now().to_rfc3339();
+    for r in rows {
+        tx.execute(
+            "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            (
+                &at,
+                &r.actor,
+                &r.action,
+                &r.kind,
+                &r.name,
+                r.old.as_ref().map(Value::to_string),
+                r.new.as_ref().map(Value::to_string),
+            ),
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

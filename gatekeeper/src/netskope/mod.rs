@@ -1,0 +1,603 @@
+//! Netskope One Private Access: private applications follow segment membership.
+//!
+//! A private app maps to segments; while the mapping is active, the app's host list holds the
+//! addresses of those segments' members. Gatekeeper remembers which hosts it added (`managed`)
+//! and only ever adds or removes those: hosts an admin typed in Netskope are never touched.
+//! Publishers' addresses form the built-in segment [`PUBLISHERS_SEGMENT`], and every active
+//! mapping generates rules allowing it to reach the mapped segments on the app's protocols, so
+//! mapped servers are reachable through Netskope and otherwise only as the other rules say.
+//!
+//! * this module: the state kept in the store and the pure planning (what to push, what the
+//!   generated policy objects are);
+//! * [`client`]: the REST API v2 client (wrapped responses, rate limit, retries);
+//! * [`worker`]: the thread that syncs and pushes, durable through the store.
+
+pub mod app;
+pub mod client;
+pub mod http;
+pub mod worker;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Mode, Policy, Protocol, RuleSpec, Scalar, SegmentSpec};
+
+/// The segment of the publishers' addresses, kept in step on each sync.
+pub const PUBLISHERS_SEGMENT: &str = "netskope-publishers";
+/// Prefix of generated rules' names (reserved: user rules may not use it).
+pub const RULE_PREFIX: &str = "netskope-";
+/// Netskope refuses private apps with more hosts than this.
+pub const MAX_HOSTS: usize = 500;
+/// Shortest CIDR prefix Netskope accepts as a private app host.
+pub const MIN_CIDR_V4: u8 = 8;
+
+/// The connection settings (`[netskope]` or `PUT /integrations/netskope`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub tenant_url: String,
+    /// Never logged, never returned by the API.
+    pub token: String,
+    pub sync_interval_secs: u64,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("tenant_url", &self.tenant_url)
+            .field("token", &"<redacted>")
+            .field("sync_interval_secs", &self.sync_interval_secs)
+            .finish()
+    }
+}
+
+/// Default sync interval: daily.
+pub const DEFAULT_SYNC_SECS: u64 = 24 * 3600;
+
+/// Parses `24h`, `30m`, `90s`, `1d` or plain seconds.
+pub fn parse_interval(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit()).map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("{text:?} is not a duration like 24h, 30m or 90s"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    if secs < 60 {
+        return Err(format!("{text:?}: the sync interval must be at least 60 s"));
+    }
+    Ok(secs)
+}
+
+/// Checks a tenant URL: `https://…`, or `http://…` (accepted with a warning by the caller).
+pub fn check_tenant_url(url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} must start with https:// (or http:// for a test tenant)"))?;
+    if rest.is_empty() || rest.contains(char::is_whitespace) || rest.contains('/') && !rest.ends_with("/api/v2") {
+        return Err(format!("{url:?} must be the tenant's base URL, like https://TENANT.goskope.com"));
+    }
+    Ok(url.trim_end_matches("/api/v2").to_string())
+}
+
+/// One protocol entry of a private app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppProtocol {
+    pub transport: String,
+    /// Netskope's port list: `"22,502,1024-2048"`.
+    pub port: String,
+}
+
+/// A private app as Netskope reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteApp {
+    pub id: u64,
+    /// Without Netskope's brackets.
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub protocols: Vec<AppProtocol>,
+    pub publishers: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+/// A publisher as Netskope reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publisher {
+    pub id: u64,
+    pub name: String,
+    pub status: String,
+    /// `None` when Netskope reports no usable address.
+    pub ip: Option<String>,
+}
+
+/// Whether the app still exists in Netskope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppState {
+    #[default]
+    Present,
+    /// Deleted in Netskope: shown, but its mapping no longer acts.
+    Gone,
+}
+
+/// A host gatekeeper wanted to push but Netskope cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub host: String,
+    pub reason: String,
+}
+
+/// The result of the last push of an app.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushResult {
+    pub at: String,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// What the store keeps of one private app.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppRecord {
+    #[serde(flatten)]
+    pub remote: RemoteApp,
+    pub state: AppState,
+    /// Mapped segments.
+    #[serde(default)]
+    pub segments: Vec<String>,
+    #[serde(default)]
+    pub active: bool,
+    /// Hosts gatekeeper added and may remove.
+    #[serde(default)]
+    pub managed: BTreeSet<String>,
+    #[serde(default)]
+    pub refused: Vec<Refused>,
+    #[serde(default)]
+    pub last_push: Option<PushResult>,
+}
+
+impl AppRecord {
+    /// Whether the mapping acts: active and the app still exists.
+    pub fn acting(&self) -> bool {
+        self.active && self.state == AppState::Present && !self.segments.is_empty()
+    }
+}
+
+/// Netskope returns names in brackets (`"[plc-access]"`).
+pub fn strip_brackets(name: &str) -> String {
+    let n = name.trim();
+    n.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(n).to_string()
+}
+
+/// Netskope's comma-separated host string as a list.
+pub fn split_hosts(hosts: &str) -> Vec<String> {
+    hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from).collect()
+}
+
+/// The addresses of a segment's members: its assets' prefixes and its own CIDRs.
+pub fn members(policy: &Policy, segment: &str) -> BTreeSet<IpNet> {
+    let mut out = BTreeSet::new();
+    let Some(seg) = policy.segments.iter().find(|s| s.name == segment) else { return out };
+    out.extend(seg.cidrs.iter().copied());
+    if let Some(sel) = &seg.selector {
+        for a in policy.assets.iter().filter(|a| sel.matches(&a.tags)) {
+            out.extend(a.prefixes.iter().copied());
+        }
+    }
+    out
+}
+
+/// How a member address is written in a host list: a plain address for a host prefix.
+pub fn host_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() { net.addr().to_string() } else { net.to_string() }
+}
+
+/// The hosts an active mapping wants (sorted), and those Netskope could not take, with why.
+pub fn desired_hosts(
+    policy: &Policy,
+    segments: &[String],
+    publisher_ips: &BTreeSet<String>,
+) -> (BTreeSet<String>, Vec<Refused>) {
+    let mut want = BTreeSet::new();
+    let mut refused = Vec::new();
+    let nets: BTreeSet<IpNet> = segments.iter().flat_map(|s| members(policy, s)).collect();
+    for net in nets {
+        let host = host_text(&net);
+        if matches!(net, IpNet::V4(_)) && net.prefix_len() < MIN_CIDR_V4 {
+            refused.push(Refused { host, reason: format!("Netskope accepts CIDRs of /{MIN_CIDR_V4} or longer") });
+        } else if publisher_ips.contains(&host) {
+            refused.push(Refused { host, reason: "is a Netskope publisher's address".into() });
+        } else {
+            want.insert(host);
+        }
+    }
+    (want, refused)
+}
+
+/// What one push does to an app's host list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// The whole new host list (Netskope's PATCH replaces it).
+    pub hosts: Vec<String>,
+    pub managed: BTreeSet<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Managed hosts someone removed in Netskope, put back.
+    pub restored: Vec<String>,
+    pub refused: Vec<Refused>,
+}
+
+impl Plan {
+    pub fn changes(&self, current: &[String]) -> bool {
+        self.hosts != current
+    }
+}
+
+/// Plans a push: keep every host gatekeeper does not manage, remove managed hosts no longer
+/// wanted, add wanted hosts that are missing, within Netskope's cap (what does not fit is
+/// refused with the reason, never silently cut).
+pub fn plan(current: &[String], managed: &BTreeSet<String>, want: &BTreeSet<String>, refused: Vec<Refused>) -> Plan {
+    let present: BTreeSet<&String> = current.iter().collect();
+    let removed: Vec<String> = current.iter().filter(|h| managed.contains(*h) && !want.contains(*h)).cloned().collect();
+    let mut hosts: Vec<String> = current.iter().filter(|h| !removed.contains(h)).cloned().collect();
+    // A host listed twice by hand stays as it is; duplicates are not ours to fix.
+    let mut out = Plan { removed, refused, ..Plan::default() };
+    for h in want {
+        if present.contains(h) {
+            if managed.contains(h) {
+                out.managed.insert(h.clone());
+            }
+            continue;
+        }
+        if hosts.len() >= MAX_HOSTS {
+            out.refused.push(Refused { host: h.clone(), reason: format!("the app would exceed {MAX_HOSTS} hosts") });
+            continue;
+        }
+        hosts.push(h.clone());
+        out.managed.insert(h.clone());
+        if managed.contains(h) {
+            out.restored.push(h.clone());
+        } else {
+            out.added.push(h.clone());
+        }
+    }
+    out.hosts = hosts;
+    out
+}
+
+/// Parses Netskope's port list (`"22,502,1024-2048"`) into rule ports; empty or `*`: all.
+pub fn parse_ports(spec: &str) -> Result<Vec<Scalar>, String> {
+    let s = spec.trim();
+    if s.is_empty() || s == "*" || s.eq_ignore_ascii_case("any") {
+        return Ok(vec![]);
+    }
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let scalar = Scalar::Str(part.to_string());
+        crate::policy::parse_port_range(&scalar).map_err(|e| format!("port list {spec:?}: {e}"))?;
+        out.push(scalar);
+    }
+    Ok(out)
+}
+
+/// The policy objects the integration generates: the publishers' segment and, for each acting
+/// mapping, rules from it to the mapped segments on the app's protocols and ports. Protocols
+/// gatekeeper cannot express are listed in the second value with the reason.
+pub fn generated(
+    apps: &[AppRecord],
+    publishers: &[Publisher],
+) -> (Vec<SegmentSpec>, Vec<GeneratedRule>, Vec<(u64, String)>) {
+    let cidrs: BTreeSet<String> = publishers.iter().filter_map(|p| p.ip.clone()).collect();
+    let segment = SegmentSpec {
+        name: PUBLISHERS_SEGMENT.into(),
+        selector: None,
+        cidrs: cidrs.into_iter().collect(),
+        mode: Mode::Label,
+        description: Some("Netskope publishers (generated from the tenant; kept in step on each sync)".into()),
+    };
+    let mut rules = Vec::new();
+    let mut problems = Vec::new();
+    for app in apps.iter().filter(|a| a.acting()) {
+        for (si, seg) in app.segments.iter().enumerate() {
+            for p in &app.remote.protocols {
+                let protocol = match p.transport.to_ascii_lowercase().as_str() {
+                    "tcp" => Protocol::Tcp,
+                    "udp" => Protocol::Udp,
+                    other => {
+                        problems.push((app.remote.id, format!("transport {other:?} is not tcp or udp")));
+                        continue;
+                    }
+                };
+                let ports = match parse_ports(&p.port) {
+                    Ok(ports) => ports,
+                    Err(e) => {
+                        problems.push((app.remote.id, e));
+                        continue;
+                    }
+                };
+                let transport = if protocol == Protocol::Tcp { "tcp" } else { "udp" };
+                let mut name = format!("{RULE_PREFIX}{}-{seg}-{transport}", app.remote.id);
+                if !crate::policy::valid_name(&name) {
+                    name = format!("{RULE_PREFIX}{}-{si}-{transport}", app.remote.id);
+                }
+                // Two entries with the same transport become one rule with both port lists.
+                if let Some(r) = rules.iter_mut().find(|r: &&mut GeneratedRule| r.rule.name == name) {
+                    r.rule.ports.extend(ports);
+                    continue;
+                }
+                rules.push(GeneratedRule {
+                    app_id: app.remote.id,
+                    rule: RuleSpec {
+                        name,
+                        from: PUBLISHERS_SEGMENT.into(),
+                        to: seg.clone(),
+                        protocol,
+                        ports,
+                        description: Some(format!(
+                            "generated: Netskope private app {} ({}) reaches segment {seg}",
+                            app.remote.id, app.remote.name
+                        )),
+                        ..RuleSpec::default()
+                    },
+                });
+            }
+        }
+    }
+    (vec![segment], rules, problems)
+}
+
+/// A rule the mapping of `app_id` generated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedRule {
+    pub app_id: u64,
+    pub rule: RuleSpec,
+}
+
+/// Segments whose members' addresses overlap an app's current hosts, most overlap first.
+pub fn suggestions(policy: &Policy, hosts: &[String]) -> Vec<(String, Vec<String>, usize)> {
+    let overlaps = |m: &BTreeSet<IpNet>, h: &str| {
+        if let Ok(a) = h.parse::<std::net::IpAddr>() {
+            m.iter().any(|net| net.contains(&a))
+        } else if let Ok(n) = h.parse::<IpNet>() {
+            m.iter().any(|net| net.contains(&n) || n.contains(net))
+        } else {
+            false // a hostname: nothing to compare with
+        }
+    };
+    let mut out: Vec<(String, Vec<String>, usize)> = policy
+        .segments
+        .iter()
+        .filter_map(|s| {
+            let m = members(policy, &s.name);
+            let overlap: Vec<String> = hosts.iter().filter(|h| overlaps(&m, h)).cloned().collect();
+            (!overlap.is_empty()).then(|| (s.name.clone(), overlap, m.len()))
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+    out
+}
+
+/// The outcome of the last sync.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub at: String,
+    pub ok: bool,
+    pub message: String,
+    pub apps: usize,
+    pub publishers: usize,
+}
+
+/// The integration's state in the daemon (mirrors the store).
+#[derive(Debug, Default)]
+pub struct Integration {
+    pub settings: Option<Settings>,
+    pub apps: BTreeMap<u64, AppRecord>,
+    pub publishers: Vec<Publisher>,
+    pub last_sync: Option<SyncStatus>,
+    pub last_success: Option<String>,
+    /// Generated policy objects (present while the integration is configured).
+    pub segments: Vec<SegmentSpec>,
+    pub rules: Vec<GeneratedRule>,
+    /// App protocols that generate no rule, with why.
+    pub problems: Vec<(u64, String)>,
+    /// Wakes the worker (none in tests that run without it).
+    pub wake: Option<std::sync::mpsc::Sender<worker::Event>>,
+}
+
+/// Store keys of the integration's settings.
+pub const KEY_SETTINGS: &str = "netskope.settings";
+pub const KEY_PUBLISHERS: &str = "netskope.publishers";
+pub const KEY_LAST_SYNC: &str = "netskope.last_sync";
+pub const KEY_LAST_SUCCESS: &str = "netskope.last_success";
+
+impl Integration {
+    /// Reads the integration's state from the store.
+    pub fn load(store: &crate::store::Store) -> Result<Self, crate::store::StoreError> {
+        let mut i = Self {
+            settings: store.setting(KEY_SETTINGS)?,
+            apps: store.netskope_apps()?.into_iter().map(|a| (a.remote.id, a)).collect(),
+            publishers: store.setting(KEY_PUBLISHERS)?.unwrap_or_default(),
+            last_sync: store.setting(KEY_LAST_SYNC)?,
+            last_success: store.setting(KEY_LAST_SUCCESS)?,
+            ..Self::default()
+        };
+        i.regenerate();
+        Ok(i)
+    }
+
+    /// Recomputes the generated objects; returns whether they changed.
+    pub fn regenerate(&mut self) -> bool {
+        let (segments, rules, problems) = if self.settings.is_some() {
+            let apps: Vec<AppRecord> = self.apps.values().cloned().collect();
+            generated(&apps, &self.publishers)
+        } else {
+            (vec![], vec![], vec![])
+        };
+        let changed = segments != self.segments || rules != self.rules;
+        self.segments = segments;
+        self.rules = rules;
+        self.problems = problems;
+        changed
+    }
+
+    /// The user's document with the generated objects added: what is enforced.
+    pub fn effective(&self, doc: &crate::policy::PolicyDocument) -> crate::policy::PolicyDocument {
+        let mut out = doc.clone();
+        out.segments.extend(self.segments.iter().cloned());
+        out.rules.extend(self.rules.iter().map(|r| r.rule.clone()));
+        out
+    }
+
+    /// Apps whose mapping acts.
+    pub fn acting(&self) -> Vec<u64> {
+        self.apps.values().filter(|a| a.acting()).map(|a| a.remote.id).collect()
+    }
+
+    pub fn publisher_ips(&self) -> BTreeSet<String> {
+        self.publishers.iter().filter_map(|p| p.ip.clone()).collect()
+    }
+
+    pub fn wake(&self, e: worker::Event) {
+        if let Some(w) = &self.wake {
+            let _ = w.send(e);
+        }
+    }
+}
+
+/// Whether a user object's name is one the integration generates.
+pub fn reserved_segment(name: &str) -> bool {
+    name == PUBLISHERS_SEGMENT
+}
+
+/// `netskope-<app id>-…`: the names of generated rules.
+pub fn reserved_rule(name: &str) -> bool {
+    name.strip_prefix(RULE_PREFIX)
+        .and_then(|r| r.split('-').next())
+        .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Managed host counts per app, for metrics and status.
+pub fn managed_counts(apps: &[AppRecord]) -> BTreeMap<u64, usize> {
+    apps.iter().map(|a| (a.remote.id, a.managed.len())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicyDocument;
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+    fn list(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn names_and_host_strings() {
+        assert_eq!(strip_brackets("[plc-access]"), "plc-access");
+        assert_eq!(strip_brackets("plain"), "plain");
+        assert_eq!(split_hosts(" 10.0.0.1, plc.local,,10.0.0.2 "), list(&["10.0.0.1", "plc.local", "10.0.0.2"]));
+        assert_eq!(parse_interval("24h").unwrap(), 86400);
+        assert_eq!(parse_interval("90s").unwrap(), 90);
+        assert!(parse_interval("10s").unwrap_err().contains("at least 60"));
+        assert!(parse_interval("1w").unwrap_err().contains("unknown unit"));
+        assert_eq!(check_tenant_url("https://acme.goskope.com/").unwrap(), "https://acme.goskope.com");
+        assert!(check_tenant_url("acme.goskope.com").is_err());
+        assert!(check_tenant_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn plan_touches_only_managed_hosts() {
+        // An admin typed plc.local and 10.0.0.9; gatekeeper manages 10.0.0.1 and 10.0.0.2.
+        let current = list(&["plc.local", "10.0.0.1", "10.0.0.9", "10.0.0.2"]);
+        let managed = set(&["10.0.0.1", "10.0.0.2"]);
+        let p = plan(&current, &managed, &set(&["10.0.0.2", "10.0.0.3", "10.0.0.9"]), vec![]);
+        assert_eq!(p.hosts, list(&["plc.local", "10.0.0.9", "10.0.0.2", "10.0.0.3"]));
+        assert_eq!(p.removed, list(&["10.0.0.1"]));
+        assert_eq!(p.added, list(&["10.0.0.3"]));
+        // 10.0.0.9 was the admin's: wanted now, but still not ours to remove later.
+        assert_eq!(p.managed, set(&["10.0.0.2", "10.0.0.3"]));
+        // Nothing wanted: only our hosts go.
+        let p = plan(&p.hosts, &p.managed, &BTreeSet::new(), vec![]);
+        assert_eq!(p.hosts, list(&["plc.local", "10.0.0.9"]));
+        assert!(p.managed.is_empty());
+    }
+
+    #[test]
+    fn plan_restores_drift_and_respects_the_cap() {
+        let managed = set(&["10.0.0.1"]);
+        let p = plan(&list(&["x.local"]), &managed, &set(&["10.0.0.1"]), vec![]);
+        assert_eq!(p.restored, list(&["10.0.0.1"]));
+        assert!(p.added.is_empty());
+        let current: Vec<String> = (0..499).map(|i| format!("h{i}.local")).collect();
+        let p = plan(&current, &BTreeSet::new(), &set(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), vec![]);
+        assert_eq!(p.hosts.len(), MAX_HOSTS);
+        assert_eq!(p.added, list(&["10.0.0.1"]));
+        assert_eq!(p.refused.len(), 2);
+        assert!(p.refused[0].reason.contains("500"), "{:?}", p.refused);
+        assert!(!p.changes(&p.hosts));
+    }
+
+    #[test]
+    fn desired_hosts_follow_members_and_refuse_what_netskope_cannot_take() {
+        let doc = PolicyDocument::from_yaml(
+            "assets:\n  - {name: p1, ips: [10.0.0.10], tags: {role: plc}}\n  - {name: p2, ips: [10.0.0.11, 10.9.0.0/16], tags: {role: plc}}\n  - {name: h, ips: [10.0.0.20], tags: {role: hmi}}\nsegments:\n  - {name: plc, selector: role=plc}\n  - {name: wide, cidrs: [10.0.0.0/7, 192.0.2.5/32]}\n",
+            "t",
+        )
+        .unwrap()
+        .validate("t")
+        .unwrap();
+        let (want, refused) = desired_hosts(&doc, &list(&["plc", "wide"]), &set(&["192.0.2.5"]));
+        assert_eq!(want, set(&["10.0.0.10", "10.0.0.11", "10.9.0.0/16"]));
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused.iter().any(|r| r.host == "10.0.0.0/7" && r.reason.contains("/8")));
+        assert!(refused.iter().any(|r| r.host == "192.0.2.5" && r.reason.contains("publisher")));
+        let s = suggestions(&doc, &list(&["10.0.0.10", "plc.local"]));
+        assert_eq!(s[0].0, "plc");
+        assert_eq!(s[0].1, list(&["10.0.0.10"]));
+    }
+
+    #[test]
+    fn generated_rules_follow_acting_mappings() {
+        let app = |id: u64, active: bool, state: AppState| AppRecord {
+            remote: RemoteApp {
+                id,
+                name: format!("app{id}"),
+                hosts: vec![],
+                protocols: vec![
+                    AppProtocol { transport: "tcp".into(), port: "22,502,1024-2048".into() },
+                    AppProtocol { transport: "udp".into(), port: "161".into() },
+                ],
+                publishers: vec![],
+                tags: vec![],
+            },
+            state,
+            segments: list(&["plc"]),
+            active,
+            managed: BTreeSet::new(),
+            refused: vec![],
+            last_push: None,
+        };
+        let pubs =
+            vec![Publisher { id: 1, name: "p".into(), status: "connected".into(), ip: Some("192.0.2.5".into()) }];
+        let (segs, rules, problems) = generated(
+            &[app(1, true, AppState::Present), app(2, false, AppState::Present), app(3, true, AppState::Gone)],
+            &pubs,
+        );
+        assert_eq!(segs[0].cidrs, list(&["192.0.2.5"]));
+        assert_eq!(segs[0].mode, Mode::Label);
+        assert!(problems.is_empty());
+        let names: Vec<&str> = rules.iter().map(|r| r.rule.name.as_str()).collect();
+        assert_eq!(names, ["netskope-1-plc-tcp", "netskope-1-plc-udp"]);
+        assert_eq!(rules[0].rule.ports.len(), 3);
+        assert_eq!(rules[0].rule.from, PUBLISHERS_SEGMENT);
+        assert!(parse_ports("22,x").is_err());
+        assert!(parse_ports("*").unwrap().is_empty());
+    }
+}

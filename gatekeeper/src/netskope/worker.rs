@@ -1,0 +1,398 @@
+//! The thread that talks to Netskope: syncs (on start, every `sync_interval`, on request) and
+//! pushes pending apps, coalesced, within moments of a membership change.
+//!
+//! Durability: a membership change marks the affected apps pending in the store; a pending mark
+//! is cleared only by a push that covered it (a newer mark stays). A Netskope outage or a
+//! restart only delays pushes: every start marks every acting app for a reconcile, and failed
+//! pushes are retried with backoff for as long as it takes.
+//!
+//! HTTP runs without the daemon's lock; the lock is taken briefly to read what to push and to
+//! record the result.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+use super::{AppRecord, AppState, PushResult, SyncStatus, client::Client, desired_hosts, plan};
+use crate::{
+    api::App,
+    store::{AuditRow, NetskopeCommit},
+};
+
+/// Pushes wait this long after a change so changes in a burst go out together.
+const COALESCE: Duration = Duration::from_millis(250);
+/// Longest wait between retries of failed pushes or syncs.
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
+pub enum Event {
+    /// Apps were marked pending.
+    Push,
+    /// Sync now; the reply (if any) gets the result.
+    Sync(Option<mpsc::Sender<Result<SyncStatus, String>>>),
+    /// The settings changed: new client, sync now.
+    Settings,
+    Stop,
+}
+
+type Shared = Arc<tokio::sync::Mutex<App>>;
+
+/// Starts the worker and connects it to the app. The app's pending pushes are picked up at once.
+pub fn spawn(app: Shared) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("gk-netskope".into()).spawn(move || {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut a = app.blocking_lock();
+            a.netskope.wake = Some(tx);
+            // A restart reconciles every acting app: whatever happened while we were down.
+            let acting = a.netskope.acting();
+            a.netskope_mark(&acting, "start");
+        }
+        Worker::new(app).run(rx)
+    })
+}
+
+struct Worker {
+    app: Shared,
+    client: Option<(String, Client)>,
+    /// Per app: the wanted hosts of its last successful push, so a change that does not alter
+    /// them costs no request.
+    pushed: BTreeMap<u64, BTreeSet<String>>,
+    failures: u32,
+    sync_failures: u32,
+}
+
+impl Worker {
+    fn new(app: Shared) -> Self {
+        Self { app, client: None, pushed: BTreeMap::new(), failures: 0, sync_failures: 0 }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Event>) {
+        let now = Instant::now();
+        let mut next_sync = now;
+        let mut push_at = Some(now);
+        loop {
+            let deadline = push_at.map_or(next_sync, |p| p.min(next_sync));
+            let event = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            let now = Instant::now();
+            match event {
+                Ok(Event::Push) => push_at = Some(push_at.map_or(now + COALESCE, |p| p.min(now + COALESCE))),
+                Ok(Event::Sync(reply)) => {
+                    let r = self.sync();
+                    next_sync = self.after_sync(&r);
+                    push_at = Some(now);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
+                    }
+                    continue;
+                }
+                Ok(Event::Settings) => {
+                    self.client = None;
+                    self.pushed.clear();
+                    next_sync = now;
+                }
+                Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let now = Instant::now();
+            if next_sync <= now {
+                let r = self.sync();
+                next_sync = self.after_sync(&r);
+                push_at = Some(now);
+            }
+            if push_at.is_some_and(|p| p <= Instant::now()) {
+                push_at = self.push_pending().map(|wait| Instant::now() + wait);
+            }
+        }
+    }
+
+    /// The client for the current settings (`None` while the integration is not configured).
+    fn client(&mut self) -> Option<&Client> {
+        let settings = self.app.blocking_lock().netskope.settings.clone()?;
+        let key = format!("{}\u{0}{}", settings.tenant_url, settings.token);
+        if self.client.as_ref().is_none_or(|(k, _)| *k != key) {
+            if settings.tenant_url.starts_with("http://") {
+                tracing::warn!(tenant = %settings.tenant_url, "Netskope tenant over plain http: the API token crosses the network unencrypted");
+            }
+            let observe = Box::new(|code: u16| crate::metrics::netskope_response(code));
+            self.client = Some((key, Client::new(&settings.tenant_url, &settings.token, observe)));
+        }
+        self.client.as_ref().map(|(_, c)| c)
+    }
+
+    fn sync_interval(&self) -> Duration {
+        let secs = self
+            .app
+            .blocking_lock()
+            .netskope
+            .settings
+            .as_ref()
+            .map_or(super::DEFAULT_SYNC_SECS, |s| s.sync_interval_secs);
+        Duration::from_secs(secs)
+    }
+
+    fn after_sync(&mut self, r: &Result<SyncStatus, String>) -> Instant {
+        let interval = self.sync_interval();
+        match r {
+            Ok(_) => {
+                self.sync_failures = 0;
+                Instant::now() + interval
+            }
+            Err(_) => {
+                self.sync_failures += 1;
+                let retry = Duration::from_secs(15 << self.sync_failures.min(5)).min(MAX_RETRY).min(interval);
+                Instant::now() + retry
+            }
+        }
+    }
+
+    /// Imports apps and publishers; new apps are inactive, apps gone from Netskope are marked
+    /// gone (their mappings stop), publishers' addresses refresh the publishers' segment. Every
+    /// acting app is then marked for a reconcile (drift made by hand is corrected).
+    fn sync(&mut self) -> Result<SyncStatus, String> {
+        let Some(client) = self.client() else { return Err("the Netskope integration is not configured".into()) };
+        let fetched = client.list_apps().and_then(|apps| client.list_publishers().map(|p| (apps, p)));
+        let at = chrono::Utc::now().to_rfc3339();
+        let mut app = self.app.blocking_lock();
+        let (remote, publishers) = match fetched {
+            Ok(x) => x,
+            Err(e) => {
+                let status =
+                    SyncStatus { at, ok: false, message: e.to_string(), apps: app.netskope.apps.len(), publishers: 0 };
+                crate::metrics::netskope_sync(false);
+                tracing::warn!(error = %e, "Netskope sync failed; retrying later");
+                let _ = app.store.set_setting(super::KEY_LAST_SYNC, Some(&status), &[]);
+                app.netskope.last_sync = Some(status);
+                return Err(e.to_string());
+            }
+        };
+        let seen: BTreeSet<u64> = remote.iter().map(|a| a.id).collect();
+        let mut audit = Vec::new();
+        let (apps_n, pubs_n) = (remote.len(), publishers.len());
+        for r in &remote {
+            if !app.netskope.apps.contains_key(&r.id) {
+                audit.push(row("import app", r.id, None, Some(json!({"name": r.name, "hosts": r.hosts}))));
+            }
+        }
+        for (id, a) in &app.netskope.apps {
+            if a.state == AppState::Present && !seen.contains(id) {
+                audit.push(row("app gone", *id, Some(json!({"name": a.remote.name})), None));
+            }
+        }
+        let edit = |n: &mut super::Integration| {
+            for r in remote {
+                match n.apps.get_mut(&r.id) {
+                    Some(rec) => {
+                        rec.remote = r;
+                        rec.state = AppState::Present;
+                    }
+                    None => {
+                        n.apps.insert(
+                            r.id,
+                            AppRecord {
+                                remote: r,
+                                state: AppState::Present,
+                                segments: vec![],
+                                active: false,
+                                managed: BTreeSet::new(),
+                                refused: vec![],
+                                last_push: None,
+                            },
+                        );
+                    }
+                }
+            }
+            for (id, rec) in n.apps.iter_mut() {
+                if !seen.contains(id) {
+                    rec.state = AppState::Gone;
+                    rec.managed.clear();
+                }
+            }
+            n.publishers = publishers;
+        };
+        if let Err(e) = app.netskope_edit("netskope", "sync", edit, Some("sync"), audit) {
+            let status = SyncStatus { at, ok: false, message: e.to_string(), apps: apps_n, publishers: pubs_n };
+            crate::metrics::netskope_sync(false);
+            app.netskope.last_sync = Some(status);
+            return Err(e.to_string());
+        }
+        let status = SyncStatus { at: at.clone(), ok: true, message: "ok".into(), apps: apps_n, publishers: pubs_n };
+        let _ = app.store.set_setting(super::KEY_LAST_SYNC, Some(&status), &[]);
+        let _ = app.store.set_setting(super::KEY_LAST_SUCCESS, Some(&at), &[]);
+        app.netskope.last_sync = Some(status.clone());
+        app.netskope.last_success = Some(at);
+        crate::metrics::netskope_sync(true);
+        tracing::info!(apps = apps_n, publishers = pubs_n, "Netskope sync done");
+        Ok(status)
+    }
+
+    /// Pushes every pending app. Returns when to try again (`None`: nothing left).
+    fn push_pending(&mut self) -> Option<Duration> {
+        let work = {
+            let app = self.app.blocking_lock();
+            let pending = match app.store.netskope_pending() {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading pending Netskope pushes failed");
+                    return Some(Duration::from_secs(5));
+                }
+            };
+            crate::metrics::netskope_pending(pending.len());
+            if pending.is_empty() {
+                return None;
+            }
+            // Pending pushes are kept until the integration is configured.
+            app.netskope.settings.as_ref()?;
+            let pubs = app.netskope.publisher_ips();
+            let policy = app.enforcer.policy();
+            pending
+                .into_iter()
+                .map(|(id, seq, reason)| {
+                    let rec = app.netskope.apps.get(&id).cloned();
+                    let want = rec.as_ref().filter(|r| r.acting()).map(|r| desired_hosts(policy, &r.segments, &pubs));
+                    (id, seq, reason, rec, want)
+                })
+                .collect::<Vec<_>>()
+        };
+        for (id, seq, reason, rec, want) in work {
+            match self.push(id, seq, &reason, rec, want) {
+                Ok(()) => self.failures = 0,
+                Err(e) => {
+                    self.failures += 1;
+                    let wait = Duration::from_millis(500u64 << self.failures.min(10)).min(MAX_RETRY);
+                    tracing::warn!(app_id = id, error = %e, retry_in_ms = wait.as_millis() as u64, "Netskope push failed; it stays pending");
+                    return Some(wait);
+                }
+            }
+        }
+        // Marks made while we pushed are picked up at once.
+        let left = self.app.blocking_lock().store.netskope_pending().map(|p| p.len()).unwrap_or_default();
+        crate::metrics::netskope_pending(left);
+        (left > 0).then_some(Duration::ZERO)
+    }
+
+    fn push(
+        &mut self,
+        id: u64,
+        seq: i64,
+        reason: &str,
+        rec: Option<AppRecord>,
+        want: Option<(BTreeSet<String>, Vec<super::Refused>)>,
+    ) -> Result<(), String> {
+        let clear = |worker: &Self, records: Vec<AppRecord>, audit: Vec<AuditRow>| -> Result<(), String> {
+            let mut app = worker.app.blocking_lock();
+            // The mapping may have been edited while we talked to Netskope: keep its segments
+            // and activation, take what the push learnt.
+            let merged: Vec<AppRecord> = records
+                .into_iter()
+                .map(|r| match app.netskope.apps.get(&r.remote.id) {
+                    Some(cur) => AppRecord { segments: cur.segments.clone(), active: cur.active, ..r },
+                    None => r,
+                })
+                .collect();
+            for r in &merged {
+                app.netskope.apps.insert(r.remote.id, r.clone());
+            }
+            let r = app
+                .store
+                .netskope_commit(NetskopeCommit {
+                    records: &merged,
+                    pushed: &[(id, seq)],
+                    audit: &audit,
+                    ..Default::default()
+                })
+                .map_err(|e| e.to_string());
+            crate::metrics::netskope_apps(&app.netskope);
+            r
+        };
+        let Some(mut rec) = rec.filter(|r| r.state == AppState::Present) else {
+            return clear(self, vec![], vec![]);
+        };
+        let (want, refused) = want.unwrap_or_default();
+        if !rec.acting() && rec.managed.is_empty() {
+            return clear(self, vec![], vec![]);
+        }
+        if reason == "change" && rec.acting() && self.pushed.get(&id) == Some(&want) {
+            crate::metrics::netskope_push("unchanged");
+            return clear(self, vec![], vec![]);
+        }
+        let Some(client) = self.client() else { return Err("the Netskope integration is not configured".into()) };
+        let remote = match client.get_app(id) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                // Deleted in Netskope since the last sync: the mapping stops.
+                rec.state = AppState::Gone;
+                rec.managed.clear();
+                let audit = vec![row("app gone", id, Some(json!({"name": rec.remote.name})), None)];
+                clear(self, vec![rec], audit)?;
+                // Its generated rules go too.
+                let mut app = self.app.blocking_lock();
+                return app.netskope_edit("netskope", "app gone", |_| {}, None, vec![]).map_err(|e| e.to_string());
+            }
+            Err(e) => {
+                crate::metrics::netskope_push("error");
+                self.record_failure(id, &e.to_string());
+                return Err(e.to_string());
+            }
+        };
+        let p = plan(&remote.hosts, &rec.managed, &want, refused);
+        let at = chrono::Utc::now().to_rfc3339();
+        if p.changes(&remote.hosts)
+            && let Err(e) = client.set_hosts(id, &p.hosts)
+        {
+            crate::metrics::netskope_push("error");
+            self.record_failure(id, &e.to_string());
+            return Err(e.to_string());
+        }
+        let mut audit = Vec::new();
+        if !p.added.is_empty() || !p.removed.is_empty() {
+            audit.push(row(
+                "push",
+                id,
+                Some(json!({"hosts": remote.hosts})),
+                Some(json!({"hosts": p.hosts, "added": p.added, "removed": p.removed})),
+            ));
+        }
+        if !p.restored.is_empty() {
+            tracing::warn!(app_id = id, hosts = ?p.restored, "managed hosts removed by hand in Netskope were put back");
+            audit.push(row("drift corrected", id, None, Some(json!({"restored": p.restored}))));
+        }
+        for r in &p.refused {
+            tracing::warn!(app_id = id, host = %r.host, reason = %r.reason, "Netskope cannot take this host");
+        }
+        let outcome = if p.changes(&remote.hosts) { "ok" } else { "unchanged" };
+        crate::metrics::netskope_push(outcome);
+        rec.remote = super::RemoteApp { hosts: p.hosts.clone(), ..remote };
+        rec.managed = p.managed;
+        rec.refused = p.refused;
+        rec.last_push = Some(PushResult { at, ok: true, message: outcome.into() });
+        tracing::info!(app_id = id, added = p.added.len(), removed = p.removed.len(), "Netskope app in step");
+        self.pushed.insert(id, want);
+        clear(self, vec![rec], audit)
+    }
+
+    fn record_failure(&self, id: u64, message: &str) {
+        let mut app = self.app.blocking_lock();
+        if let Some(rec) = app.netskope.apps.get_mut(&id) {
+            rec.last_push =
+                Some(PushResult { at: chrono::Utc::now().to_rfc3339(), ok: false, message: message.into() });
+            let rec = rec.clone();
+            let _ = app.store.netskope_commit(NetskopeCommit { records: &[rec], ..Default::default() });
+        }
+    }
+}
+
+fn row(action: &str, id: u64, old: Option<serde_json::Value>, new: Option<serde_json::Value>) -> AuditRow {
+    AuditRow {
+        actor: "netskope".into(),
+        action: action.into(),
+        kind: Some("netskope-app".into()),
+        name: Some(id.to_string()),
+        old,
+        new,
+    }
+}
