@@ -140,7 +140,7 @@ pub fn markdown(r: &Results) -> String {
     if let Some(a) = &r.api {
         let _ = writeln!(
             s,
-            "**Live membership through the API**, {} assets / {} segments / {} rules: a PATCH of one asset's tags returns once the change is enforced and committed; isolated PATCHes (40 ms apart) take {:.2} ms (p50) / {:.2} ms (p99), back-to-back ones {:.2} ms (p50) / {:.2} ms (p99) over {} requests (an apply waits once more than two flips fall within one RCU grace period); {} concurrent clients sustain {:.0} tag changes per second.\n",
+            "**Live membership through the API**, {} assets / {} segments / {} rules: a PATCH of one asset's tags returns once the change is enforced and committed; isolated PATCHes (40 ms apart) take {:.2} ms (p50) / {:.2} ms (p99), back-to-back ones {:.2} ms (p50) / {:.2} ms (p99) over {} requests (tag changes between existing identities are written in place, with no RCU grace period to wait for); {} concurrent clients sustain {:.0} tag changes per second.\n",
             size(a.assets),
             size(a.segments),
             size(a.rules),

@@ -231,9 +231,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut store = Store::open(&config.store.path)?;
     let stored = store.load()?;
     let mut integration = crate::netskope::Integration::load(&store)?;
-    if let Some(settings) = netskope_settings(&config)?
-        && integration.settings.as_ref() != Some(&settings)
-    {
+    if let Some(settings) = netskope_settings(&config)? {
+        let stored = integration.settings.as_ref().is_some_and(|s| {
+            s.tenant_url == settings.tenant_url && s.sync_interval_secs == settings.sync_interval_secs
+        });
         let audit = crate::store::AuditRow {
             actor: "config".into(),
             action: "configure netskope".into(),
@@ -244,7 +245,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 serde_json::json!({"tenant_url": settings.tenant_url, "sync_interval_secs": settings.sync_interval_secs}),
             ),
         };
-        store.set_setting(crate::netskope::KEY_SETTINGS, Some(&settings), &[audit])?;
+        if !stored {
+            store.set_setting(crate::netskope::KEY_SETTINGS, Some(&settings), &[audit])?;
+        }
+        // The token stays in its file: the database never holds it.
         integration.settings = Some(settings);
         integration.regenerate();
     }

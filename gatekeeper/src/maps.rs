@@ -13,6 +13,10 @@
 //! flow, so established flows are judged again under the new policy on their next packet. If a
 //! write fails, the epoch never moves and that generation is rebuilt in full next time.
 //!
+//! Tag changes that only move host addresses between existing identities are written into the
+//! generation in force instead ([`Dataplane::apply_in_place`]): one atomic replacement per
+//! address, and the epoch moves by [`GENERATIONS`] so flows are judged again; no grace period.
+//!
 //! # Pinning: restarts without a gap
 //! With a pin directory, the maps and the XDP links are pinned in bpffs under
 //! `<pin_dir>/v<LAYOUT_VERSION>/{maps,links}`. The program keeps enforcing when the daemon stops,
@@ -312,6 +316,23 @@ impl Grace {
     }
 }
 
+/// Whether `delta` can be written into the generation in force (see
+/// [`Dataplane::apply_in_place`]): it only moves host addresses (no prefixes, ports, settings
+/// or rule slots), and its policy entries are all new, for identities that appear with it.
+fn in_place(delta: &Delta) -> bool {
+    let appearing: std::collections::HashSet<u32> =
+        delta.identities.iter().filter(|(_, segs)| segs.is_some()).map(|(id, _)| *id).collect();
+    !(delta.v4.is_empty() && delta.v6.is_empty())
+        && delta.v4.iter().all(|(n, _)| n.prefix_len() == 32)
+        && delta.v6.iter().all(|(n, _)| n.prefix_len() == 128)
+        && delta.ports.is_empty()
+        && delta.config.is_none()
+        && delta.new_slots.is_empty()
+        && delta.rule_slots.is_none()
+        && delta.identities.iter().all(|(_, segs)| segs.is_some())
+        && delta.policy.iter().all(|(k, v)| v.is_some() && (appearing.contains(&k.src) || appearing.contains(&k.dst)))
+}
+
 impl Dataplane {
     /// Loads the XDP program and creates its maps (empty: every packet passes as ungoverned),
     /// or, with a pin directory, reuses the compatible pinned maps of a running enforcement.
@@ -535,6 +556,9 @@ impl Dataplane {
         if self.adopted {
             return self.apply_adopted(delta, started);
         }
+        if in_place(&delta) {
+            return self.apply_in_place(delta, started);
+        }
         let gens = GENERATIONS as usize;
         let active = (self.epoch % GENERATIONS) as usize;
         let target = (active + 1) % gens;
@@ -564,6 +588,46 @@ impl Dataplane {
         self.retired_at[active] = self.flips;
         self.grace.after_flip(self.flips);
         for g in (0..gens).filter(|&g| g != target) {
+            if !self.dirty[g] {
+                self.behind[g].push(delta.clone());
+            }
+        }
+        self.applied.apply(&delta);
+        let enforced_after = started.elapsed();
+        Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: enforced_after })
+    }
+
+    /// Moves host addresses between identities in the generation in force. Each host entry is
+    /// replaced atomically, so every packet sees an address with its old identity or its new
+    /// one, never neither; the policy entries of identities that appear are written first (no
+    /// address points at them yet), and nothing a packet may still be reading is removed. The
+    /// epoch then moves by [`GENERATIONS`]: the same generation, but every flow is judged again.
+    /// No grace period is needed, so tag changes do not queue behind one.
+    fn apply_in_place(&mut self, delta: Delta, started: std::time::Instant) -> Result<ApplyReport, DataplaneError> {
+        let active = self.epoch % GENERATIONS;
+        let policy = Delta { policy: delta.policy.clone(), ..Delta::default() };
+        let hosts = Delta { v4: delta.v4.clone(), v6: delta.v6.clone(), ..Delta::default() };
+        let written = self.write(active, &policy).and_then(|()| self.write(active, &hosts));
+        if let Err(e) = written {
+            // Put back what was there: the addresses' old identities, then drop the new entries.
+            let back = Delta {
+                v4: delta.v4.iter().map(|(n, _)| (*n, self.applied.v4.get(n).copied())).collect(),
+                v6: delta.v6.iter().map(|(n, _)| (*n, self.applied.v6.get(n).copied())).collect(),
+                ..Delta::default()
+            };
+            let undo = Delta { policy: delta.policy.iter().map(|(k, _)| (*k, None)).collect(), ..Delta::default() };
+            if let Err(back_err) = self.write(active, &back).and_then(|()| self.write(active, &undo)) {
+                // The generation in force no longer matches what we know: every other
+                // generation is rebuilt before it is used, and the next apply flips to one.
+                tracing::error!(error = %back_err, "could not undo a failed in-place write");
+            }
+            return Err(e);
+        }
+        let epoch = self.epoch.wrapping_add(GENERATIONS);
+        let mut epoch_map: Array<_, u32> = Array::try_from(self.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
+        epoch_map.set(0, epoch, 0).map_err(map_err("GK_EPOCH"))?;
+        self.epoch = epoch;
+        for g in (0..GENERATIONS as usize).filter(|&g| g != active as usize) {
             if !self.dirty[g] {
                 self.behind[g].push(delta.clone());
             }

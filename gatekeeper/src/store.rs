@@ -150,6 +150,11 @@ impl Store {
         Ok(Self { conn, path: p })
     }
 
+    /// The directory holding the store (and secrets kept beside it).
+    pub fn dir(&self) -> std::path::PathBuf {
+        Path::new(&self.path).parent().map_or_else(|| ".".into(), Path::to_path_buf)
+    }
+
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |error| StoreError::Sqlite { path: self.path.clone(), error }
     }

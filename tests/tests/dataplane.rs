@@ -134,3 +134,75 @@ rules:\n  - {name: z-to-w, from: z, to: w}\n",
     assert_eq!(stats.dropped(), 0, "a packet was judged by a mix of two policies");
     assert_eq!(allowed, runs);
 }
+
+/// Tag changes that only move addresses between existing identities are written into the
+/// generation in force (no grace period to wait for). Under concurrent packets an address is
+/// judged by its old identity or its new one, never by neither, and open flows are judged again.
+#[test]
+fn tag_changes_in_place_never_leave_an_address_unjudged() {
+    let doc = |a_role: &str| {
+        let lines = [
+            "assets:".to_string(),
+            format!("  - {{name: a, ips: [10.0.0.1], tags: {{r: {a_role}}}}}"),
+            "  - {name: b, ips: [10.0.0.2], tags: {r: y}}".into(),
+            "  - {name: keep-x, ips: [10.0.0.7], tags: {r: x}}".into(),
+            "  - {name: keep-z, ips: [10.0.0.8], tags: {r: z}}".into(),
+            "  - {name: keep-w, ips: [10.0.0.9], tags: {r: w}}".into(),
+            "segments:".into(),
+            "  - {name: x, selector: r=x, mode: label}".into(),
+            "  - {name: z, selector: r=z, mode: label}".into(),
+            "  - {name: w, selector: r=w, mode: label}".into(),
+            "  - {name: y, selector: r=y}".into(),
+            "rules:".into(),
+            "  - {name: x-to-y, from: x, to: y}".into(),
+            "  - {name: z-to-y, from: z, to: y}".into(),
+        ];
+        policy(&lines.join("\n"))
+    };
+    let (px, pz, pw) = (doc("x"), doc("z"), doc("w"));
+    let mut dp = Dataplane::load(LoadOptions::default()).unwrap();
+    let mut compiler = Compiler::new(Timeouts::default(), Capacity::default());
+    dp.apply(compiler.compile(&px, Utc::now()).unwrap()).unwrap();
+
+    // A TCP flow from a to b is open; moving a to `w` (no rule) cuts it on its next packet.
+    let syn = Frame::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), L4::Tcp { sport: 41000, dport: 80 })
+        .build();
+    assert_eq!(dp.test_run(&syn).unwrap(), 2, "a in x reaches b");
+    let before = dp.epoch();
+    dp.apply(compiler.compile(&pw, Utc::now()).unwrap()).unwrap();
+    assert_eq!(dp.epoch(), before.wrapping_add(gatekeeper_common::GENERATIONS), "written in place");
+    assert_eq!(dp.test_run(&syn).unwrap(), 1, "the open flow is judged again and cut");
+    dp.apply(compiler.compile(&px, Utc::now()).unwrap()).unwrap();
+
+    let frame = Frame::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), L4::Other { proto: 47 }).build();
+    let stop = Arc::new(AtomicBool::new(false));
+    let prog = dp.program_fd().unwrap();
+    let runner = {
+        let (stop, frame) = (stop.clone(), frame.clone());
+        std::thread::spawn(move || {
+            use std::os::fd::AsFd as _;
+            let mut runs = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                test_run_fd(prog.as_fd(), &frame, 500).unwrap();
+                runs += 500;
+            }
+            runs
+        })
+    };
+    let dropped_before = dp.stats().unwrap().dropped();
+    let (mut moves, mut in_place) = (0u32, 0u32);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        let e = dp.epoch();
+        let p = if moves % 2 == 0 { &pz } else { &px };
+        dp.apply(compiler.compile(p, Utc::now()).unwrap()).unwrap();
+        in_place += u32::from(dp.epoch() == e.wrapping_add(gatekeeper_common::GENERATIONS));
+        moves += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let runs = runner.join().unwrap();
+    eprintln!("{runs} packets over {moves} tag changes ({in_place} in place)");
+    assert!(moves > 100 && runs > 10_000, "too little overlap to mean anything");
+    assert_eq!(in_place, moves, "every move between existing identities is written in place");
+    assert_eq!(dp.stats().unwrap().dropped(), dropped_before, "a packet found its address in neither segment");
+}

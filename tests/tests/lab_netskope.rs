@@ -128,5 +128,13 @@ fn publishers_reach_mapped_plcs_and_pushes_survive_a_crash() {
     let log = daemon.stop().unwrap();
     assert!(!log.contains(NS_TOKEN) && !log.contains(ADMIN), "a token reached the log");
     assert!(tenant.requests().iter().all(|r| r.token_ok), "every request carried the token");
+    // The store keeps the API token's hash and neither token.
+    let mut db = Vec::new();
+    for f in ["state.db", "state.db-wal"] {
+        db.extend(std::fs::read(lab.dir.join(f)).unwrap_or_default());
+    }
+    let contains = |needle: &[u8]| db.windows(needle.len()).any(|w| w == needle);
+    assert!(!contains(NS_TOKEN.as_bytes()) && !contains(ADMIN.as_bytes()), "a token is in the database");
+    assert!(contains(gatekeeper::api::token_hash(ADMIN).as_bytes()), "the admin token's hash is stored");
     lab.detach(&bin).unwrap();
 }

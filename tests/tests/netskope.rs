@@ -153,7 +153,8 @@ fn has(tenant: &FakeTenant, app: u64, host: &str, want: bool, within: Duration) 
 #[test]
 fn private_apps_follow_segment_membership() {
     let tenant = FakeTenant::start(NS_TOKEN);
-    let s = Server::start(&store_path("follow"));
+    let path = store_path("follow");
+    let s = Server::start(&path);
     let app = seed(&s, &tenant);
     configure(&s, &tenant);
 
@@ -233,6 +234,14 @@ fn private_apps_follow_segment_membership() {
     assert!(metrics.contains("gatekeeper_netskope_api_responses_total{code=\"200\"}"), "{metrics}");
     assert!(tenant.requests().iter().all(|r| r.status != 429), "the client stays under the rate limit");
     s.kill();
+    // The token set through the API lives in a 0600 file beside the store, not in the database.
+    let token_file = path.with_file_name("netskope.token");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap(), NS_TOKEN);
+    let mut db = std::fs::read(&path).unwrap();
+    db.extend(std::fs::read(path.with_file_name("state.db-wal")).unwrap_or_default());
+    assert!(!db.windows(NS_TOKEN.len()).any(|w| w == NS_TOKEN.as_bytes()), "the token is in the database");
 }
 
 #[test]

@@ -218,8 +218,14 @@ impl App {
                 "token_changed": self.netskope.settings.as_ref().is_none_or(|s| s.token != settings.token),
             })),
         };
+        // Settings compare with their token (serde skips it, equality does not).
         if self.netskope.settings.as_ref() == Some(&settings) {
             return Ok(());
+        }
+        if self.netskope.settings.as_ref().is_none_or(|s| s.token != settings.token) {
+            let path = self.store.dir().join(super::TOKEN_FILE);
+            super::write_token(&path, &settings.token)
+                .map_err(|e| ApiError::Internal(format!("storing the Netskope token in {}: {e}", path.display())))?;
         }
         self.netskope_edit(actor, "configure", |n| n.settings = Some(settings), None, vec![audit])?;
         self.netskope.wake(Event::Settings);

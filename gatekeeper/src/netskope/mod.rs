@@ -37,7 +37,9 @@ pub const MIN_CIDR_V4: u8 = 8;
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     pub tenant_url: String,
-    /// Never logged, never returned by the API.
+    /// Never logged, never returned by the API, never in the database: it comes from
+    /// `[netskope] token_file`, or from the API into [`TOKEN_FILE`] beside the store (0600).
+    #[serde(skip)]
     pub token: String,
     pub sync_interval_secs: u64,
 }
@@ -409,6 +411,22 @@ pub struct Integration {
     pub wake: Option<std::sync::mpsc::Sender<worker::Event>>,
 }
 
+/// Where a token set through the API is kept: a 0600 file beside the store, so copies of the
+/// database hold no secret.
+pub const TOKEN_FILE: &str = "netskope.token";
+
+/// Writes `token` to `path` with mode 0600 (a new file renamed into place: never half-written,
+/// never readable by others even for a moment).
+pub fn write_token(path: &std::path::Path, token: &str) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Store keys of the integration's settings.
 pub const KEY_SETTINGS: &str = "netskope.settings";
 pub const KEY_PUBLISHERS: &str = "netskope.publishers";
@@ -418,8 +436,13 @@ pub const KEY_LAST_SUCCESS: &str = "netskope.last_success";
 impl Integration {
     /// Reads the integration's state from the store.
     pub fn load(store: &crate::store::Store) -> Result<Self, crate::store::StoreError> {
+        let mut settings: Option<Settings> = store.setting(KEY_SETTINGS)?;
+        if let Some(s) = settings.as_mut() {
+            // Absent when the token comes from the configuration's token_file.
+            s.token = std::fs::read_to_string(store.dir().join(TOKEN_FILE)).map(|t| t.trim().to_string()).unwrap_or_default();
+        }
         let mut i = Self {
-            settings: store.setting(KEY_SETTINGS)?,
+            settings,
             apps: store.netskope_apps()?.into_iter().map(|a| (a.remote.id, a)).collect(),
             publishers: store.setting(KEY_PUBLISHERS)?.unwrap_or_default(),
             last_sync: store.setting(KEY_LAST_SYNC)?,

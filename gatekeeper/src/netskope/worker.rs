@@ -112,7 +112,7 @@ impl Worker {
 
     /// The client for the current settings (`None` while the integration is not configured).
     fn client(&mut self) -> Option<&Client> {
-        let settings = self.app.blocking_lock().netskope.settings.clone()?;
+        let settings = self.app.blocking_lock().netskope.settings.clone().filter(|s| !s.token.is_empty())?;
         let key = format!("{}\u{0}{}", settings.tenant_url, settings.token);
         if self.client.as_ref().is_none_or(|(k, _)| *k != key) {
             if settings.tenant_url.starts_with("http://") {
@@ -154,7 +154,9 @@ impl Worker {
     /// gone (their mappings stop), publishers' addresses refresh the publishers' segment. Every
     /// acting app is then marked for a reconcile (drift made by hand is corrected).
     fn sync(&mut self) -> Result<SyncStatus, String> {
-        let Some(client) = self.client() else { return Err("the Netskope integration is not configured".into()) };
+        let Some(client) = self.client() else {
+            return Err("the Netskope integration is not configured (tenant URL and token)".into());
+        };
         let fetched = client.list_apps().and_then(|apps| client.list_publishers().map(|p| (apps, p)));
         let at = chrono::Utc::now().to_rfc3339();
         let mut app = self.app.blocking_lock();
