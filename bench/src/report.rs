@@ -440,7 +440,13 @@ pub fn write(r: &Results, args: &Args) -> anyhow::Result<()> {
     let file = args.out.join(format!("{stamp}-{kind}.json"));
     std::fs::write(&file, &json)?;
     eprintln!("results: {}", file.display());
-    if !r.smoke {
+    // A partial run (--only) is kept in its own file: latest.json and the README always hold
+    // one whole run measured side by side.
+    let whole = args.only.is_empty();
+    if !whole {
+        eprintln!("partial run (--only): latest.json and the README are left as they are");
+    }
+    if !r.smoke && whole {
         std::fs::write(args.out.join("latest.json"), &json)?;
         if !r.program.is_empty() {
             std::fs::write(args.out.join("program-cost.svg"), svg(r))?;
@@ -451,7 +457,7 @@ pub fn write(r: &Results, args: &Args) -> anyhow::Result<()> {
         let old: Results = serde_json::from_str(&text).with_context(|| format!("parsing {}", old.display()))?;
         println!("{}", compare(&old, r));
     }
-    if let Some(readme) = &args.readme {
+    if let (Some(readme), true) = (&args.readme, whole) {
         update_readme(readme, &md)?;
     }
     Ok(())

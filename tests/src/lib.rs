@@ -2,5 +2,6 @@
 //! namespaces (hosts, a bridge appliance, veth links) for real traffic. `cargo xtask demo` uses
 //! the same lab. [`tenant`] is a fake Netskope One tenant for the integration's tests.
 pub mod lab;
+pub mod netskope_fake;
 pub mod packet;
 pub mod tenant;
