@@ -7,7 +7,7 @@ use std::{net::TcpListener, time::Duration};
 
 use gatekeeper_tests::{
     lab::{Lab, Reach, Servers, gatekeeper_bin, in_netns},
-    tenant::FakeTenant,
+    netskope_fake::FakeTenant,
 };
 use serde_json::{Value, json};
 

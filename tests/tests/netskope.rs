@@ -18,7 +18,7 @@ use gatekeeper::{
 };
 use gatekeeper_tests::{
     packet::{Frame, L4},
-    tenant::{Failure, FakeTenant},
+    netskope_fake::{Failure, FakeTenant},
 };
 use serde_json::{Value, json};
 
