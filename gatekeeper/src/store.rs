@@ -237,14 +237,18 @@ impl Store {
         tx.commit().map_err(sql)
     }
 
-    /// A setting (JSON), or `None` when never set.
-    pub fn setting<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        let text: Option<String> = self
-            .conn
-            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+    /// The one text column `sql` selects for `key`, or `None` when no row matches.
+    fn text(&self, sql: &str, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(sql, [key], |r| r.get(0))
             .map(Some)
             .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })
-            .map_err(self.err())?;
+            .map_err(self.err())
+    }
+
+    /// A setting (JSON), or `None` when never set.
+    pub fn setting<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let text = self.text("SELECT value FROM settings WHERE key = ?1", key)?;
         text.map(|t| {
             serde_json::from_str(&t).map_err(|e| StoreError::Corrupt {
                 kind: "setting".into(),
@@ -281,12 +285,7 @@ impl Store {
 
     /// Replaces the hash of a role's credential (the token itself is never stored).
     pub fn set_credential(&mut self, role: &str, sha256: &str, source: &str) -> Result<bool, StoreError> {
-        let old: Option<String> = self
-            .conn
-            .query_row("SELECT sha256 FROM credentials WHERE role = ?1", [role], |r| r.get(0))
-            .map(Some)
-            .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })
-            .map_err(self.err())?;
+        let old = self.text("SELECT sha256 FROM credentials WHERE role = ?1", role)?;
         if old.as_deref() == Some(sha256) {
             return Ok(false);
         }

@@ -87,6 +87,20 @@ fn a_failed_apply_changes_nothing() {
     assert_enforces(&dp, &c, slots_c, "policy C");
 }
 
+/// Runs the program on `frame` in batches of 500 on its own thread until `stop`; returns the
+/// packet count.
+fn run_until(stop: Arc<AtomicBool>, prog: std::os::fd::OwnedFd, frame: Vec<u8>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd as _;
+        let mut runs = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            test_run_fd(prog.as_fd(), &frame, 500).unwrap();
+            runs += 500;
+        }
+        runs
+    })
+}
+
 #[test]
 fn packets_never_see_a_mix_of_two_policies() {
     // Under P1, 10.0.0.1 is in `x` and x -> y is allowed; under P2 it is in `z` and z -> y is
@@ -106,18 +120,7 @@ rules:\n  - {name: z-to-w, from: z, to: w}\n",
     // A second thread runs the program in batches on its own fd while this one flips policies.
     let stop = Arc::new(AtomicBool::new(false));
     let prog = dp.program_fd().unwrap();
-    let runner = {
-        let (stop, frame) = (stop.clone(), frame.clone());
-        std::thread::spawn(move || {
-            use std::os::fd::AsFd as _;
-            let mut runs = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                test_run_fd(prog.as_fd(), &frame, 500).unwrap();
-                runs += 500;
-            }
-            runs
-        })
-    };
+    let runner = run_until(stop.clone(), prog, frame.clone());
     let mut applies = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(4);
     while std::time::Instant::now() < deadline {
@@ -177,18 +180,7 @@ fn tag_changes_in_place_never_leave_an_address_unjudged() {
     let frame = Frame::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), L4::Other { proto: 47 }).build();
     let stop = Arc::new(AtomicBool::new(false));
     let prog = dp.program_fd().unwrap();
-    let runner = {
-        let (stop, frame) = (stop.clone(), frame.clone());
-        std::thread::spawn(move || {
-            use std::os::fd::AsFd as _;
-            let mut runs = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                test_run_fd(prog.as_fd(), &frame, 500).unwrap();
-                runs += 500;
-            }
-            runs
-        })
-    };
+    let runner = run_until(stop.clone(), prog, frame.clone());
     let dropped_before = dp.stats().unwrap().dropped();
     let (mut moves, mut in_place) = (0u32, 0u32);
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
