@@ -17,8 +17,8 @@ use gatekeeper::{
     store::Store,
 };
 use gatekeeper_tests::{
-    packet::{Frame, L4},
     netskope_fake::{Failure, FakeTenant},
+    packet::{Frame, L4},
 };
 use serde_json::{Value, json};
 
