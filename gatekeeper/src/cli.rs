@@ -1,7 +1,7 @@
 //! The command-line client of the REST API: `gatekeeper status|apply|get|tag|untag|audit`.
 //!
 //! Human tables by default, JSON with `-o json`. Exit codes: 0 done, 1 refused by the API (the
-//! problem is printed on stderr), 3 the API could not be reached or failed.
+//! problem is printed on stderr), 3 the API could not be reached (TLS failures included) or failed.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -16,6 +16,38 @@ pub struct Connection {
     /// File holding the bearer token.
     #[arg(long, global = true, env = "GATEKEEPER_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// PEM file of the CA (or self-signed) certificate an https API is verified against, instead
+    /// of the system's roots.
+    #[arg(long, global = true, env = "GATEKEEPER_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("--ca-cert {0}")]
+    CaCert(#[from] crate::tls::TlsError),
+    #[error("--ca-cert {path}: not a usable CA certificate: {error}")]
+    BadCa { path: PathBuf, error: rustls::Error },
+}
+
+/// The HTTP client for `c`: https is verified against `--ca-cert` when given, else against the
+/// system's roots (rustls on ring); HTTP error statuses come back as responses.
+pub fn agent(c: &Connection) -> Result<ureq::Agent, ClientError> {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let roots = match &c.ca_cert {
+        Some(path) => {
+            let certs = crate::tls::load_certs(path)?;
+            // ureq silently skips certificates rustls cannot use as roots: check them here.
+            let mut store = rustls::RootCertStore::empty();
+            for cert in &certs {
+                store.add(cert.clone()).map_err(|error| ClientError::BadCa { path: path.clone(), error })?;
+            }
+            RootCerts::new_with_certs(&certs.iter().map(|d| Certificate::from_der(d).to_owned()).collect::<Vec<_>>())
+        }
+        None => RootCerts::PlatformVerifier,
+    };
+    let tls = TlsConfig::builder().provider(TlsProvider::Rustls).root_certs(roots).build();
+    Ok(ureq::Agent::config_builder().tls_config(tls).http_status_as_error(false).build().into())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -94,7 +126,7 @@ impl Client {
             ),
             None => None,
         };
-        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let agent = agent(c).map_err(|e| Failure::Unreachable(e.to_string()))?;
         Ok(Self { base: format!("{}/api/v1", c.api.trim_end_matches('/')), token, agent })
     }
 

@@ -63,6 +63,10 @@ pub struct ApiConfig {
     pub admin_token_file: Option<PathBuf>,
     /// File holding the read-only bearer token (0600).
     pub reader_token_file: Option<PathBuf>,
+    /// PEM certificate chain (leaf first): with `tls_key`, the API is served over HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (0600).
+    pub tls_key: Option<PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -165,6 +169,17 @@ impl Config {
         if cfg.dataplane.flow_table_size == 0 {
             return Err(bad("[dataplane] flow_table_size: must be at least 1".into()));
         }
+        if let Some(api) = &cfg.api {
+            match (&api.tls_cert, &api.tls_key) {
+                (Some(_), None) => {
+                    return Err(bad("[api] tls_cert is set but tls_key is not; set both or neither".into()));
+                }
+                (None, Some(_)) => {
+                    return Err(bad("[api] tls_key is set but tls_cert is not; set both or neither".into()));
+                }
+                _ => {}
+            }
+        }
         Ok(cfg)
     }
 }
@@ -197,6 +212,8 @@ mod tests {
             ("[dataplane]\ninterfaces = [\"a\"]\nflow_tabel_size = 3\n", "unknown field `flow_tabel_size`"),
             ("[policy]\nfile = \"x\"\n", "missing field `dataplane`"),
             ("[dataplane]\ninterfaces = [\"a\"]\npin_dir = \"rel\"\n", "must be an absolute path"),
+            ("[dataplane]\ninterfaces = [\"a\"]\n[api]\ntls_cert = \"/c.pem\"\n", "tls_cert is set but tls_key is not"),
+            ("[dataplane]\ninterfaces = [\"a\"]\n[api]\ntls_key = \"/k.pem\"\n", "tls_key is set but tls_cert is not"),
         ] {
             let e = Config::parse(text, "c.toml").unwrap_err().to_string();
             assert!(e.starts_with("c.toml: ") && e.contains(want), "{text:?}: {e}");

@@ -288,6 +288,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ => store.remove_credential(role)?,
         }
     }
+    // The API's certificate and port are checked before anything is attached, so a bad file or
+    // a busy port stops the daemon with the network untouched.
+    let api_listener = match &config.api {
+        Some(api) => {
+            let tls = match (&api.tls_cert, &api.tls_key) {
+                (Some(cert), Some(key)) => {
+                    Some(crate::tls::server_config(cert, key).map_err(|e| anyhow::anyhow!("[api] {e}"))?)
+                }
+                // Config validation guarantees both or neither.
+                _ => None,
+            };
+            let listener = tokio::net::TcpListener::bind(&api.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("[api] listen {}: {e}", api.listen))?;
+            Some((listener, tls))
+        }
+        None => None,
+    };
     let mut enforcer = Enforcer::new(&config)?;
     let started = Instant::now();
     let report = enforcer.apply(policy)?;
@@ -314,14 +332,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let app = Arc::new(tokio::sync::Mutex::new(app));
     // Idle until the integration is configured (here or through the API).
     crate::netskope::worker::spawn(app.clone())?;
-    if let (Some(api), Some(tokens)) = (&config.api, tokens) {
-        let listener = tokio::net::TcpListener::bind(&api.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("[api] listen {}: {e}", api.listen))?;
+    if let (Some(api), Some(tokens), Some((listener, tls))) = (&config.api, tokens, api_listener) {
         let router = crate::api::router(ApiState::new(app.clone(), tokens));
-        tracing::info!(listen = %api.listen, "API listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(listen = %api.listen, scheme, "API listening{}", if tls.is_some() { " (https)" } else { "" });
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
+            let served = match tls {
+                Some(tls) => match crate::tls::TlsListener::new(listener, tls) {
+                    Ok(l) => axum::serve(l, router).await,
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                },
+                None => axum::serve(listener, router).await,
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "API server stopped");
             }
         });

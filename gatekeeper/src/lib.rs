@@ -6,7 +6,7 @@
 //! * [`maps`]: loading the XDP program, writing a compiled policy atomically, reading counters.
 //! * [`reference`]: the plain-Rust reference model of the data-plane semantics.
 //! * [`config`], [`daemon`]: the `gatekeeper run` daemon; [`api`], [`cli`], [`store`]: its REST API,
-//!   command line and embedded store; [`metrics`]: Prometheus metrics.
+//!   command line and embedded store; [`tls`]: the API's HTTPS; [`metrics`]: Prometheus metrics.
 //! * [`netskope`]: Netskope One private apps follow segment membership.
 pub mod api;
 pub mod cli;
@@ -21,3 +21,4 @@ pub mod reference;
 pub mod segment;
 pub mod selector;
 pub mod store;
+pub mod tls;

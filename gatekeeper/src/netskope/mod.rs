@@ -439,7 +439,8 @@ impl Integration {
         let mut settings: Option<Settings> = store.setting(KEY_SETTINGS)?;
         if let Some(s) = settings.as_mut() {
             // Absent when the token comes from the configuration's token_file.
-            s.token = std::fs::read_to_string(store.dir().join(TOKEN_FILE)).map(|t| t.trim().to_string()).unwrap_or_default();
+            s.token =
+                std::fs::read_to_string(store.dir().join(TOKEN_FILE)).map(|t| t.trim().to_string()).unwrap_or_default();
         }
         let mut i = Self {
             settings,
