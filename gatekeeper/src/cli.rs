@@ -1,4 +1,4 @@
-//! The command-line client of the REST API: `gatekeeper status|apply|get|tag|untag|audit`.
+//! The command-line client of the REST API: `gatekeeper status|apply|get|tag|untag|audit|netskope`.
 //!
 //! Human tables by default, JSON with `-o json`. Exit codes: 0 done, 1 refused by the API (the
 //! problem is printed on stderr), 3 the API could not be reached (TLS failures included) or failed.
@@ -102,6 +102,50 @@ pub enum ClientCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Netskope One private apps that follow segment membership.
+    #[command(subcommand)]
+    Netskope(NetskopeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetskopeCommand {
+    /// Connection (never the token), last sync, pending pushes, refused hosts.
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Set the tenant; the token is read from a file, never from the command line.
+    Configure {
+        #[arg(long)]
+        tenant_url: String,
+        /// File holding the REST API v2 token (omit to keep the current token).
+        #[arg(long)]
+        netskope_token_file: Option<PathBuf>,
+        /// How often to import apps and publishers and correct drift: 24h, 30m, ...
+        #[arg(long)]
+        sync_interval: Option<String>,
+    },
+    /// Import private apps and publishers now.
+    Sync,
+    /// Private apps, their hosts and their mapping.
+    Apps {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Map an app to segments and activate it: its hosts follow the segments' members.
+    Map {
+        app: u64,
+        #[arg(required = true)]
+        segments: Vec<String>,
+    },
+    /// Stop a mapping: the hosts gatekeeper added are removed, the admin's stay.
+    Unmap { app: u64 },
+    /// Segments whose members overlap the app's current hosts.
+    Suggest {
+        app: u64,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 enum Failure {
@@ -146,6 +190,7 @@ impl Client {
             ("GET", _) => with_auth!(self.agent.get(&url)).call(),
             ("PATCH", Some(b)) => with_auth!(self.agent.patch(&url)).content_type(ct).send(b),
             ("POST", Some(b)) => with_auth!(self.agent.post(&url)).content_type(ct).send(b),
+            ("PUT", Some(b)) => with_auth!(self.agent.put(&url)).content_type(ct).send(b),
             _ => return Err(Failure::Unreachable("internal: bad request shape".into())),
         };
         let mut resp = result.map_err(|e| Failure::Unreachable(format!("{url}: {e}")))?;
@@ -353,6 +398,107 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
                                 s(&e["name"]),
                             ]
                         })
+                        .collect(),
+                )
+            });
+        }
+        ClientCommand::Netskope(cmd) => netskope(&c, cmd)?,
+    }
+    Ok(())
+}
+
+fn netskope(c: &Client, cmd: NetskopeCommand) -> Result<(), Failure> {
+    const BASE: &str = "/integrations/netskope";
+    let json_ct = "application/json";
+    match cmd {
+        NetskopeCommand::Status { output } => {
+            let v = c.send("GET", BASE, "", None)?;
+            print(output, &v, |v| {
+                let mut out = format!(
+                    "tenant        {}\ntoken         {}\nsync          every {}; last {} ({}); last success {}\napps          {} ({} active), {} managed hosts, {} pending pushes\npublishers    {}",
+                    s(&v["tenant_url"]),
+                    if v["token_set"] == true { "set" } else { "NOT SET" },
+                    s(&v["sync_interval"]),
+                    s(&v["last_sync"]["at"]),
+                    s(&v["last_sync"]["message"]),
+                    s(&v["last_successful_sync"]),
+                    v["apps"],
+                    v["active_apps"],
+                    v["managed_hosts"],
+                    v["pending_pushes"],
+                    v["publishers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| format!("{} {}", s(&p["name"]), s(&p["ip"])))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                );
+                for r in v["refused_hosts"].as_array().into_iter().flatten() {
+                    out += &format!("\nrefused       app {}: {} ({})", r["app_id"], s(&r["host"]), s(&r["reason"]));
+                }
+                out
+            });
+        }
+        NetskopeCommand::Configure { tenant_url, netskope_token_file, sync_interval } => {
+            let mut body = json!({"tenant_url": tenant_url});
+            if let Some(p) = &netskope_token_file {
+                let t = std::fs::read_to_string(p).map_err(|e| Failure::Refused(format!("{}: {e}", p.display())))?;
+                body["token"] = Value::String(t.trim().to_string());
+            }
+            if let Some(i) = sync_interval {
+                body["sync_interval"] = Value::String(i);
+            }
+            c.send("PUT", BASE, json_ct, Some(body.to_string()))?;
+            println!("Netskope tenant set to {tenant_url}; syncing");
+        }
+        NetskopeCommand::Sync => {
+            let v = c.send("POST", &format!("{BASE}/sync"), json_ct, Some("{}".into()))?;
+            println!("synced: {} apps, {} publishers", v["apps"], v["publishers"]);
+        }
+        NetskopeCommand::Apps { output } => {
+            let v = c.send("GET", &format!("{BASE}/apps"), "", None)?;
+            print(output, &v, |v| {
+                table(
+                    &["ID", "NAME", "STATE", "ACTIVE", "SEGMENTS", "HOSTS", "MANAGED"],
+                    v.as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| {
+                            vec![
+                                s(&a["id"]),
+                                s(&a["name"]),
+                                s(&a["state"]),
+                                s(&a["mapping"]["active"]),
+                                s(&a["mapping"]["segments"]),
+                                s(&a["hosts"]),
+                                s(&a["managed_hosts"]),
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+        }
+        NetskopeCommand::Map { app, segments } => {
+            let body = json!({"segments": segments, "active": true});
+            c.send("PUT", &format!("{BASE}/apps/{app}"), json_ct, Some(body.to_string()))?;
+            println!("app {app} mapped to {}; its hosts follow their members", segments.join(", "));
+        }
+        NetskopeCommand::Unmap { app } => {
+            let body = json!({"segments": [], "active": false});
+            c.send("PUT", &format!("{BASE}/apps/{app}"), json_ct, Some(body.to_string()))?;
+            println!("app {app} unmapped; the hosts gatekeeper added are being removed");
+        }
+        NetskopeCommand::Suggest { app, output } => {
+            let v = c.send("GET", &format!("{BASE}/apps/{app}/suggestions"), "", None)?;
+            print(output, &v, |v| {
+                table(
+                    &["SEGMENT", "OVERLAPPING HOSTS", "MEMBERS"],
+                    v["suggestions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|x| vec![s(&x["segment"]), s(&x["overlapping_hosts"]), s(&x["members"])])
                         .collect(),
                 )
             });

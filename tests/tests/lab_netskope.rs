@@ -53,6 +53,21 @@ fn api(lab: &Lab, method: &'static str, path: &str, body: Option<Value>) -> (u16
     .unwrap()
 }
 
+/// Runs the gatekeeper CLI inside the appliance namespace.
+fn cli(lab: &Lab, token: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", lab.appliance))
+        .arg("--")
+        .arg(gatekeeper_bin().unwrap())
+        .args(["--api", "http://127.0.0.1:8081", "--token-file"])
+        .arg(token)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
 #[test]
 fn publishers_reach_mapped_plcs_and_pushes_survive_a_crash() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -87,13 +102,13 @@ fn publishers_reach_mapped_plcs_and_pushes_survive_a_crash() {
 
     // Before the mapping the publisher is one more blocked client.
     assert_eq!(tcp("pub", 502, SHORT), Reach::Silent);
-    let (st, v) = api(
-        &lab,
-        "PUT",
-        &format!("/integrations/netskope/apps/{app}"),
-        Some(json!({"segments": ["plc"], "active": true})),
-    );
-    assert_eq!(st, 200, "{v}");
+    // Mapped with the CLI, as an operator would.
+    let (code, out, err) = cli(&lab, &admin, &["netskope", "apps"]);
+    assert!(code == 0 && out.contains("plc-access") && out.contains("false"), "{out}{err}");
+    let (code, _, err) = cli(&lab, &admin, &["netskope", "map", &app.to_string(), "nope"]);
+    assert!(code == 1 && err.contains("unknown segment"), "{err}");
+    let (code, out, err) = cli(&lab, &admin, &["netskope", "map", &app.to_string(), "plc"]);
+    assert_eq!(code, 0, "{out}{err}");
     assert_eq!(tcp("pub", 502, LONG), Reach::Echoed, "the publisher reaches the mapped PLC");
     assert_eq!(tcp("pub", 22, SHORT), Reach::Silent, "only on the app's ports");
     assert_eq!(tcp("eng", 502, SHORT), Reach::Silent, "other clients stay blocked");
@@ -125,6 +140,9 @@ fn publishers_reach_mapped_plcs_and_pushes_survive_a_crash() {
     );
     assert_eq!(tcp("pub", 502, LONG), Reach::Echoed);
     assert_eq!(tcp("eng", 502, SHORT), Reach::Silent);
+    let (code, out, _) = cli(&lab, &admin, &["netskope", "status", "-o", "json"]);
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert!(code == 0 && status["token_set"] == true && !out.contains(NS_TOKEN), "{out}");
     let log = daemon.stop().unwrap();
     assert!(!log.contains(NS_TOKEN) && !log.contains(ADMIN), "a token reached the log");
     assert!(tenant.requests().iter().all(|r| r.token_ok), "every request carried the token");

@@ -1,12 +1,17 @@
-//! `cargo xtask demo`: the real daemon on a lab bridge, a sample OT policy, real traffic.
+//! `cargo xtask demo`: the real daemon on a lab bridge, a sample OT policy, real traffic, and
+//! Netskope private access following segment membership (against a fake tenant in the lab).
 
 use std::{
+    path::Path,
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::bail;
-use gatekeeper_tests::lab::{Host, Lab, Reach, Servers, echo};
+use anyhow::{Context, bail};
+use gatekeeper_tests::{
+    lab::{Host, Lab, Reach, Servers, echo, in_netns},
+    netskope_fake::FakeTenant,
+};
 
 use crate::step;
 
@@ -24,6 +29,36 @@ fn check_interrupt() -> anyhow::Result<()> {
 }
 
 const POLICY: &str = include_str!("../demo/policy.yaml");
+const ADMIN_TOKEN: &str = "demo-admin-token-5d1e0c";
+const NETSKOPE_TOKEN: &str = "demo-netskope-token-93b2f7";
+
+fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, secret).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+/// Runs the gatekeeper CLI in the appliance namespace, where the API listens.
+fn cli(lab: &Lab, bin: &Path, token: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", lab.appliance))
+        .arg("--")
+        .arg(bin)
+        .arg("--token-file")
+        .arg(token)
+        .args(args)
+        .output()
+        .context("running the gatekeeper CLI")?;
+    if !out.status.success() {
+        bail!("gatekeeper {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn indent(text: &str) -> String {
+    text.trim_end().lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n")
+}
 
 enum Probe {
     Tcp(u16),
@@ -54,9 +89,11 @@ pub fn run() -> anyhow::Result<()> {
     }
     let bin = crate::workspace_root().join("target/debug/gatekeeper");
 
-    step("Building the lab: four OT hosts on a Linux bridge, each in its own network namespace");
-    let lab = Lab::new(&[("hmi", 1), ("eng", 2), ("plc1", 11), ("plc2", 12)])?;
-    let names = [("hmi", "hmi-1"), ("eng", "eng-ws"), ("plc1", "plc-1"), ("plc2", "plc-2")];
+    step(
+        "Building the lab: four OT hosts and a Netskope publisher on a Linux bridge, each in its own network namespace",
+    );
+    let lab = Lab::new(&[("hmi", 1), ("eng", 2), ("npa", 5), ("plc1", 11), ("plc2", 12)])?;
+    let names = [("hmi", "hmi-1"), ("eng", "eng-ws"), ("npa", "npa-pub"), ("plc1", "plc-1"), ("plc2", "plc-2")];
     fn label_of<'a>(names: &[(&str, &'a str)], h: &'a str) -> &'a str {
         names.iter().find(|(n, _)| *n == h).map_or(h, |(_, l)| *l)
     }
@@ -70,8 +107,26 @@ pub fn run() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     check_interrupt()?;
 
+    // The Netskope tenant is a fake one in the appliance namespace (tests/src/netskope_fake.rs):
+    // one private app for the PLCs, with a host an admin typed, and one publisher.
+    let listener = in_netns(&lab.appliance, || std::net::TcpListener::bind("127.0.0.1:0"))??;
+    let tenant = FakeTenant::start_on(listener, NETSKOPE_TOKEN);
+    let app = tenant.add_app("plc-access", &["historian.plant.local"], &[("tcp", "502")]);
+    let publisher = tenant.add_publisher("npa-plant-1", "10.0.0.5");
+    tenant.assign_publisher(app, publisher);
+    let (admin, ns_token) = (lab.dir.join("admin.token"), lab.dir.join("netskope.token"));
+    for (path, token) in [(&admin, ADMIN_TOKEN), (&ns_token, NETSKOPE_TOKEN)] {
+        write_secret(path, token)?;
+    }
+    let extra = format!(
+        "\n[api]\nlisten = \"127.0.0.1:8080\"\nadmin_token_file = {:?}\n\n[netskope]\ntenant_url = {:?}\ntoken_file = {:?}\n",
+        admin.display().to_string(),
+        tenant.url(),
+        ns_token.display().to_string()
+    );
+
     step("Starting gatekeeper on every bridge port with the sample OT policy (xtask/demo/policy.yaml)");
-    let mut daemon = lab.start_daemon(&bin, POLICY)?;
+    let mut daemon = lab.start_daemon_with(&bin, POLICY, &extra)?;
     for line in daemon.log().lines().filter(|l| l.contains("attached") || l.contains("applied policy")) {
         eprintln!("    {}", line.split_once("INFO ").map_or(line, |(_, r)| r).trim());
     }
@@ -128,6 +183,53 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     check_interrupt()?;
+    step(
+        "Netskope One: users reach the PLCs through private app \"plc-access\" (publisher rules generated); its hosts follow the plc segment",
+    );
+    let cli = |args: &[&str]| cli(&lab, &bin, &admin, args);
+    if !tenant.wait_for(Duration::from_secs(10), |t| t.requests().iter().any(|r| r.path.contains("publishers"))) {
+        bail!("gatekeeper did not sync with the Netskope tenant:\n{}", daemon.log());
+    }
+    eprintln!("    $ gatekeeper netskope apps\n{}", indent(&cli(&["netskope", "apps"])?));
+    let started = Instant::now();
+    eprintln!(
+        "    $ gatekeeper netskope map {app} plc\n{}",
+        indent(&cli(&["netskope", "map", &app.to_string(), "plc"])?)
+    );
+    let in_step = |t: &FakeTenant| t.hosts(app).len() == 5;
+    let synced = tenant.wait_for(Duration::from_secs(5), in_step);
+    eprintln!("    private app hosts after {} ms: {}", started.elapsed().as_millis(), tenant.hosts(app).join(", "));
+    wrong += usize::from(!synced);
+    for (port, allow, what) in [(502, true, "Modbus/TCP"), (22, false, "SSH")] {
+        let reach = lab.host("npa").tcp(
+            lab.host("plc1").addr(false),
+            port,
+            Duration::from_millis(if allow { 3000 } else { 800 }),
+        )?;
+        let passed = reach != Reach::Silent;
+        wrong += usize::from(passed != allow);
+        eprintln!(
+            "    npa-pub -> plc-1   {:<34} {:<8} {}{}",
+            format!("{what} tcp/{port}"),
+            if allow { "allow" } else { "deny" },
+            if passed { "ALLOWED" } else { "BLOCKED" },
+            if passed == allow { "" } else { "   <-- UNEXPECTED" }
+        );
+    }
+    let started = Instant::now();
+    eprintln!(
+        "    $ gatekeeper untag plc-2 role      # plc-2 is taken out of service\n{}",
+        indent(&cli(&["untag", "plc-2", "role"])?)
+    );
+    let gone = tenant.wait_for(Duration::from_secs(5), |t| !t.hosts(app).iter().any(|h| h == "10.0.0.12"));
+    eprintln!(
+        "    plc-2 left the private app after {} ms: {}  (the admin's historian.plant.local stays)",
+        started.elapsed().as_millis(),
+        tenant.hosts(app).join(", ")
+    );
+    wrong += usize::from(!gone);
+
+    check_interrupt()?;
     step("Incident: hmi-1 is compromised. Removing its role tag (SIGHUP reload) isolates it at once");
     let plc = lab.host("plc1").addr(false);
     let session = lab.host("hmi").connect(plc, 502, Duration::from_secs(3))?;
@@ -152,6 +254,9 @@ pub fn run() -> anyhow::Result<()> {
 
     step("Stopping gatekeeper (SIGTERM; enforcement stays pinned), then `gatekeeper detach`");
     let log = daemon.stop()?;
+    if log.contains(NETSKOPE_TOKEN) || log.contains(ADMIN_TOKEN) {
+        bail!("a token reached the daemon's log");
+    }
     if let Some(line) = log.lines().find(|l| l.contains("gatekeeper stopped")) {
         eprintln!("    {}", line.split_once("INFO ").map_or(line, |(_, r)| r).trim());
     }
