@@ -295,6 +295,28 @@ impl Lab {
         Ok(())
     }
 
+    /// Runs the gatekeeper CLI against the API at `api` from inside the appliance namespace
+    /// (where the daemon listens): exit code, stdout, stderr.
+    pub fn cli(
+        &self,
+        gatekeeper: &Path,
+        api: &str,
+        token: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<(i32, String, String)> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.appliance))
+            .arg("--")
+            .arg(gatekeeper)
+            .args(["--api", api, "--token-file"])
+            .arg(token)
+            .args(args)
+            .output()
+            .context("running the gatekeeper CLI")?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Ok((out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr)))
+    }
+
     /// The bridge ports, for the daemon's `interfaces`.
     pub fn ports(&self) -> Vec<String> {
         self.hosts.iter().map(|h| h.port.clone()).collect()

@@ -381,20 +381,7 @@ fn incompatible_pins_are_replaced_cleanly() {
 
 /// Runs the gatekeeper CLI inside the appliance namespace (where the API listens).
 fn cli(lab: &Lab, token: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", lab.appliance))
-        .arg("--")
-        .arg(gatekeeper_bin().unwrap())
-        .args(["--api", "http://127.0.0.1:8080", "--token-file"])
-        .arg(token)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    lab.cli(&gatekeeper_bin().unwrap(), "http://127.0.0.1:8080", token, args).unwrap()
 }
 
 #[test]

@@ -55,17 +55,7 @@ fn api(lab: &Lab, method: &'static str, path: &str, body: Option<Value>) -> (u16
 
 /// Runs the gatekeeper CLI inside the appliance namespace.
 fn cli(lab: &Lab, token: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", lab.appliance))
-        .arg("--")
-        .arg(gatekeeper_bin().unwrap())
-        .args(["--api", "http://127.0.0.1:8081", "--token-file"])
-        .arg(token)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    lab.cli(&gatekeeper_bin().unwrap(), "http://127.0.0.1:8081", token, args).unwrap()
 }
 
 #[test]

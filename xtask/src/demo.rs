@@ -41,19 +41,11 @@ fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
 
 /// Runs the gatekeeper CLI in the appliance namespace, where the API listens.
 fn cli(lab: &Lab, bin: &Path, token: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", lab.appliance))
-        .arg("--")
-        .arg(bin)
-        .arg("--token-file")
-        .arg(token)
-        .args(args)
-        .output()
-        .context("running the gatekeeper CLI")?;
-    if !out.status.success() {
-        bail!("gatekeeper {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    let (code, out, err) = lab.cli(bin, "http://127.0.0.1:8080", token, args)?;
+    if code != 0 {
+        bail!("gatekeeper {}: {}", args.join(" "), err.trim());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out)
 }
 
 fn indent(text: &str) -> String {
