@@ -232,6 +232,18 @@ fn private_apps_follow_segment_membership() {
     let metrics = s.call("GET", "/metrics", None).1;
     assert!(metrics.contains("gatekeeper_netskope_pushes_total{result=\"ok\"}"), "{metrics}");
     assert!(metrics.contains("gatekeeper_netskope_api_responses_total{code=\"200\"}"), "{metrics}");
+    assert!(metrics.contains("gatekeeper_netskope_syncs_total{result=\"ok\"}"), "{metrics}");
+    assert!(metrics.contains("gatekeeper_netskope_pending_pushes 0"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("gatekeeper_netskope_managed_hosts{{app=\"plc-access\",app_id=\"{app}\"}}")),
+        "{metrics}"
+    );
+    let last_sync = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gatekeeper_netskope_last_successful_sync_timestamp_seconds "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_default();
+    assert!(last_sync > 1.7e9, "{metrics}");
     assert!(tenant.requests().iter().all(|r| r.status != 429), "the client stays under the rate limit");
     s.kill();
     // The token set through the API lives in a 0600 file beside the store, not in the database.
