@@ -123,7 +123,8 @@ impl Enforcer {
             .compiler
             .update_assets_given(&self.policy, &given, self.dataplane.applied(), Utc::now())
             .map_err(EnforceError::from)
-            .and_then(|delta| self.dataplane.apply_delta(delta).map_err(EnforceError::from));
+            // Each change is one request's asset: the moves may be written in place.
+            .and_then(|delta| self.dataplane.apply_moves(delta).map_err(EnforceError::from));
         if result.is_err() {
             // Put the assets back as they were; the compiler starts over from a full compile.
             for (name, previous) in undo.into_iter().rev() {

@@ -255,7 +255,7 @@ pub struct Dataplane {
     pin_dir: Option<(PathBuf, PathBuf)>,
     /// The maps came from pins with unknown contents: the first apply rewrites every generation.
     adopted: bool,
-    /// Per generation: deltas applied since it was last written (at most two).
+    /// Per generation: deltas applied since it was last written (merged when many pile up).
     behind: [Vec<Delta>; GENERATIONS as usize],
     /// Per generation: its contents are unknown (a write failed); rebuild it in full.
     dirty: [bool; GENERATIONS as usize],
@@ -313,6 +313,32 @@ impl Grace {
                 Err(_) => return synchronize_rcu(),
             };
         }
+    }
+}
+
+/// One delta with the effect of `deltas` applied in order, for a generation no packet reads
+/// (so the order of its writes does not matter): the last change of each key wins.
+fn merge_deltas(deltas: &[Delta]) -> Delta {
+    use std::collections::HashMap as Map;
+    let mut v4 = Map::new();
+    let mut v6 = Map::new();
+    let mut ports = Map::new();
+    let mut policy = Map::new();
+    let mut config = None;
+    for d in deltas {
+        v4.extend(d.v4.iter().copied());
+        v6.extend(d.v6.iter().copied());
+        ports.extend(d.ports.iter().map(|&(l4, port, class)| ((l4, port), class)));
+        policy.extend(d.policy.iter().copied());
+        config = d.config.or(config);
+    }
+    Delta {
+        v4: v4.into_iter().collect(),
+        v6: v6.into_iter().collect(),
+        ports: ports.into_iter().map(|((l4, port), class)| (l4, port, class)).collect(),
+        policy: policy.into_iter().collect(),
+        config,
+        ..Delta::default()
     }
 }
 
@@ -552,12 +578,25 @@ impl Dataplane {
         self.apply_delta_from(delta, std::time::Instant::now())
     }
 
+    /// Like [`Dataplane::apply_delta`], for a delta made of independent requests that each
+    /// change one asset (the API's tag edits, batched): when it only moves host addresses
+    /// between identities it is written into the generation in force
+    /// ([`Dataplane::apply_in_place`]). Any interleaving of such requests is a valid order, so a
+    /// packet may see one request applied and another not yet; a delta from one request that
+    /// moves several assets (a reload, `POST /apply`) must use [`Dataplane::apply_delta`], which
+    /// never shows a packet a mix.
+    pub fn apply_moves(&mut self, delta: Delta) -> Result<ApplyReport, DataplaneError> {
+        let started = std::time::Instant::now();
+        let active = (self.epoch % GENERATIONS) as usize;
+        if !self.adopted && !self.dirty[active] && in_place(&delta) {
+            return self.apply_in_place(delta, started);
+        }
+        self.apply_delta_from(delta, started)
+    }
+
     fn apply_delta_from(&mut self, delta: Delta, started: std::time::Instant) -> Result<ApplyReport, DataplaneError> {
         if self.adopted {
             return self.apply_adopted(delta, started);
-        }
-        if in_place(&delta) {
-            return self.apply_in_place(delta, started);
         }
         let gens = GENERATIONS as usize;
         let active = (self.epoch % GENERATIONS) as usize;
@@ -588,13 +627,25 @@ impl Dataplane {
         self.retired_at[active] = self.flips;
         self.grace.after_flip(self.flips);
         for g in (0..gens).filter(|&g| g != target) {
-            if !self.dirty[g] {
-                self.behind[g].push(delta.clone());
-            }
+            self.fall_behind(g, &delta);
         }
         self.applied.apply(&delta);
         let enforced_after = started.elapsed();
         Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: enforced_after })
+    }
+
+    /// Records that generation `g` missed `delta`. Many small deltas (tag edits written in place
+    /// never flip the generation) are merged into one, so the list stays short and a catch-up
+    /// writes each key once.
+    fn fall_behind(&mut self, g: usize, delta: &Delta) {
+        if self.dirty[g] {
+            return;
+        }
+        self.behind[g].push(delta.clone());
+        if self.behind[g].len() > 16 {
+            let merged = merge_deltas(&self.behind[g]);
+            self.behind[g] = vec![merged];
+        }
     }
 
     /// Moves host addresses between identities in the generation in force. Each host entry is
@@ -609,32 +660,40 @@ impl Dataplane {
         let hosts = Delta { v4: delta.v4.clone(), v6: delta.v6.clone(), ..Delta::default() };
         let written = self.write(active, &policy).and_then(|()| self.write(active, &hosts));
         if let Err(e) = written {
-            // Put back what was there: the addresses' old identities, then drop the new entries.
+            // Put the addresses' old identities back. The new identities' policy entries stay:
+            // a packet may still be reading one, and nothing points at them any more. The
+            // generation is rebuilt in full before it is written again, and the epoch moves so
+            // a flow opened while part of the change was visible is judged again.
             let back = Delta {
                 v4: delta.v4.iter().map(|(n, _)| (*n, self.applied.v4.get(n).copied())).collect(),
                 v6: delta.v6.iter().map(|(n, _)| (*n, self.applied.v6.get(n).copied())).collect(),
                 ..Delta::default()
             };
-            let undo = Delta { policy: delta.policy.iter().map(|(k, _)| (*k, None)).collect(), ..Delta::default() };
-            if let Err(back_err) = self.write(active, &back).and_then(|()| self.write(active, &undo)) {
-                // The generation in force no longer matches what we know: every other
-                // generation is rebuilt before it is used, and the next apply flips to one.
+            if let Err(back_err) = self.write(active, &back) {
                 tracing::error!(error = %back_err, "could not undo a failed in-place write");
+            }
+            self.dirty[active as usize] = true;
+            self.behind[active as usize].clear();
+            if let Err(epoch_err) = self.set_epoch(self.epoch.wrapping_add(GENERATIONS)) {
+                tracing::error!(error = %epoch_err, "could not move the epoch after a failed in-place write");
             }
             return Err(e);
         }
-        let epoch = self.epoch.wrapping_add(GENERATIONS);
-        let mut epoch_map: Array<_, u32> = Array::try_from(self.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
-        epoch_map.set(0, epoch, 0).map_err(map_err("GK_EPOCH"))?;
-        self.epoch = epoch;
+        self.set_epoch(self.epoch.wrapping_add(GENERATIONS))?;
+        let epoch = self.epoch;
         for g in (0..GENERATIONS as usize).filter(|&g| g != active as usize) {
-            if !self.dirty[g] {
-                self.behind[g].push(delta.clone());
-            }
+            self.fall_behind(g, &delta);
         }
         self.applied.apply(&delta);
         let enforced_after = started.elapsed();
         Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: enforced_after })
+    }
+
+    fn set_epoch(&mut self, epoch: u32) -> Result<(), DataplaneError> {
+        let mut epoch_map: Array<_, u32> = Array::try_from(self.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
+        epoch_map.set(0, epoch, 0).map_err(map_err("GK_EPOCH"))?;
+        self.epoch = epoch;
+        Ok(())
     }
 
     /// The first apply over adopted maps: their contents are unknown (the previous daemon may

@@ -171,11 +171,16 @@ fn tag_changes_in_place_never_leave_an_address_unjudged() {
     let syn = Frame::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), L4::Tcp { sport: 41000, dport: 80 })
         .build();
     assert_eq!(dp.test_run(&syn).unwrap(), 2, "a in x reaches b");
+    // A tag edit through the API: asset `a` alone, compiled incrementally.
+    let mut moved = |dp: &mut Dataplane, p: &Policy| {
+        let delta = compiler.update_assets(p, &["a"], dp.applied(), Utc::now()).unwrap();
+        dp.apply_moves(delta).unwrap();
+    };
     let before = dp.epoch();
-    dp.apply(compiler.compile(&pw, Utc::now()).unwrap()).unwrap();
+    moved(&mut dp, &pw);
     assert_eq!(dp.epoch(), before.wrapping_add(gatekeeper_common::GENERATIONS), "written in place");
     assert_eq!(dp.test_run(&syn).unwrap(), 1, "the open flow is judged again and cut");
-    dp.apply(compiler.compile(&px, Utc::now()).unwrap()).unwrap();
+    moved(&mut dp, &px);
 
     let frame = Frame::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), L4::Other { proto: 47 }).build();
     let stop = Arc::new(AtomicBool::new(false));
@@ -186,8 +191,7 @@ fn tag_changes_in_place_never_leave_an_address_unjudged() {
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < deadline {
         let e = dp.epoch();
-        let p = if moves % 2 == 0 { &pz } else { &px };
-        dp.apply(compiler.compile(p, Utc::now()).unwrap()).unwrap();
+        moved(&mut dp, if moves % 2 == 0 { &pz } else { &px });
         in_place += u32::from(dp.epoch() == e.wrapping_add(gatekeeper_common::GENERATIONS));
         moves += 1;
     }
@@ -197,4 +201,18 @@ fn tag_changes_in_place_never_leave_an_address_unjudged() {
     assert!(moves > 100 && runs > 10_000, "too little overlap to mean anything");
     assert_eq!(in_place, moves, "every move between existing identities is written in place");
     assert_eq!(dp.stats().unwrap().dropped(), dropped_before, "a packet found its address in neither segment");
+
+    // The same move as part of a whole new policy (a reload, POST /apply) flips the generation:
+    // a change of several assets in one request is never shown to a packet half done.
+    let e = dp.epoch();
+    dp.apply(compiler.compile(&pw, Utc::now()).unwrap()).unwrap();
+    assert_eq!(dp.epoch(), e.wrapping_add(1), "a whole-policy apply flips the generation");
+    // The generations caught up with the hundreds of in-place moves (merged) and judge right.
+    assert_eq!(dp.test_run(&frame).unwrap(), 1, "a in w: no rule to y");
+    for p in [&pz, &pw, &px] {
+        dp.apply(compiler.compile(p, Utc::now()).unwrap()).unwrap();
+    }
+    assert_eq!(dp.test_run(&frame).unwrap(), 2, "a in x again: x -> y");
+    let stale = Frame::new("10.0.0.8".parse().unwrap(), "10.0.0.2".parse().unwrap(), L4::Other { proto: 47 }).build();
+    assert_eq!(dp.test_run(&stale).unwrap(), 2, "keep-z still in z: z -> y");
 }

@@ -261,7 +261,8 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
         if incremental {
             let names: Vec<&str> = changed.iter().map(String::as_str).collect();
             let delta = compiler.update_assets(&policy, &names, dp.applied(), now).expect("incremental compile");
-            dp.apply_delta(delta).expect("apply delta");
+            // The API's path: moves between existing identities are written in place.
+            dp.apply_moves(delta).expect("apply delta");
         } else {
             let compiled = compiler.compile(&policy, now).expect("compile");
             dp.apply(compiled).expect("apply");
