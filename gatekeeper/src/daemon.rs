@@ -325,7 +325,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         match app.enforcer.dataplane_mut().attach(interface, config.dataplane.xdp_mode) {
             Ok(mode) => tracing::info!(interface = %interface, mode, "attached"),
             Err(e) => {
-                let _ = app.enforcer.dataplane_mut().detach_all();
+                if app.enforcer.dataplane().took_over() {
+                    // A running enforcement was taken over: removing its pins would leave the
+                    // ports unfiltered. Everything stays pinned and enforcing; we exit.
+                    tracing::error!(interface = %interface, "attach failed; the pinned enforcement stays in place");
+                } else {
+                    let _ = app.enforcer.dataplane_mut().detach_all();
+                }
                 return Err(e.into());
             }
         }

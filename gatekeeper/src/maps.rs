@@ -255,6 +255,8 @@ pub struct Dataplane {
     pin_dir: Option<(PathBuf, PathBuf)>,
     /// The maps came from pins with unknown contents: the first apply rewrites every generation.
     adopted: bool,
+    /// The maps were taken over from a running enforcement (stays true after the first apply).
+    took_over: bool,
     /// Per generation: deltas applied since it was last written (merged when many pile up).
     behind: [Vec<Delta>; GENERATIONS as usize],
     /// Per generation: its contents are unknown (a write failed); rebuild it in full.
@@ -422,6 +424,7 @@ impl Dataplane {
             pinned: Vec::new(),
             pin_dir,
             adopted,
+            took_over: adopted,
             behind: Default::default(),
             dirty: [false; GENERATIONS as usize],
             retired_at: [0; GENERATIONS as usize],
@@ -439,6 +442,12 @@ impl Dataplane {
     /// Whether the maps were adopted from pins of a running enforcement.
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// Whether this data plane took over a running enforcement's pinned maps (even after its
+    /// first apply): removing the pins would then open the network.
+    pub fn took_over(&self) -> bool {
+        self.took_over
     }
 
     pub fn epoch(&self) -> u32 {

@@ -91,6 +91,8 @@ struct State {
     window: VecDeque<Instant>,
     faults: VecDeque<Failure>,
     write_faults: VecDeque<Failure>,
+    /// PATCHes to apply and then answer with a 504, as if the reply were lost on the way.
+    lost_replies: usize,
     outage: bool,
     log: Vec<Logged>,
     patches: BTreeMap<u64, usize>,
@@ -126,6 +128,7 @@ impl FakeTenant {
             window: VecDeque::new(),
             faults: VecDeque::new(),
             write_faults: VecDeque::new(),
+            lost_replies: 0,
             outage: false,
             log: Vec::new(),
             patches: BTreeMap::new(),
@@ -286,6 +289,12 @@ impl FakeTenant {
     /// The next `n` authenticated PATCHes get `f`; other requests pass.
     pub fn fail_next_writes(&self, n: usize, f: Failure) {
         self.with(|s| s.write_faults.extend(std::iter::repeat_n(f, n)));
+    }
+
+    /// The next `n` PATCHes that succeed are applied but answered with 504, as when a gateway
+    /// times out after the tenant did the work: the client cannot tell it happened.
+    pub fn lose_next_write_replies(&self, n: usize) {
+        self.with(|s| s.lost_replies += n);
     }
 
     /// While on, every request (whatever its token) gets 503.
@@ -528,7 +537,14 @@ async fn get_app(AxState(shared): AxState<Shared>, req: Req) -> Response {
 }
 
 async fn patch_app(AxState(shared): AxState<Shared>, req: Req) -> Response {
-    process(&shared, req, patch)
+    process(&shared, req, |s, r| {
+        let reply = patch(s, r);
+        if reply.status == 200 && s.lost_replies > 0 {
+            s.lost_replies -= 1;
+            return Reply::html(504, "Gateway Timeout");
+        }
+        reply
+    })
 }
 
 /// PATCH: `host` replaces the whole list; `protocols` replaces the protocols. Everything is

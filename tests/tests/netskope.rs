@@ -265,11 +265,17 @@ fn outages_and_rate_limits_delay_but_never_lose_updates() {
     configure(&s, &tenant);
     s.ok("PUT", &format!("/integrations/netskope/apps/{app}"), Some(json!({"segments": ["plc"], "active": true})));
 
-    // A 429 storm with Retry-After: late, not lost.
-    tenant.fail_next_writes(3, Failure::RateLimited { retry_after_secs: 1 });
+    // A 429 storm with Retry-After: late, not lost, and every wait as long as Netskope asked,
+    // also across the client's rounds of retries.
+    tenant.fail_next_writes(4, Failure::RateLimited { retry_after_secs: 2 });
     s.ok("PATCH", "/assets/plc-2", Some(json!({"tags": {"role": "plc"}})));
-    assert!(has(&tenant, app, "10.0.0.12", true, Duration::from_secs(15)), "{:?}", tenant.hosts(app));
-    assert!(tenant.requests().iter().filter(|r| r.status == 429).count() >= 3);
+    assert!(has(&tenant, app, "10.0.0.12", true, Duration::from_secs(20)), "{:?}", tenant.hosts(app));
+    let patches: Vec<_> = tenant.requests().into_iter().filter(|r| r.method == "PATCH").collect();
+    assert_eq!(patches.iter().filter(|r| r.status == 429).count(), 4);
+    for w in patches.windows(2).filter(|w| w[0].status == 429) {
+        let gap = w[1].at.duration_since(w[0].at);
+        assert!(gap >= Duration::from_millis(1900), "retried {gap:?} after a Retry-After of 2 s");
+    }
 
     // 5xx and a 200 carrying status "error".
     tenant.fail_next(2, Failure::ServerError(503));
@@ -351,5 +357,48 @@ fn sync_corrects_drift_reports_limits_and_follows_deletions() {
     assert_eq!(st, 502, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("401"), "{v}");
     assert_eq!(s.api("PUT", "/integrations/netskope", Some(json!({"tenant_url": "ftp://x"}))).0, 422);
+    s.kill();
+}
+
+#[test]
+fn lost_replies_and_refused_apps_neither_orphan_hosts_nor_block_others() {
+    let tenant = FakeTenant::start(NS_TOKEN);
+    let s = Server::start(&store_path("lost"));
+    let app = seed(&s, &tenant);
+    let hmi_app = tenant.add_app("hmi-access", &[], &[("tcp", "443")]);
+    configure(&s, &tenant);
+    s.ok("PUT", &format!("/integrations/netskope/apps/{app}"), Some(json!({"segments": ["plc"], "active": true})));
+    s.ok("PUT", &format!("/integrations/netskope/apps/{hmi_app}"), Some(json!({"segments": ["hmi"], "active": true})));
+    assert!(has(&tenant, hmi_app, "10.0.0.1", true, Duration::from_secs(2)));
+
+    // Netskope applies the PATCH but every answer is lost: the host is still known as ours.
+    tenant.lose_next_write_replies(4);
+    s.ok("PATCH", "/assets/plc-2", Some(json!({"tags": {"role": "plc"}})));
+    assert!(has(&tenant, app, "10.0.0.12", true, Duration::from_secs(10)));
+    assert!(tenant.wait_for(Duration::from_secs(15), |t| t.requests().iter().filter(|r| r.status == 504).count() >= 4));
+    s.ok("PATCH", "/assets/plc-2", Some(json!({"tags": {"role": null}})));
+    assert!(
+        has(&tenant, app, "10.0.0.12", false, Duration::from_secs(10)),
+        "a host added under a lost reply was orphaned: {:?}",
+        tenant.hosts(app)
+    );
+
+    // A publisher added in Netskope since the last sync makes app 1's push fail (400) until the
+    // next sync; app 2's change still goes out within 2 s.
+    tenant.add_publisher("pub-new", "10.0.0.13");
+    s.ok("PUT", "/assets/plc-3", Some(json!({"ips": ["10.0.0.13"], "tags": {"role": "plc"}})));
+    std::thread::sleep(Duration::from_millis(600));
+    s.ok("PUT", "/assets/hmi-2", Some(json!({"ips": ["10.0.0.3"], "tags": {"role": "hmi"}})));
+    assert!(
+        has(&tenant, hmi_app, "10.0.0.3", true, Duration::from_secs(2)),
+        "one refused app held up another: {:?}",
+        tenant.hosts(hmi_app)
+    );
+    // After a sync the publisher's address is known and reported instead of pushed.
+    s.ok("POST", "/integrations/netskope/sync", None);
+    assert!(tenant.wait_for(Duration::from_secs(10), |_| {
+        s.ok("GET", "/integrations/netskope", None)["refused_hosts"].to_string().contains("10.0.0.13")
+    }));
+    assert!(!tenant.hosts(app).contains(&"10.0.0.13".to_string()));
     s.kill();
 }

@@ -63,6 +63,16 @@ impl App {
         let before_pubs = self.netskope.publishers.clone();
         let before_settings = self.netskope.settings.clone();
         edit(&mut self.netskope);
+        // A mapping may name a segment deleted while its app was gone from Netskope: drop it
+        // (an app left with none stops) rather than refuse every sync from now on.
+        for a in self.netskope.apps.values_mut() {
+            let before = a.segments.len();
+            a.segments.retain(|s| self.doc.segments.iter().any(|d| &d.name == s));
+            if a.segments.len() != before {
+                tracing::warn!(app_id = a.remote.id, "mapped segments no longer exist; dropped from the mapping");
+                a.active &= !a.segments.is_empty();
+            }
+        }
         let restore = |app: &mut App| {
             app.netskope.apps = before_apps.clone();
             app.netskope.publishers = before_pubs.clone();

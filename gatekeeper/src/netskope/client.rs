@@ -27,7 +27,7 @@ pub enum ClientError {
     #[error("Netskope {path}: the API answered status \"error\": {message}")]
     Status { path: String, message: String },
     #[error("Netskope {path}: rate limited (429) {attempts} times in a row")]
-    RateLimited { path: String, attempts: u32 },
+    RateLimited { path: String, attempts: u32, retry_after: Option<Duration> },
     #[error("Netskope {path}: {message}")]
     Transport { path: String, message: String },
     #[error("Netskope {path}: unexpected response: {message}")]
@@ -35,6 +35,14 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// How long Netskope asked us to wait (the last 429's `Retry-After`/`RateLimit-Reset`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Worth trying again later (the change stays pending either way).
     pub fn transient(&self) -> bool {
         match self {
@@ -105,8 +113,13 @@ impl Client {
 
     /// One request with retries; returns the unwrapped `data`.
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
-        let mut rate_limited = 0;
+        self.call_wrapped(method, path, body).map(|mut v| v.get_mut("data").map(Value::take).unwrap_or(Value::Null))
+    }
+
+    /// One request with retries; returns the whole `{"status", "data", "total"}` body.
+    fn call_wrapped(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
         let mut last = None;
+        let mut last_retry_after = None;
         for attempt in 0..ATTEMPTS {
             self.pace();
             match self.once(method, path, body) {
@@ -114,8 +127,9 @@ impl Client {
                 Err((e, retry_after)) => {
                     let wait = match (&e, retry_after) {
                         (ClientError::Http { status: 429, .. }, after) => {
-                            rate_limited += 1;
-                            after.unwrap_or(Duration::from_secs(1)).min(MAX_RETRY_AFTER)
+                            let wait = after.unwrap_or(Duration::from_secs(1)).min(MAX_RETRY_AFTER);
+                            last_retry_after = Some(wait);
+                            wait
                         }
                         (e, _) if e.transient() => backoff(attempt),
                         _ => return Err(e),
@@ -128,8 +142,13 @@ impl Client {
                 }
             }
         }
-        if rate_limited == ATTEMPTS {
-            return Err(ClientError::RateLimited { path: path.into(), attempts: ATTEMPTS });
+        // Ending on a 429, the caller must keep waiting as long as Netskope asked.
+        if matches!(last, Some(ClientError::Http { status: 429, .. })) {
+            return Err(ClientError::RateLimited {
+                path: path.into(),
+                attempts: ATTEMPTS,
+                retry_after: last_retry_after,
+            });
         }
         Err(last.unwrap_or_else(|| ClientError::Transport { path: path.into(), message: "no attempt made".into() }))
     }
@@ -174,7 +193,7 @@ impl Client {
             return Err((ClientError::Decode { path: path.into(), message: "the body is not JSON".into() }, None));
         };
         match v.get("status").and_then(Value::as_str) {
-            Some("success") => Ok(v.get("data").cloned().unwrap_or(Value::Null)),
+            Some("success") => Ok(v.clone()),
             Some("error") => Err((ClientError::Status { path: path.into(), message: message(&parsed) }, None)),
             _ => {
                 Err((ClientError::Decode { path: path.into(), message: "no \"status\" in the response".into() }, None))
@@ -182,14 +201,18 @@ impl Client {
         }
     }
 
-    pub fn list_apps(&self) -> Result<Vec<RemoteApp>, ClientError> {
+    /// Every private app, and whether the listing is complete (no more apps than `total` says).
+    pub fn list_apps(&self) -> Result<(Vec<RemoteApp>, bool), ClientError> {
         let path = "/steering/apps/private";
-        let data = self.call("GET", path, None)?;
-        let apps = data
-            .get("private_apps")
+        let body = self.call_wrapped("GET", path, None)?;
+        let apps = body
+            .pointer("/data/private_apps")
             .and_then(Value::as_array)
             .ok_or_else(|| ClientError::Decode { path: path.into(), message: "no data.private_apps".into() })?;
-        apps.iter().map(|a| app(a, "app_id", "app_name").map_err(|m| decode(path, m))).collect()
+        let apps: Vec<RemoteApp> =
+            apps.iter().map(|a| app(a, "app_id", "app_name").map_err(|m| decode(path, m))).collect::<Result<_, _>>()?;
+        let complete = body.get("total").and_then(Value::as_u64).is_none_or(|t| t as usize <= apps.len());
+        Ok((apps, complete))
     }
 
     /// The app, or `None` when Netskope no longer has it.

@@ -329,7 +329,12 @@ pub fn generated(
                 }
                 // Two entries with the same transport become one rule with both port lists.
                 if let Some(r) = rules.iter_mut().find(|r: &&mut GeneratedRule| r.rule.name == name) {
-                    r.rule.ports.extend(ports);
+                    // No ports means every port: merged with a list, every port still.
+                    if r.rule.ports.is_empty() || ports.is_empty() {
+                        r.rule.ports.clear();
+                    } else {
+                        r.rule.ports.extend(ports);
+                    }
                     continue;
                 }
                 rules.push(GeneratedRule {

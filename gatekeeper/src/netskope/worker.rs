@@ -62,13 +62,43 @@ struct Worker {
     /// Per app: the wanted hosts of its last successful push, so a change that does not alter
     /// them costs no request.
     pushed: BTreeMap<u64, BTreeSet<String>>,
-    failures: u32,
+    /// Per app: failed pushes in a row, and when to try again.
+    failures: BTreeMap<u64, u32>,
+    not_before: BTreeMap<u64, Instant>,
+    /// After a 429: no request before this.
+    quiet_until: Option<Instant>,
     sync_failures: u32,
+}
+
+/// Why a push failed, and how long Netskope asked us to wait.
+struct PushError {
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+impl From<String> for PushError {
+    fn from(message: String) -> Self {
+        Self { message, retry_after: None }
+    }
+}
+
+impl From<super::client::ClientError> for PushError {
+    fn from(e: super::client::ClientError) -> Self {
+        Self { retry_after: e.retry_after(), message: e.to_string() }
+    }
 }
 
 impl Worker {
     fn new(app: Shared) -> Self {
-        Self { app, client: None, pushed: BTreeMap::new(), failures: 0, sync_failures: 0 }
+        Self {
+            app,
+            client: None,
+            pushed: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            not_before: BTreeMap::new(),
+            quiet_until: None,
+            sync_failures: 0,
+        }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Event>) {
@@ -160,7 +190,7 @@ impl Worker {
         let fetched = client.list_apps().and_then(|apps| client.list_publishers().map(|p| (apps, p)));
         let at = chrono::Utc::now().to_rfc3339();
         let mut app = self.app.blocking_lock();
-        let (remote, publishers) = match fetched {
+        let ((remote, complete), publishers) = match fetched {
             Ok(x) => x,
             Err(e) => {
                 let status =
@@ -173,6 +203,11 @@ impl Worker {
             }
         };
         let seen: BTreeSet<u64> = remote.iter().map(|a| a.id).collect();
+        if !complete {
+            // Netskope said there are more apps than it sent: absent is not deleted.
+            tracing::warn!(listed = remote.len(), "the Netskope app listing is incomplete; no app is marked gone");
+        }
+        let gone = |id: &u64| complete && !seen.contains(id);
         let mut audit = Vec::new();
         let (apps_n, pubs_n) = (remote.len(), publishers.len());
         for r in &remote {
@@ -181,7 +216,7 @@ impl Worker {
             }
         }
         for (id, a) in &app.netskope.apps {
-            if a.state == AppState::Present && !seen.contains(id) {
+            if a.state == AppState::Present && gone(id) {
                 audit.push(row("app gone", *id, Some(json!({"name": a.remote.name})), None));
             }
         }
@@ -208,10 +243,11 @@ impl Worker {
                     }
                 }
             }
+            // A gone app keeps what gatekeeper added: should it come back, those hosts are
+            // still gatekeeper's to remove.
             for (id, rec) in n.apps.iter_mut() {
-                if !seen.contains(id) {
+                if gone(id) {
                     rec.state = AppState::Gone;
-                    rec.managed.clear();
                 }
             }
             n.publishers = publishers;
@@ -232,8 +268,14 @@ impl Worker {
         Ok(status)
     }
 
-    /// Pushes every pending app. Returns when to try again (`None`: nothing left).
+    /// Pushes every pending app that is not waiting out a failure. Returns when to try again
+    /// (`None`: nothing left). One app Netskope refuses does not hold up the others; a 429
+    /// holds up all of them for as long as Netskope asked.
     fn push_pending(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        if let Some(t) = self.quiet_until.filter(|t| *t > now) {
+            return Some(t - now);
+        }
         let work = {
             let app = self.app.blocking_lock();
             let pending = match app.store.netskope_pending() {
@@ -253,6 +295,7 @@ impl Worker {
             let policy = app.enforcer.policy();
             pending
                 .into_iter()
+                .filter(|(id, _, _)| self.not_before.get(id).is_none_or(|t| *t <= now))
                 .map(|(id, seq, reason)| {
                     let rec = app.netskope.apps.get(&id).cloned();
                     let want = rec.as_ref().filter(|r| r.acting()).map(|r| desired_hosts(policy, &r.segments, &pubs));
@@ -262,19 +305,41 @@ impl Worker {
         };
         for (id, seq, reason, rec, want) in work {
             match self.push(id, seq, &reason, rec, want) {
-                Ok(()) => self.failures = 0,
+                Ok(()) => {
+                    self.failures.remove(&id);
+                    self.not_before.remove(&id);
+                }
                 Err(e) => {
-                    self.failures += 1;
-                    let wait = Duration::from_millis(500u64 << self.failures.min(10)).min(MAX_RETRY);
-                    tracing::warn!(app_id = id, error = %e, retry_in_ms = wait.as_millis() as u64, "Netskope push failed; it stays pending");
-                    return Some(wait);
+                    // Netskope may hold something else than our last success now: read it next time.
+                    self.pushed.remove(&id);
+                    let n = self.failures.entry(id).or_default();
+                    *n += 1;
+                    let backoff = Duration::from_millis(500u64 << (*n).min(10)).min(MAX_RETRY);
+                    let wait = backoff.max(e.retry_after.unwrap_or_default());
+                    tracing::warn!(app_id = id, error = %e.message, retry_in_ms = wait.as_millis() as u64, "Netskope push failed; it stays pending");
+                    self.not_before.insert(id, Instant::now() + wait);
+                    if e.retry_after.is_some() {
+                        // Rate limited: every request waits, not only this app's.
+                        self.quiet_until = Some(Instant::now() + wait);
+                        break;
+                    }
                 }
             }
         }
-        // Marks made while we pushed are picked up at once.
-        let left = self.app.blocking_lock().store.netskope_pending().map(|p| p.len()).unwrap_or_default();
-        crate::metrics::netskope_pending(left);
-        (left > 0).then_some(Duration::ZERO)
+        // Marks made while we pushed are picked up at once; apps in backoff when theirs ends.
+        let pending = self.app.blocking_lock().store.netskope_pending().unwrap_or_default();
+        crate::metrics::netskope_pending(pending.len());
+        if pending.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let quiet = self.quiet_until.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+        let soonest = pending
+            .iter()
+            .map(|(id, _, _)| self.not_before.get(id).map_or(Duration::ZERO, |t| t.saturating_duration_since(now)))
+            .min()
+            .unwrap_or_default();
+        Some(soonest.max(quiet))
     }
 
     fn push(
@@ -284,7 +349,7 @@ impl Worker {
         reason: &str,
         rec: Option<AppRecord>,
         want: Option<(BTreeSet<String>, Vec<super::Refused>)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), PushError> {
         let clear = |worker: &Self, records: Vec<AppRecord>, audit: Vec<AuditRow>| -> Result<(), String> {
             let mut app = worker.app.blocking_lock();
             // The mapping may have been edited while we talked to Netskope: keep its segments
@@ -312,43 +377,54 @@ impl Worker {
             r
         };
         let Some(mut rec) = rec.filter(|r| r.state == AppState::Present) else {
-            return clear(self, vec![], vec![]);
+            return Ok(clear(self, vec![], vec![])?);
         };
         let (want, refused) = want.unwrap_or_default();
         if !rec.acting() && rec.managed.is_empty() {
-            return clear(self, vec![], vec![]);
+            return Ok(clear(self, vec![], vec![])?);
         }
         if reason == "change" && rec.acting() && self.pushed.get(&id) == Some(&want) {
             crate::metrics::netskope_push("unchanged");
-            return clear(self, vec![], vec![]);
+            return Ok(clear(self, vec![], vec![])?);
         }
-        let Some(client) = self.client() else { return Err("the Netskope integration is not configured".into()) };
+        let shared = self.app.clone();
+        let Some(client) = self.client() else {
+            return Err(PushError::from("the Netskope integration is not configured".to_string()));
+        };
         let remote = match client.get_app(id) {
             Ok(Some(r)) => r,
             Ok(None) => {
-                // Deleted in Netskope since the last sync: the mapping stops.
+                // Deleted in Netskope since the last sync: the mapping stops. What gatekeeper
+                // added stays recorded, should the app come back.
                 rec.state = AppState::Gone;
-                rec.managed.clear();
                 let audit = vec![row("app gone", id, Some(json!({"name": rec.remote.name})), None)];
                 clear(self, vec![rec], audit)?;
                 // Its generated rules go too.
                 let mut app = self.app.blocking_lock();
-                return app.netskope_edit("netskope", "app gone", |_| {}, None, vec![]).map_err(|e| e.to_string());
+                return Ok(app
+                    .netskope_edit("netskope", "app gone", |_| {}, None, vec![])
+                    .map_err(|e| e.to_string())?);
             }
             Err(e) => {
                 crate::metrics::netskope_push("error");
                 self.record_failure(id, &e.to_string());
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         let p = plan(&remote.hosts, &rec.managed, &want, refused);
         let at = chrono::Utc::now().to_rfc3339();
-        if p.changes(&remote.hosts)
-            && let Err(e) = client.set_hosts(id, &p.hosts)
-        {
-            crate::metrics::netskope_push("error");
-            self.record_failure(id, &e.to_string());
-            return Err(e.to_string());
+        if p.changes(&remote.hosts) {
+            // Recorded before the PATCH: if Netskope applies it but the answer is lost, the hosts
+            // we added are still known to be ours (and so removable) on the next attempt.
+            let intent: BTreeSet<String> = rec.managed.union(&p.managed).cloned().collect();
+            if intent != rec.managed {
+                save_managed(&shared, id, &intent)?;
+            }
+            if let Err(e) = client.set_hosts(id, &p.hosts) {
+                crate::metrics::netskope_push("error");
+                self.record_failure(id, &e.to_string());
+                return Err(e.into());
+            }
         }
         let mut audit = Vec::new();
         if !p.added.is_empty() || !p.removed.is_empty() {
@@ -368,13 +444,14 @@ impl Worker {
         }
         let outcome = if p.changes(&remote.hosts) { "ok" } else { "unchanged" };
         crate::metrics::netskope_push(outcome);
-        rec.remote = super::RemoteApp { hosts: p.hosts.clone(), ..remote };
+        // Only the hosts: the app's protocols reach the generated rules through a sync.
+        rec.remote.hosts = p.hosts.clone();
         rec.managed = p.managed;
         rec.refused = p.refused;
         rec.last_push = Some(PushResult { at, ok: true, message: outcome.into() });
         tracing::info!(app_id = id, added = p.added.len(), removed = p.removed.len(), "Netskope app in step");
         self.pushed.insert(id, want);
-        clear(self, vec![rec], audit)
+        Ok(clear(self, vec![rec], audit)?)
     }
 
     fn record_failure(&self, id: u64, message: &str) {
@@ -386,6 +463,15 @@ impl Worker {
             let _ = app.store.netskope_commit(NetskopeCommit { records: &[rec], ..Default::default() });
         }
     }
+}
+
+/// Records the hosts gatekeeper owns in app `id` (before a write that adds some).
+fn save_managed(app: &Shared, id: u64, managed: &BTreeSet<String>) -> Result<(), String> {
+    let mut app = app.blocking_lock();
+    let Some(rec) = app.netskope.apps.get_mut(&id) else { return Ok(()) };
+    rec.managed = managed.clone();
+    let rec = rec.clone();
+    app.store.netskope_commit(NetskopeCommit { records: &[rec], ..Default::default() }).map_err(|e| e.to_string())
 }
 
 fn row(action: &str, id: u64, old: Option<serde_json::Value>, new: Option<serde_json::Value>) -> AuditRow {
