@@ -627,11 +627,13 @@ impl Dataplane {
             self.behind[target].clear();
             return Err(e);
         }
+        if let Err(e) = self.set_epoch(self.epoch.wrapping_add(1)) {
+            // Written but never used, and ahead of what we know: rebuild it next time.
+            self.dirty[target] = true;
+            return Err(e);
+        }
         self.dirty[target] = false;
-        let epoch = self.epoch.wrapping_add(1);
-        let mut epoch_map: Array<_, u32> = Array::try_from(self.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
-        epoch_map.set(0, epoch, 0).map_err(map_err("GK_EPOCH"))?;
-        self.epoch = epoch;
+        let epoch = self.epoch;
         self.flips += 1;
         self.retired_at[active] = self.flips;
         self.grace.after_flip(self.flips);
