@@ -60,7 +60,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Control> {
         let t = Instant::now();
         let delta = compiler.update_assets(&policy, &[name.as_str()], dp.applied(), Utc::now())?;
         let c = t.elapsed().as_secs_f64() * 1e3;
-        let r = dp.apply_delta(delta)?;
+        // The path of an API tag edit: a move between existing identities is written in place.
+        let r = dp.apply_moves(delta)?;
         let (e, a) = (r.enforced_after.as_secs_f64() * 1e3, r.total.as_secs_f64() * 1e3);
         entries = r.entries;
         cc.push(c);
