@@ -430,7 +430,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/apply", post(apply))
         .route("/status", get(status))
         .route("/audit", get(audit))
-        .route("/integrations/netskope", get(netskope::get_integration).put(netskope::put_integration))
+        .route(
+            "/integrations/netskope",
+            get(netskope::get_integration).put(netskope::put_integration).delete(netskope::delete_integration),
+        )
         .route("/integrations/netskope/sync", post(netskope::sync))
         .route("/integrations/netskope/apps", get(netskope::list_apps))
         .route("/integrations/netskope/apps/{id}", get(netskope::get_app).put(netskope::put_app))

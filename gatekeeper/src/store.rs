@@ -368,6 +368,17 @@ impl Store {
             )
             .map_err(sql)?;
         }
+        for (key, value) in c.settings {
+            match value {
+                Some(v) => tx.execute(
+                    "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, v),
+                ),
+                None => tx.execute("DELETE FROM settings WHERE key = ?1", [key]),
+            }
+            .map_err(sql)?;
+        }
         for (id, seq) in c.pushed {
             tx.execute("DELETE FROM netskope_pending WHERE app_id = ?1 AND seq = ?2", (*id as i64, seq))
                 .map_err(sql)?;
@@ -433,6 +444,8 @@ pub struct NetskopeCommit<'a> {
     /// Pushed apps with the pending sequence they covered (a newer mark stays).
     pub pushed: &'a [(u64, i64)],
     pub audit: &'a [AuditRow],
+    /// Settings to set (JSON text) or remove, in the same transaction.
+    pub settings: &'a [(&'a str, Option<String>)],
 }
 
 fn insert_audit(tx: &rusqlite::Transaction<'_>, rows: &[AuditRow]) -> rusqlite::Result<()> {

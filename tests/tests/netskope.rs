@@ -304,7 +304,8 @@ fn outages_and_rate_limits_delay_but_never_lose_updates() {
 #[test]
 fn sync_corrects_drift_reports_limits_and_follows_deletions() {
     let tenant = FakeTenant::start(NS_TOKEN);
-    let s = Server::start(&store_path("drift"));
+    let path = store_path("drift");
+    let s = Server::start(&path);
     let app = seed(&s, &tenant);
     configure(&s, &tenant);
     s.ok("PUT", &format!("/integrations/netskope/apps/{app}"), Some(json!({"segments": ["plc"], "active": true})));
@@ -357,6 +358,14 @@ fn sync_corrects_drift_reports_limits_and_follows_deletions() {
     assert_eq!(st, 502, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("401"), "{v}");
     assert_eq!(s.api("PUT", "/integrations/netskope", Some(json!({"tenant_url": "ftp://x"}))).0, 422);
+
+    // Disconnecting removes the generated objects and the token file.
+    assert!(s.ok("GET", "/segments", None).to_string().contains("netskope-publishers"));
+    assert_eq!(s.api("DELETE", "/integrations/netskope", None).0, 204);
+    assert_eq!(s.ok("GET", "/integrations/netskope", None)["configured"], false);
+    assert!(!s.ok("GET", "/segments", None).to_string().contains("netskope-publishers"));
+    assert!(!path.with_file_name("netskope.token").exists());
+    assert_eq!(s.api("DELETE", "/integrations/netskope", None).0, 404);
     s.kill();
 }
 

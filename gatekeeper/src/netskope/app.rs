@@ -108,18 +108,23 @@ impl App {
                 .collect(),
             None => vec![],
         };
-        let mut result = self.store.netskope_commit(NetskopeCommit {
+        let mut settings = Vec::new();
+        if self.netskope.publishers != before_pubs {
+            settings.push((super::KEY_PUBLISHERS, serde_json::to_string(&self.netskope.publishers).ok()));
+        }
+        if self.netskope.settings != before_settings {
+            // The token is not serialized: it lives in its own file.
+            let text = self.netskope.settings.as_ref().and_then(|s| serde_json::to_string(s).ok());
+            settings.push((super::KEY_SETTINGS, text));
+        }
+        // Records, pending marks, settings and audit rows: one transaction.
+        let result = self.store.netskope_commit(NetskopeCommit {
             records: &changed,
             pending: &pending,
             pushed: &[],
             audit: &audit,
+            settings: &settings,
         });
-        if result.is_ok() && self.netskope.publishers != before_pubs {
-            result = self.store.set_setting(super::KEY_PUBLISHERS, Some(&self.netskope.publishers), &[]);
-        }
-        if result.is_ok() && self.netskope.settings != before_settings {
-            result = self.store.set_setting(super::KEY_SETTINGS, self.netskope.settings.as_ref(), &[]);
-        }
         if let Err(e) = result {
             restore(self);
             if self.enforcer.policy() != &previous_policy
@@ -207,6 +212,29 @@ impl App {
             "pending_pushes": self.store.netskope_pending().map(|p| p.len()).unwrap_or_default(),
             "problems": n.problems.iter().map(|(id, p)| json!({"app_id": id, "reason": p})).collect::<Vec<_>>(),
         })
+    }
+
+    /// Removes the connection settings and the token: generated rules and the publishers'
+    /// segment go, mappings stay (inert) in the store. Hosts already in Netskope stay there:
+    /// unmap apps first to have them removed.
+    pub fn netskope_unconfigure(&mut self, actor: &str) -> Result<(), ApiError> {
+        let audit = AuditRow {
+            actor: actor.into(),
+            action: "unconfigure netskope".into(),
+            kind: Some("integration".into()),
+            name: Some("netskope".into()),
+            old: self.netskope.settings.as_ref().map(|s| json!({"tenant_url": s.tenant_url})),
+            new: None,
+        };
+        self.netskope_edit(actor, "unconfigure", |n| n.settings = None, None, vec![audit])?;
+        let path = self.store.dir().join(super::TOKEN_FILE);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::error!(path = %path.display(), error = %e, "could not remove the Netskope token file");
+        }
+        self.netskope.wake(Event::Settings);
+        Ok(())
     }
 
     /// Sets or replaces the connection settings.

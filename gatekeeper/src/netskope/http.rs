@@ -58,6 +58,19 @@ pub async fn put_integration(
     Ok(Json(app.netskope_status()))
 }
 
+/// Disconnects from Netskope (see [`crate::api::App::netskope_unconfigure`]).
+pub async fn delete_integration(
+    State(s): State<ApiState>,
+    ext: axum::http::Extensions,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let mut app = s.app.lock().await;
+    if app.netskope.settings.is_none() {
+        return Err(ApiError::NotFound("the Netskope integration is not configured".into()));
+    }
+    app.netskope_unconfigure(actor(&ext))?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
 fn bad(field: &'static str, reason: String) -> ApiError {
     ApiError::Invalid(vec![crate::policy::Problem { entry: "integrations/netskope".into(), field, reason }])
 }

@@ -243,10 +243,16 @@ impl Plan {
 /// Plans a push: keep every host gatekeeper does not manage, remove managed hosts no longer
 /// wanted, add wanted hosts that are missing, within Netskope's cap (what does not fit is
 /// refused with the reason, never silently cut).
+/// `want` and `managed` hold canonical forms ([`canonical`]); `current` is compared through it,
+/// so `FD00::B` typed in Netskope is the same host as `fd00::b`.
 pub fn plan(current: &[String], managed: &BTreeSet<String>, want: &BTreeSet<String>, refused: Vec<Refused>) -> Plan {
-    let present: BTreeSet<&String> = current.iter().collect();
-    let removed: Vec<String> = current.iter().filter(|h| managed.contains(*h) && !want.contains(*h)).cloned().collect();
-    let mut hosts: Vec<String> = current.iter().filter(|h| !removed.contains(h)).cloned().collect();
+    let present: BTreeSet<String> = current.iter().map(|h| canonical(h)).collect();
+    let ours_unwanted = |h: &String| {
+        let c = canonical(h);
+        managed.contains(&c) && !want.contains(&c)
+    };
+    let removed: Vec<String> = current.iter().filter(|h| ours_unwanted(h)).cloned().collect();
+    let mut hosts: Vec<String> = current.iter().filter(|h| !ours_unwanted(h)).cloned().collect();
     // A host listed twice by hand stays as it is; duplicates are not ours to fix.
     let mut out = Plan { removed, refused, ..Plan::default() };
     for h in want {
@@ -270,6 +276,19 @@ pub fn plan(current: &[String], managed: &BTreeSet<String>, want: &BTreeSet<Stri
     }
     out.hosts = hosts;
     out
+}
+
+/// The form a host is compared in: addresses and CIDRs as Rust prints them (lower case,
+/// shortest IPv6), names in lower case.
+pub fn canonical(host: &str) -> String {
+    let h = host.trim();
+    if let Ok(a) = h.parse::<std::net::IpAddr>() {
+        a.to_string()
+    } else if let Ok(n) = h.parse::<IpNet>() {
+        host_text(&n)
+    } else {
+        h.to_ascii_lowercase()
+    }
 }
 
 /// Parses Netskope's port list (`"22,502,1024-2048"`) into rule ports; empty or `*`: all.
@@ -488,7 +507,7 @@ impl Integration {
     }
 
     pub fn publisher_ips(&self) -> BTreeSet<String> {
-        self.publishers.iter().filter_map(|p| p.ip.clone()).collect()
+        self.publishers.iter().filter_map(|p| p.ip.as_deref().map(canonical)).collect()
     }
 
     pub fn wake(&self, e: worker::Event) {
@@ -556,6 +575,22 @@ mod tests {
         let p = plan(&p.hosts, &p.managed, &BTreeSet::new(), vec![]);
         assert_eq!(p.hosts, list(&["plc.local", "10.0.0.9"]));
         assert!(p.managed.is_empty());
+    }
+
+    #[test]
+    fn hosts_compare_in_canonical_form() {
+        assert_eq!(canonical("FD00::0B"), "fd00::b");
+        assert_eq!(canonical("10.0.0.0/8"), "10.0.0.0/8");
+        assert_eq!(canonical("10.0.0.1/32"), "10.0.0.1");
+        assert_eq!(canonical("PLC.Example.local"), "plc.example.local");
+        // Ours, written differently by hand: still ours to remove.
+        let p = plan(&list(&["FD00::B", "x.local"]), &set(&["fd00::b"]), &BTreeSet::new(), vec![]);
+        assert_eq!(p.hosts, list(&["x.local"]));
+        assert_eq!(p.removed, list(&["FD00::B"]));
+        // Wanted and already there in another spelling: not added twice.
+        let p = plan(&list(&["FD00::B"]), &BTreeSet::new(), &set(&["fd00::b"]), vec![]);
+        assert_eq!(p.hosts, list(&["FD00::B"]));
+        assert!(p.added.is_empty() && p.managed.is_empty());
     }
 
     #[test]
