@@ -257,8 +257,8 @@ pub struct Dataplane {
     adopted: bool,
     /// The maps were taken over from a running enforcement (stays true after the first apply).
     took_over: bool,
-    /// Per generation: deltas applied since it was last written (merged when many pile up).
-    behind: [Vec<Delta>; GENERATIONS as usize],
+    /// Per generation: the changes applied since it was last written.
+    behind: [Behind; GENERATIONS as usize],
     /// Per generation: its contents are unknown (a write failed); rebuild it in full.
     dirty: [bool; GENERATIONS as usize],
     /// Per generation: the flip that retired it (0: never active).
@@ -318,29 +318,37 @@ impl Grace {
     }
 }
 
-/// One delta with the effect of `deltas` applied in order, for a generation no packet reads
-/// (so the order of its writes does not matter): the last change of each key wins.
-fn merge_deltas(deltas: &[Delta]) -> Delta {
-    use std::collections::HashMap as Map;
-    let mut v4 = Map::new();
-    let mut v6 = Map::new();
-    let mut ports = Map::new();
-    let mut policy = Map::new();
-    let mut config = None;
-    for d in deltas {
-        v4.extend(d.v4.iter().copied());
-        v6.extend(d.v6.iter().copied());
-        ports.extend(d.ports.iter().map(|&(l4, port, class)| ((l4, port), class)));
-        policy.extend(d.policy.iter().copied());
-        config = d.config.or(config);
+/// The changes a generation missed, merged: the last change of each key wins, so catching
+/// up writes each key once, and recording a small delta costs as little as the delta, however
+/// much is already pending (tag edits written in place never flip, so a lot may be). The order
+/// of the writes does not matter: no packet reads a generation being caught up.
+#[derive(Default)]
+struct Behind {
+    v4: std::collections::HashMap<ipnet::Ipv4Net, Option<gatekeeper_common::Identity>>,
+    v6: std::collections::HashMap<ipnet::Ipv6Net, Option<gatekeeper_common::Identity>>,
+    ports: std::collections::HashMap<(u32, u16), u32>,
+    policy: std::collections::HashMap<PolicyKey, Option<PolicyValue>>,
+    config: Option<GenConfig>,
+}
+
+impl Behind {
+    fn add(&mut self, d: &Delta) {
+        self.v4.extend(d.v4.iter().copied());
+        self.v6.extend(d.v6.iter().copied());
+        self.ports.extend(d.ports.iter().map(|&(l4, port, class)| ((l4, port), class)));
+        self.policy.extend(d.policy.iter().copied());
+        self.config = d.config.or(self.config);
     }
-    Delta {
-        v4: v4.into_iter().collect(),
-        v6: v6.into_iter().collect(),
-        ports: ports.into_iter().map(|((l4, port), class)| (l4, port, class)).collect(),
-        policy: policy.into_iter().collect(),
-        config,
-        ..Delta::default()
+
+    fn into_delta(self) -> Delta {
+        Delta {
+            v4: self.v4.into_iter().collect(),
+            v6: self.v6.into_iter().collect(),
+            ports: self.ports.into_iter().map(|((l4, port), class)| (l4, port, class)).collect(),
+            policy: self.policy.into_iter().collect(),
+            config: self.config,
+            ..Delta::default()
+        }
     }
 }
 
@@ -618,13 +626,13 @@ impl Dataplane {
         let caught_up = if self.dirty[target] {
             self.rebuild_generation(target as u32)
         } else {
-            let missed = std::mem::take(&mut self.behind[target]);
-            missed.iter().try_for_each(|d| self.write(target as u32, d))
+            let missed = std::mem::take(&mut self.behind[target]).into_delta();
+            self.write(target as u32, &missed)
         };
         if let Err(e) = caught_up.and_then(|()| self.write(target as u32, &delta)) {
             // The generation is half-written but unused: rebuild it in full next time.
             self.dirty[target] = true;
-            self.behind[target].clear();
+            self.behind[target] = Behind::default();
             return Err(e);
         }
         if let Err(e) = self.set_epoch(self.epoch.wrapping_add(1)) {
@@ -645,17 +653,10 @@ impl Dataplane {
         Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: enforced_after })
     }
 
-    /// Records that generation `g` missed `delta`. Many small deltas (tag edits written in place
-    /// never flip the generation) are merged into one, so the list stays short and a catch-up
-    /// writes each key once.
+    /// Records that generation `g` missed `delta`.
     fn fall_behind(&mut self, g: usize, delta: &Delta) {
-        if self.dirty[g] {
-            return;
-        }
-        self.behind[g].push(delta.clone());
-        if self.behind[g].len() > 16 {
-            let merged = merge_deltas(&self.behind[g]);
-            self.behind[g] = vec![merged];
+        if !self.dirty[g] {
+            self.behind[g].add(delta);
         }
     }
 
@@ -684,7 +685,7 @@ impl Dataplane {
                 tracing::error!(error = %back_err, "could not undo a failed in-place write");
             }
             self.dirty[active as usize] = true;
-            self.behind[active as usize].clear();
+            self.behind[active as usize] = Behind::default();
             if let Err(epoch_err) = self.set_epoch(self.epoch.wrapping_add(GENERATIONS)) {
                 tracing::error!(error = %epoch_err, "could not move the epoch after a failed in-place write");
             }
@@ -937,9 +938,12 @@ impl Drop for Dataplane {
 }
 
 /// Removing what is already gone is not an error: the goal state is reached.
+/// A removal of a key that is not there is done. (Merged catch-ups remove keys a generation
+/// never had: added and removed again while it was behind.)
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
 }
