@@ -731,7 +731,12 @@ impl Dataplane {
         let enforced_after = started.elapsed();
         synchronize_rcu();
         for g in (0..GENERATIONS).filter(|&g| g != new_gen) {
-            self.rebuild_generation(g)?;
+            // The new policy is in force already; a generation that cannot be written now is
+            // rebuilt when it is next used.
+            if let Err(e) = self.rebuild_generation(g) {
+                tracing::warn!(generation = g, error = %e, "standby generation not rewritten; it will be rebuilt");
+                self.dirty[g as usize] = true;
+            }
         }
         Ok(ApplyReport { epoch, entries: delta.len(), enforced_after, total: started.elapsed() })
     }

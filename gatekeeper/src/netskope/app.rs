@@ -260,12 +260,28 @@ impl App {
         if self.netskope.settings.as_ref() == Some(&settings) {
             return Ok(());
         }
-        if self.netskope.settings.as_ref().is_none_or(|s| s.token != settings.token) {
-            let path = self.store.dir().join(super::TOKEN_FILE);
-            super::write_token(&path, &settings.token)
+        // The token goes to its file only once the settings are recorded, and never half-way.
+        let path = self.store.dir().join(super::TOKEN_FILE);
+        let staged = if self.netskope.settings.as_ref().is_none_or(|s| s.token != settings.token) {
+            let staged = super::stage_token(&path, &settings.token)
                 .map_err(|e| ApiError::Internal(format!("storing the Netskope token in {}: {e}", path.display())))?;
+            Some(staged)
+        } else {
+            None
+        };
+        if let Err(e) = self.netskope_edit(actor, "configure", |n| n.settings = Some(settings), None, vec![audit]) {
+            if let Some(staged) = staged {
+                let _ = std::fs::remove_file(staged);
+            }
+            return Err(e);
         }
-        self.netskope_edit(actor, "configure", |n| n.settings = Some(settings), None, vec![audit])?;
+        if let Some(staged) = staged
+            && let Err(e) = super::commit_token(&staged, &path)
+        {
+            // In force until a restart, which would find the previous token.
+            tracing::error!(path = %path.display(), error = %e, "could not store the Netskope token");
+            return Err(ApiError::Internal(format!("storing the Netskope token in {}: {e}", path.display())));
+        }
         self.netskope.wake(Event::Settings);
         Ok(())
     }

@@ -439,16 +439,21 @@ pub struct Integration {
 /// database hold no secret.
 pub const TOKEN_FILE: &str = "netskope.token";
 
-/// Writes `token` to `path` with mode 0600 (a new file renamed into place: never half-written,
-/// never readable by others even for a moment).
-pub fn write_token(path: &std::path::Path, token: &str) -> std::io::Result<()> {
+/// Writes `token` beside `path` with mode 0600 and returns the staged file; [`commit_token`]
+/// renames it into place once the settings that go with it are recorded. Never half-written,
+/// never readable by others even for a moment.
+pub fn stage_token(path: &std::path::Path, token: &str) -> std::io::Result<std::path::PathBuf> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     f.write_all(token.as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    Ok(tmp)
+}
+
+pub fn commit_token(staged: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::rename(staged, path)
 }
 
 /// Store keys of the integration's settings.
