@@ -295,6 +295,23 @@ impl Lab {
         Ok(())
     }
 
+    /// Writes `secret` to `name` in the lab's directory, owner-only (as the daemon requires for
+    /// token files); returns the path.
+    pub fn secret(&self, name: &str, secret: &str) -> anyhow::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = self.dir.join(name);
+        fs::write(&path, secret).with_context(|| format!("writing {}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        Ok(path)
+    }
+
+    /// A fake Netskope tenant listening on loopback inside the appliance namespace, where the
+    /// daemon runs.
+    pub fn netskope_tenant(&self, token: &str) -> anyhow::Result<crate::netskope_fake::FakeTenant> {
+        let listener = in_netns(&self.appliance, || TcpListener::bind("127.0.0.1:0"))??;
+        Ok(crate::netskope_fake::FakeTenant::start_on(listener, token))
+    }
+
     /// Runs the gatekeeper CLI against the API at `api` from inside the appliance namespace
     /// (where the daemon listens): exit code, stdout, stderr.
     pub fn cli(

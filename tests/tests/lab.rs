@@ -386,14 +386,10 @@ fn cli(lab: &Lab, token: &std::path::Path, args: &[&str]) -> (i32, String, Strin
 
 #[test]
 fn api_and_cli_drive_the_data_plane_with_real_traffic() {
-    use std::os::unix::fs::PermissionsExt as _;
     let s = setup();
     let lab = &s.lab;
-    let (admin, reader) = (lab.dir.join("admin.token"), lab.dir.join("reader.token"));
-    for (p, t) in [(&admin, "admin-secret-token-0001"), (&reader, "reader-secret-token-0001")] {
-        std::fs::write(p, t).unwrap();
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let admin = lab.secret("admin.token", "admin-secret-token-0001").unwrap();
+    let reader = lab.secret("reader.token", "reader-secret-token-0001").unwrap();
     let extra = format!(
         "\n[api]\nlisten = \"127.0.0.1:8080\"\nadmin_token_file = {:?}\nreader_token_file = {:?}\n",
         admin.display().to_string(),

@@ -3,12 +3,9 @@
 //! clients stay blocked; a push pending during an outage survives `kill -9`; the token never
 //! reaches the log. Needs root (network namespaces, XDP).
 
-use std::{net::TcpListener, time::Duration};
+use std::time::Duration;
 
-use gatekeeper_tests::{
-    lab::{Lab, Reach, Servers, gatekeeper_bin, in_netns},
-    netskope_fake::FakeTenant,
-};
+use gatekeeper_tests::lab::{Lab, Reach, Servers, gatekeeper_bin, in_netns};
 use serde_json::{Value, json};
 
 const SHORT: Duration = Duration::from_millis(700);
@@ -60,24 +57,18 @@ fn cli(lab: &Lab, token: &std::path::Path, args: &[&str]) -> (i32, String, Strin
 
 #[test]
 fn publishers_reach_mapped_plcs_and_pushes_survive_a_crash() {
-    use std::os::unix::fs::PermissionsExt as _;
     let lab = Lab::new(&[("hmi", 1), ("eng", 2), ("pub", 5), ("plc1", 11)]).expect("lab (needs root, iproute2)");
     let _servers = Servers::start(lab.host("plc1"), &[22, 502], &[]).expect("echo servers");
     let tcp = |from: &str, port: u16, timeout| lab.host(from).tcp(lab.host("plc1").addr(false), port, timeout).unwrap();
     let bin = gatekeeper_bin().unwrap();
 
-    // The tenant listens inside the appliance namespace, where the daemon runs.
-    let listener = in_netns(&lab.appliance, || TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
-    let tenant = FakeTenant::start_on(listener, NS_TOKEN);
+    let tenant = lab.netskope_tenant(NS_TOKEN).unwrap();
     let app = tenant.add_app("plc-access", &["plc.example.local"], &[("tcp", "502")]);
     let publisher = tenant.add_publisher("pub-lab", "10.0.0.5");
     tenant.assign_publisher(app, publisher);
 
-    let (admin, ns_token) = (lab.dir.join("admin.token"), lab.dir.join("netskope.token"));
-    for (p, t) in [(&admin, ADMIN), (&ns_token, NS_TOKEN)] {
-        std::fs::write(p, t).unwrap();
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let (admin, ns_token) =
+        (lab.secret("admin.token", ADMIN).unwrap(), lab.secret("netskope.token", NS_TOKEN).unwrap());
     let extra = format!(
         "\n[api]\nlisten = \"127.0.0.1:8081\"\nadmin_token_file = {:?}\n\n[netskope]\ntenant_url = {:?}\ntoken_file = {:?}\nsync_interval = \"1h\"\n",
         admin.display().to_string(),

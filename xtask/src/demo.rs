@@ -7,9 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use gatekeeper_tests::{
-    lab::{Host, Lab, Reach, Servers, echo, in_netns},
+    lab::{Host, Lab, Reach, Servers, echo},
     netskope_fake::FakeTenant,
 };
 
@@ -31,13 +31,6 @@ fn check_interrupt() -> anyhow::Result<()> {
 const POLICY: &str = include_str!("../demo/policy.yaml");
 const ADMIN_TOKEN: &str = "demo-admin-token-5d1e0c";
 const NETSKOPE_TOKEN: &str = "demo-netskope-token-93b2f7";
-
-fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(path, secret).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(())
-}
 
 /// Runs the gatekeeper CLI in the appliance namespace, where the API listens.
 fn cli(lab: &Lab, bin: &Path, token: &Path, args: &[&str]) -> anyhow::Result<String> {
@@ -101,15 +94,11 @@ pub fn run() -> anyhow::Result<()> {
 
     // The Netskope tenant is a fake one in the appliance namespace (tests/src/netskope_fake.rs):
     // one private app for the PLCs, with a host an admin typed, and one publisher.
-    let listener = in_netns(&lab.appliance, || std::net::TcpListener::bind("127.0.0.1:0"))??;
-    let tenant = FakeTenant::start_on(listener, NETSKOPE_TOKEN);
+    let tenant = lab.netskope_tenant(NETSKOPE_TOKEN)?;
     let app = tenant.add_app("plc-access", &["historian.plant.local"], &[("tcp", "502")]);
     let publisher = tenant.add_publisher("npa-plant-1", "10.0.0.5");
     tenant.assign_publisher(app, publisher);
-    let (admin, ns_token) = (lab.dir.join("admin.token"), lab.dir.join("netskope.token"));
-    for (path, token) in [(&admin, ADMIN_TOKEN), (&ns_token, NETSKOPE_TOKEN)] {
-        write_secret(path, token)?;
-    }
+    let (admin, ns_token) = (lab.secret("admin.token", ADMIN_TOKEN)?, lab.secret("netskope.token", NETSKOPE_TOKEN)?);
     let extra = format!(
         "\n[api]\nlisten = \"127.0.0.1:8080\"\nadmin_token_file = {:?}\n\n[netskope]\ntenant_url = {:?}\ntoken_file = {:?}\n",
         admin.display().to_string(),
