@@ -309,6 +309,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let mut enforcer = Enforcer::new(&config)?;
     let started = Instant::now();
+    // Large policies take seconds to compile: say what is going on.
+    tracing::info!(
+        assets = policy.assets.len(),
+        segments = policy.segments.len(),
+        rules = policy.rules.len(),
+        "compiling the policy and writing the maps"
+    );
     let report = enforcer.apply(policy)?;
     log_applied("start", &enforcer, report, started);
     let diff = changes(&stored, &desired);

@@ -15,6 +15,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "ping, for ICMP checks"),
     ("nftables", "nft, the baseline the benchmark compares against"),
     ("procps", "sysctl, for the benchmark lab"),
+    ("ca-certificates", "the system's roots, which the Netskope client trusts for HTTPS"),
 ];
 
 pub fn all() -> anyhow::Result<()> {
