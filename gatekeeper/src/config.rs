@@ -180,6 +180,11 @@ impl Config {
                 _ => {}
             }
         }
+        if let Some(n) = &cfg.netskope {
+            crate::netskope::check_tenant_url(&n.tenant_url).map_err(|e| bad(format!("[netskope] tenant_url: {e}")))?;
+            crate::netskope::parse_interval(&n.sync_interval)
+                .map_err(|e| bad(format!("[netskope] sync_interval: {e}")))?;
+        }
         Ok(cfg)
     }
 }
@@ -214,6 +219,18 @@ mod tests {
             ("[dataplane]\ninterfaces = [\"a\"]\npin_dir = \"rel\"\n", "must be an absolute path"),
             ("[dataplane]\ninterfaces = [\"a\"]\n[api]\ntls_cert = \"/c.pem\"\n", "tls_cert is set but tls_key is not"),
             ("[dataplane]\ninterfaces = [\"a\"]\n[api]\ntls_key = \"/k.pem\"\n", "tls_key is set but tls_cert is not"),
+            (
+                "[dataplane]\ninterfaces = [\"a\"]\n[netskope]\ntenant_url = \"acme.goskope.com\"\ntoken_file = \"/t\"\n",
+                "[netskope] tenant_url: \"acme.goskope.com\" must start with https://",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"a\"]\n[netskope]\ntenant_url = \"https://a.goskope.com\"\ntoken_file = \"/t\"\nsync_interval = \"1w\"\n",
+                "[netskope] sync_interval: \"1w\": unknown unit",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"a\"]\n[netskope]\ntenant_url = \"https://a.goskope.com\"\n",
+                "missing field `token_file`",
+            ),
         ] {
             let e = Config::parse(text, "c.toml").unwrap_err().to_string();
             assert!(e.starts_with("c.toml: ") && e.contains(want), "{text:?}: {e}");
