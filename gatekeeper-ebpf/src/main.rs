@@ -20,12 +20,12 @@ use aya_ebpf::{
 use gatekeeper_common::{
     CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, Counter, DEFAULT_FLOW_ENTRIES,
     DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_RULE_SLOTS, EVENT_FLOW_INSERT_FAILED,
-    EVENT_FLOW_REVOKED, FLOW_ORIG_LO, FlowKey, FlowValue, GENERATIONS, GOVERN_ENFORCE, GenConfig, HostV4, HostV6,
-    ID_ANY, Identity, LpmV4, LpmV6, NO_RULE, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED,
-    OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_ALLOWED,
-    OUTCOME_PASS_FLOW, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP, OUTCOME_PASS_UNGOVERNED,
-    PORT_CLASS_ENTRIES, PORT_CLASS_NONE, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey,
-    PolicyValue, STATS_ENTRIES, port_class_index,
+    EVENT_FLOW_REVOKED, FLOW_ORIG_LO, FlowKey, FlowKeyV4, FlowValue, GENERATIONS, GOVERN_ENFORCE, GenConfig, HostV4,
+    HostV6, ID_ANY, Identity, LpmV4, LpmV6, NO_RULE, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
+    OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED,
+    OUTCOME_PASS_ALLOWED, OUTCOME_PASS_FLOW, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP,
+    OUTCOME_PASS_UNGOVERNED, PORT_CLASS_ENTRIES, PORT_CLASS_NONE, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP,
+    PROTO_UDP, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
 };
 
 // ---- Maps (documented in gatekeeper-common) -------------------------------------------------
@@ -50,7 +50,9 @@ static GK_PORT_CLASS: Array<u32> = Array::with_max_entries(PORT_CLASS_ENTRIES, 0
 static GK_POLICY: HashMap<PolicyKey, PolicyValue> =
     HashMap::with_max_entries(DEFAULT_POLICY_ENTRIES, BPF_F_NO_PREALLOC);
 #[map]
-static GK_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+static GK_FLOWS_V4: LruHashMap<FlowKeyV4, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+#[map]
+static GK_FLOWS_V6: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 #[map]
 static GK_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 #[map]
@@ -401,13 +403,58 @@ fn decide(cfg_flags: u32, generation: u32, proto: u8, port_class: u32, src: u32,
     }
 }
 
+/// A flow's key in its family's table.
+#[derive(Clone, Copy)]
+enum Flow {
+    V4(FlowKeyV4),
+    V6(FlowKey),
+}
+
+impl Flow {
+    #[inline(always)]
+    fn get_ptr_mut(&self) -> Option<*mut FlowValue> {
+        match self {
+            Self::V4(k) => GK_FLOWS_V4.get_ptr_mut(k),
+            Self::V6(k) => GK_FLOWS_V6.get_ptr_mut(k),
+        }
+    }
+
+    #[inline(always)]
+    fn insert(&self, v: &FlowValue) -> Result<(), i32> {
+        match self {
+            Self::V4(k) => GK_FLOWS_V4.insert(k, v, 0),
+            Self::V6(k) => GK_FLOWS_V6.insert(k, v, 0),
+        }
+    }
+
+    #[inline(always)]
+    fn remove(&self) {
+        let _ = match self {
+            Self::V4(k) => GK_FLOWS_V4.remove(k),
+            Self::V6(k) => GK_FLOWS_V6.remove(k),
+        };
+    }
+}
+
 /// The flow key in canonical order, and whether the packet's source is the `lo` endpoint.
 #[inline(always)]
-fn flow_key(p: &Packet) -> (FlowKey, bool) {
+fn flow_key(p: &Packet) -> (Flow, bool) {
     let src_lo = (p.src[0], p.src[1], p.src[2], p.src[3], p.sport) <= (p.dst[0], p.dst[1], p.dst[2], p.dst[3], p.dport);
     let (a, pa, b, pb) = if src_lo { (p.src, p.sport, p.dst, p.dport) } else { (p.dst, p.dport, p.src, p.sport) };
-    let key =
-        FlowKey { addr_lo: a, addr_hi: b, port_lo: pa, port_hi: pb, proto: p.proto, family: p.family, _pad: [0; 2] };
+    let key = if p.family == 4 {
+        // IPv4 addresses sit in the first word; the others are zero.
+        Flow::V4(FlowKeyV4 { addr_lo: a[0], addr_hi: b[0], port_lo: pa, port_hi: pb, proto: p.proto, _pad: [0; 3] })
+    } else {
+        Flow::V6(FlowKey {
+            addr_lo: a,
+            addr_hi: b,
+            port_lo: pa,
+            port_hi: pb,
+            proto: p.proto,
+            family: p.family,
+            _pad: [0; 2],
+        })
+    };
     (key, src_lo)
 }
 
@@ -486,13 +533,13 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
         return (OUTCOME_PASS_NEIGHBOR, NO_RULE);
     }
 
-    let (fkey, src_lo) = if p.trackable { flow_key(&p) } else { (FlowKey::default(), false) };
+    let (fkey, src_lo) = if p.trackable { flow_key(&p) } else { (Flow::V4(FlowKeyV4::default()), false) };
     // Flow state before the policy: an established flow under the current epoch costs one lookup.
     // The coarse clock (tick resolution) is plenty for timeouts of seconds, and much cheaper.
     let mut now = 0;
     let mut stale: Option<FlowValue> = None;
     if p.trackable {
-        if let Some(fv) = GK_FLOWS.get_ptr_mut(&fkey) {
+        if let Some(fv) = fkey.get_ptr_mut() {
             now = unsafe { bpf_ktime_get_coarse_ns() };
             // SAFETY: LRU elements can be recycled under us; we copy the value out and only
             // write back plain integers, which at worst refresh an unrelated entry.
@@ -531,12 +578,12 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
         let (allowed, _) = decide(cfg.flags, generation, p.proto, pc, os, od);
         if allowed {
             let renewed = FlowValue { last_seen_ns: now, epoch, flags: v.flags };
-            if GK_FLOWS.insert(&fkey, &renewed, 0).is_err() {
+            if fkey.insert(&renewed).is_err() {
                 count(&GK_STATS, EVENT_FLOW_INSERT_FAILED, bytes);
             }
             return (OUTCOME_PASS_FLOW, NO_RULE);
         }
-        let _ = GK_FLOWS.remove(&fkey);
+        fkey.remove();
         count(&GK_STATS, EVENT_FLOW_REVOKED, bytes);
     }
 
@@ -550,7 +597,7 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
             now = unsafe { bpf_ktime_get_coarse_ns() };
         }
         let value = FlowValue { last_seen_ns: now, epoch, flags: if src_lo { FLOW_ORIG_LO } else { 0 } };
-        if GK_FLOWS.insert(&fkey, &value, 0).is_err() {
+        if fkey.insert(&value).is_err() {
             count(&GK_STATS, EVENT_FLOW_INSERT_FAILED, bytes);
         }
     }

@@ -39,10 +39,10 @@ use aya::{
 };
 use gatekeeper_common::{
     Counter, DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
-    DEFAULT_RULE_SLOTS, FlowKey, FlowValue, GENERATIONS, GenConfig, HostV4, HostV6, Identity, LAYOUT_VERSION, LpmV4,
-    LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT,
-    OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_MALFORMED, PolicyKey, PolicyValue,
-    STATS_ENTRIES, port_class_index,
+    DEFAULT_RULE_SLOTS, FlowKey, FlowKeyV4, FlowValue, GENERATIONS, GenConfig, HostV4, HostV6, Identity,
+    LAYOUT_VERSION, LpmV4, LpmV6, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED,
+    OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_MALFORMED, PolicyKey,
+    PolicyValue, STATS_ENTRIES, port_class_index,
 };
 
 use crate::compile::{Capacity, Compiled, Delta, diff};
@@ -141,7 +141,7 @@ impl Default for LoadOptions {
 
 /// The maps and what their pinned copies must look like to be reused:
 /// (name, BPF map type, key size, value size).
-const MAPS: [(&str, u32, u32, u32); 11] = [
+const MAPS: [(&str, u32, u32, u32); 12] = [
     ("GK_EPOCH", 2, 4, 4),
     ("GK_GEN_CONFIG", 2, 4, 32),
     ("GK_HOSTS_V4", 1, 8, 8),
@@ -150,7 +150,8 @@ const MAPS: [(&str, u32, u32, u32); 11] = [
     ("GK_IDS_V6", 11, 24, 8),
     ("GK_PORT_CLASS", 2, 4, 4),
     ("GK_POLICY", 1, 16, 8),
-    ("GK_FLOWS", 9, 40, 16),
+    ("GK_FLOWS_V4", 9, 16, 16),
+    ("GK_FLOWS_V6", 9, 40, 16),
     ("GK_STATS", 6, 4, 16),
     ("GK_RULE_STATS", 6, 4, 16),
 ];
@@ -158,7 +159,7 @@ const MAPS: [(&str, u32, u32, u32); 11] = [
 impl LoadOptions {
     fn max_entries(&self, map: &str) -> Option<u32> {
         Some(match map {
-            "GK_FLOWS" => self.flow_table_size,
+            "GK_FLOWS_V4" | "GK_FLOWS_V6" => self.flow_table_size,
             "GK_HOSTS_V4" | "GK_HOSTS_V6" => self.host_entries,
             "GK_IDS_V4" | "GK_IDS_V6" => self.prefix_entries,
             "GK_POLICY" => self.policy_entries,
@@ -896,16 +897,19 @@ impl Dataplane {
         Ok(sum(&stats.get(&slot, 0).map_err(map_err("GK_RULE_STATS"))?))
     }
 
-    /// Number of entries in the flow table.
+    /// Number of entries in the flow tables (IPv4 and IPv6).
     pub fn flow_count(&self) -> Result<usize, DataplaneError> {
-        let map = self.ebpf.map("GK_FLOWS").ok_or(DataplaneError::MissingMap("GK_FLOWS"))?;
-        let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(map).map_err(map_err("GK_FLOWS"))?;
-        Ok(flows.keys().filter(Result::is_ok).count())
+        let v4 = self.ebpf.map("GK_FLOWS_V4").ok_or(DataplaneError::MissingMap("GK_FLOWS_V4"))?;
+        let v4: HashMap<_, FlowKeyV4, FlowValue> = HashMap::try_from(v4).map_err(map_err("GK_FLOWS_V4"))?;
+        let v6 = self.ebpf.map("GK_FLOWS_V6").ok_or(DataplaneError::MissingMap("GK_FLOWS_V6"))?;
+        let v6: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(v6).map_err(map_err("GK_FLOWS_V6"))?;
+        Ok(v4.keys().filter(Result::is_ok).count() + v6.keys().filter(Result::is_ok).count())
     }
 
     /// Forgets every flow (tests use it between independent cases).
     pub fn clear_flows(&mut self) -> Result<(), DataplaneError> {
-        self.clear_hash::<FlowKey, FlowValue>("GK_FLOWS", |_| true)
+        self.clear_hash::<FlowKeyV4, FlowValue>("GK_FLOWS_V4", |_| true)?;
+        self.clear_hash::<FlowKey, FlowValue>("GK_FLOWS_V6", |_| true)
     }
 
     /// A handle on the loaded program for [`test_run_fd`], usable from other threads while

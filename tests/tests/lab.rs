@@ -365,7 +365,7 @@ fn incompatible_pins_are_replaced_cleanly() {
     // A stale pin of an incompatible map where ours would go: never reused.
     let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
     daemon.kill().unwrap();
-    let flows = gatekeeper::maps::pin_version_dir(&lab.pin_dir()).join("maps/GK_FLOWS");
+    let flows = gatekeeper::maps::pin_version_dir(&lab.pin_dir()).join("maps/GK_FLOWS_V4");
     assert!(flows.exists());
     // Restart with a different flow-table size: the pinned maps no longer fit.
     let daemon = lab.start_daemon_with(&bin, &policy(HMI), "flow_table_size = 4096\n").unwrap();
