@@ -134,12 +134,6 @@ impl App {
         action: &str,
         dry_run: bool,
     ) -> Result<Vec<Change>, ApiError> {
-        // The user's objects alone first, so problems name their own entries.
-        match new.validate("request") {
-            Ok(_) => {}
-            Err(PolicyError::Invalid { problems, .. }) => return Err(ApiError::Invalid(problems)),
-            Err(e) => return Err(ApiError::BadRequest(e.to_string())),
-        }
         self.check_generated_names(&new)?;
         let policy = self.validate_effective(&new)?;
         let diff = changes(&self.doc, &new);

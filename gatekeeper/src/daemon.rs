@@ -259,9 +259,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .file
         .as_ref()
         .map_or_else(|| config.store.path.display().to_string(), |p| p.display().to_string());
-    desired.validate(&source)?;
     // Enforced: the user's objects and those the Netskope mappings generate.
-    let policy = integration.effective(&desired).validate(&source)?;
+    let policy = integration.validate(&desired, &source)?;
     let tokens = match &config.api {
         Some(api) => Some(Tokens {
             admin: api.admin_token_file.as_deref().map(|p| read_secret(p, "[api] admin_token_file")).transpose()?,

@@ -42,7 +42,7 @@ impl Server {
         let integration = Integration::load(&store).unwrap();
         let mut enforcer =
             Enforcer::with_options(LoadOptions::default(), Timeouts::default()).expect("load XDP program (root)");
-        enforcer.apply(integration.effective(&doc).validate("store").unwrap()).unwrap();
+        enforcer.apply(integration.validate(&doc, "store").unwrap()).unwrap();
         let mut app = App::new(enforcer, store, doc);
         app.netskope = integration;
         let app = Arc::new(tokio::sync::Mutex::new(app));

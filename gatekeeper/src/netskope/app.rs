@@ -13,9 +13,9 @@ use crate::{
 };
 
 impl App {
-    /// Validates `effective` (the user's document plus generated objects) as the API does.
+    /// Validates `doc` with the generated objects (see [`super::Integration::validate`]).
     pub(crate) fn validate_effective(&self, doc: &PolicyDocument) -> Result<crate::policy::Policy, ApiError> {
-        match self.netskope.effective(doc).validate("request") {
+        match self.netskope.validate(doc, "request") {
             Ok(p) => Ok(p),
             Err(PolicyError::Invalid { problems, .. }) => Err(ApiError::Invalid(problems)),
             Err(e) => Err(ApiError::BadRequest(e.to_string())),

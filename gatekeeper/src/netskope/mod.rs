@@ -498,12 +498,21 @@ impl Integration {
         changed
     }
 
-    /// The user's document with the generated objects added: what is enforced.
-    pub fn effective(&self, doc: &crate::policy::PolicyDocument) -> crate::policy::PolicyDocument {
+    /// Validates the user's document with the generated objects added after it (what is
+    /// enforced); problems in the user's entries keep their indices. Without generated objects
+    /// the document is validated as it is, not copied.
+    pub fn validate(
+        &self,
+        doc: &crate::policy::PolicyDocument,
+        source: &str,
+    ) -> Result<Policy, crate::policy::PolicyError> {
+        if self.segments.is_empty() && self.rules.is_empty() {
+            return doc.validate(source);
+        }
         let mut out = doc.clone();
         out.segments.extend(self.segments.iter().cloned());
         out.rules.extend(self.rules.iter().map(|r| r.rule.clone()));
-        out
+        out.validate(source)
     }
 
     /// Apps whose mapping acts.
