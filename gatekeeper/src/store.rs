@@ -216,23 +216,11 @@ impl Store {
                     .execute("DELETE FROM objects WHERE kind = ?1 AND name = ?2", (c.kind.as_str(), &c.name))
                     .map_err(sql)?,
             };
-            tx.execute(
-                "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                (
-                    &at,
-                    actor,
-                    action,
-                    c.kind.as_str(),
-                    &c.name,
-                    c.old.as_ref().map(Value::to_string),
-                    c.new.as_ref().map(Value::to_string),
-                ),
-            )
-            .map_err(sql)?;
+            audit_row(&tx, &at, actor, action, Some(c.kind.as_str()), Some(&c.name), c.old.as_ref(), c.new.as_ref())
+                .map_err(sql)?;
         }
         if let (true, Some((actor, action))) = (changes.is_empty(), empty) {
-            tx.execute("INSERT INTO audit (at, actor, action) VALUES (?1, ?2, ?3)", (&at, actor, action))
-                .map_err(sql)?;
+            audit_row(&tx, &at, actor, action, None, None, None, None).map_err(sql)?;
         }
         tx.commit().map_err(sql)
     }
@@ -451,20 +439,28 @@ pub struct NetskopeCommit<'a> {
 fn insert_audit(tx: &rusqlite::Transaction<'_>, rows: &[AuditRow]) -> rusqlite::Result<()> {
     let at = chrono::Utc::now().to_rfc3339();
     for r in rows {
-        tx.execute(
-            "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            (
-                &at,
-                &r.actor,
-                &r.action,
-                &r.kind,
-                &r.name,
-                r.old.as_ref().map(Value::to_string),
-                r.new.as_ref().map(Value::to_string),
-            ),
-        )?;
+        audit_row(tx, &at, &r.actor, &r.action, r.kind.as_deref(), r.name.as_deref(), r.old.as_ref(), r.new.as_ref())?;
     }
     Ok(())
+}
+
+/// The one statement that writes the audit log.
+#[allow(clippy::too_many_arguments)]
+fn audit_row(
+    tx: &rusqlite::Transaction<'_>,
+    at: &str,
+    actor: &str,
+    action: &str,
+    kind: Option<&str>,
+    name: Option<&str>,
+    old: Option<&Value>,
+    new: Option<&Value>,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        (at, actor, action, kind, name, old.map(Value::to_string), new.map(Value::to_string)),
+    )
+    .map(|_| ())
 }
 
 #[cfg(test)]
