@@ -797,61 +797,55 @@ impl Dataplane {
         stats.set(slot, zeros, 0).map_err(map_err("GK_RULE_STATS"))
     }
 
+    /// Writes one family's prefixes: host prefixes (`key` gives `Ok`) into the host hash named
+    /// first, shorter ones (`Err`) into the LPM trie named second.
+    fn write_prefixes<N, H: aya::Pod, L: aya::Pod>(
+        &mut self,
+        [host_map, lpm_map]: [&'static str; 2],
+        entries: &[(N, Option<Identity>)],
+        key: impl Fn(&N) -> Result<H, Key<L>>,
+    ) -> Result<(), DataplaneError> {
+        let [hosts, lpm] = self.ebpf.maps_disjoint_mut([host_map, lpm_map]);
+        let mut hosts: HashMap<_, H, Identity> =
+            HashMap::try_from(hosts.ok_or(DataplaneError::MissingMap(host_map))?).map_err(map_err(host_map))?;
+        let mut lpm: LpmTrie<_, L, Identity> =
+            LpmTrie::try_from(lpm.ok_or(DataplaneError::MissingMap(lpm_map))?).map_err(map_err(lpm_map))?;
+        for (net, v) in entries {
+            match key(net) {
+                Ok(k) => match v {
+                    Some(v) => hosts.insert(k, v, 0),
+                    None => ignore_missing(hosts.remove(&k)),
+                }
+                .map_err(map_err(host_map))?,
+                Err(k) => match v {
+                    Some(v) => lpm.insert(&k, v, 0),
+                    None => ignore_missing(lpm.remove(&k)),
+                }
+                .map_err(map_err(lpm_map))?,
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `delta` into generation `generation`; stops at the first refused entry.
     fn write(&mut self, generation: u32, delta: &Delta) -> Result<(), DataplaneError> {
         let g = generation as u8;
-        {
-            let [hosts, lpm] = self.ebpf.maps_disjoint_mut(["GK_HOSTS_V4", "GK_IDS_V4"]);
-            let mut hosts: HashMap<_, HostV4, Identity> =
-                HashMap::try_from(hosts.ok_or(DataplaneError::MissingMap("GK_HOSTS_V4"))?)
-                    .map_err(map_err("GK_HOSTS_V4"))?;
-            let mut lpm: LpmTrie<_, LpmV4, Identity> =
-                LpmTrie::try_from(lpm.ok_or(DataplaneError::MissingMap("GK_IDS_V4"))?).map_err(map_err("GK_IDS_V4"))?;
-            for (net, v) in &delta.v4 {
-                let addr = net.addr().octets();
-                if net.prefix_len() == 32 {
-                    let key = HostV4 { generation: g, _pad: [0; 3], addr };
-                    (match v {
-                        Some(v) => hosts.insert(key, v, 0),
-                        None => ignore_missing(hosts.remove(&key)),
-                    }
-                    .map_err(map_err("GK_HOSTS_V4")))?;
-                } else {
-                    let key = Key::new(8 + u32::from(net.prefix_len()), LpmV4 { generation: g, addr, _pad: [0; 3] });
-                    (match v {
-                        Some(v) => lpm.insert(&key, v, 0),
-                        None => ignore_missing(lpm.remove(&key)),
-                    }
-                    .map_err(map_err("GK_IDS_V4")))?;
-                }
+        self.write_prefixes(["GK_HOSTS_V4", "GK_IDS_V4"], &delta.v4, |net| {
+            let addr = net.addr().octets();
+            if net.prefix_len() == 32 {
+                Ok(HostV4 { generation: g, _pad: [0; 3], addr })
+            } else {
+                Err(Key::new(8 + u32::from(net.prefix_len()), LpmV4 { generation: g, addr, _pad: [0; 3] }))
             }
-        }
-        {
-            let [hosts, lpm] = self.ebpf.maps_disjoint_mut(["GK_HOSTS_V6", "GK_IDS_V6"]);
-            let mut hosts: HashMap<_, HostV6, Identity> =
-                HashMap::try_from(hosts.ok_or(DataplaneError::MissingMap("GK_HOSTS_V6"))?)
-                    .map_err(map_err("GK_HOSTS_V6"))?;
-            let mut lpm: LpmTrie<_, LpmV6, Identity> =
-                LpmTrie::try_from(lpm.ok_or(DataplaneError::MissingMap("GK_IDS_V6"))?).map_err(map_err("GK_IDS_V6"))?;
-            for (net, v) in &delta.v6 {
-                let addr = net.addr().octets();
-                if net.prefix_len() == 128 {
-                    let key = HostV6 { generation: g, _pad: [0; 3], addr };
-                    (match v {
-                        Some(v) => hosts.insert(key, v, 0),
-                        None => ignore_missing(hosts.remove(&key)),
-                    }
-                    .map_err(map_err("GK_HOSTS_V6")))?;
-                } else {
-                    let key = Key::new(8 + u32::from(net.prefix_len()), LpmV6 { generation: g, addr, _pad: [0; 3] });
-                    (match v {
-                        Some(v) => lpm.insert(&key, v, 0),
-                        None => ignore_missing(lpm.remove(&key)),
-                    }
-                    .map_err(map_err("GK_IDS_V6")))?;
-                }
+        })?;
+        self.write_prefixes(["GK_HOSTS_V6", "GK_IDS_V6"], &delta.v6, |net| {
+            let addr = net.addr().octets();
+            if net.prefix_len() == 128 {
+                Ok(HostV6 { generation: g, _pad: [0; 3], addr })
+            } else {
+                Err(Key::new(8 + u32::from(net.prefix_len()), LpmV6 { generation: g, addr, _pad: [0; 3] }))
             }
-        }
+        })?;
         {
             let mut classes: Array<_, u32> =
                 Array::try_from(self.map("GK_PORT_CLASS")?).map_err(map_err("GK_PORT_CLASS"))?;
