@@ -570,26 +570,38 @@ async fn delete_asset(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// User segments, then the generated ones (marked).
-fn segments_json(app: &App) -> Vec<Value> {
-    let user = app.doc.segments.iter().map(|x| serde_json::to_value(x).unwrap_or_default());
-    let generated = app.netskope.segments.iter().map(|x| {
+/// User objects, then generated ones marked with where they come from.
+fn listing<'a, T: serde::Serialize + 'a>(user: &[T], generated: impl Iterator<Item = (&'a T, Value)>) -> Vec<Value> {
+    let user = user.iter().map(|x| serde_json::to_value(x).unwrap_or_default());
+    let generated = generated.map(|(x, by)| {
         let mut v = serde_json::to_value(x).unwrap_or_default();
-        v["generated"] = json!({"by": "netskope"});
+        v["generated"] = by;
         v
     });
     user.chain(generated).collect()
 }
 
-/// User rules, then the rules Netskope mappings generate (marked, with their app).
+fn segments_json(app: &App) -> Vec<Value> {
+    listing(&app.doc.segments, app.netskope.segments.iter().map(|x| (x, json!({"by": "netskope"}))))
+}
+
 fn rules_json(app: &App) -> Vec<Value> {
-    let user = app.doc.rules.iter().map(|x| serde_json::to_value(x).unwrap_or_default());
-    let generated = app.netskope.rules.iter().map(|g| {
-        let mut v = serde_json::to_value(&g.rule).unwrap_or_default();
-        v["generated"] = json!({"by": "netskope", "app_id": g.app_id});
-        v
-    });
-    user.chain(generated).collect()
+    listing(&app.doc.rules, app.netskope.rules.iter().map(|g| (&g.rule, json!({"by": "netskope", "app_id": g.app_id}))))
+}
+
+/// A segment or rule from a PUT body, stored through the one change path.
+async fn put_object<T: serde::de::DeserializeOwned + serde::Serialize + Clone>(
+    s: &ApiState,
+    name: &str,
+    ext: &axum::http::Extensions,
+    (headers, body): (&HeaderMap, &Bytes),
+    action: &str,
+    list: fn(&mut PolicyDocument) -> &mut Vec<T>,
+    name_of: fn(&T) -> &str,
+) -> Result<Response, ApiError> {
+    let spec: T = object(name, body_json(headers, body, &["application/json"])?)?;
+    s.app.lock().await.edit(actor(ext), action, |d| upsert(list(d), std::slice::from_ref(&spec), name_of))?;
+    Ok(Json(spec).into_response())
 }
 
 fn named(list: Vec<Value>, name: &str, kind: &str) -> Result<Json<Value>, ApiError> {
@@ -614,12 +626,7 @@ async fn put_segment(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let spec: SegmentSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    s.app
-        .lock()
-        .await
-        .edit(actor(&ext), "put segment", |d| upsert(&mut d.segments, std::slice::from_ref(&spec), |x| &x.name))?;
-    Ok(Json(spec).into_response())
+    put_object::<SegmentSpec>(&s, &name, &ext, (&headers, &body), "put segment", |d| &mut d.segments, |x| &x.name).await
 }
 
 async fn delete_segment(
@@ -672,12 +679,7 @@ async fn put_rule(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let spec: RuleSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    s.app
-        .lock()
-        .await
-        .edit(actor(&ext), "put rule", |d| upsert(&mut d.rules, std::slice::from_ref(&spec), |x| &x.name))?;
-    Ok(Json(spec).into_response())
+    put_object::<RuleSpec>(&s, &name, &ext, (&headers, &body), "put rule", |d| &mut d.rules, |x| &x.name).await
 }
 
 async fn delete_rule(
