@@ -223,6 +223,14 @@ impl Client {
     }
 }
 
+impl Client {
+    /// A JSON Merge Patch of an asset's tags (`null` removes a tag).
+    fn patch_tags(&self, asset: &str, tags: serde_json::Map<String, Value>) -> Result<Value, Failure> {
+        let body = json!({"tags": tags}).to_string();
+        self.send("PATCH", &format!("/assets/{}", urlencode(asset)), "application/merge-patch+json", Some(body))
+    }
+}
+
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -362,22 +370,11 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
                     t.split_once('=').ok_or_else(|| Failure::Refused(format!("{t:?}: write tags as key=value")))?;
                 map.insert(k.into(), Value::String(v.into()));
             }
-            c.send(
-                "PATCH",
-                &format!("/assets/{}", urlencode(&asset)),
-                "application/merge-patch+json",
-                Some(json!({"tags": map}).to_string()),
-            )?;
+            c.patch_tags(&asset, map)?;
             println!("tagged {asset}: {}", tags.join(" "));
         }
         ClientCommand::Untag { asset, keys } => {
-            let map: serde_json::Map<String, Value> = keys.iter().map(|k| (k.clone(), Value::Null)).collect();
-            c.send(
-                "PATCH",
-                &format!("/assets/{}", urlencode(&asset)),
-                "application/merge-patch+json",
-                Some(json!({"tags": map}).to_string()),
-            )?;
+            c.patch_tags(&asset, keys.iter().map(|k| (k.clone(), Value::Null)).collect())?;
             println!("untagged {asset}: {}", keys.join(" "));
         }
         ClientCommand::Audit { limit, output } => {
