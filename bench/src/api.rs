@@ -1,15 +1,18 @@
 //! Section 4: live membership through the REST API: PATCH latency (the response comes after the
-//! change is enforced and recorded) and tag changes per second, at full policy size.
+//! change is enforced and recorded) and tag changes per second, at full policy size; and
+//! `GET /status` latency while whole-policy applies run (it must not wait for them).
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
 
 use gatekeeper::{
-    api::{ApiState, App, Tokens, router},
     compile::Timeouts,
-    daemon::Enforcer,
-    maps::LoadOptions,
+    control::{Control, Enforcer, Handle, Store, auth::Tokens},
+    daemon::http_router,
+    dataplane::LoadOptions,
     policy::{AssetSpec, PolicyDocument, RuleSpec, Scalar, SegmentSpec},
-    store::Store,
 };
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +35,23 @@ pub struct Api {
     /// Concurrent clients: tag changes per second.
     pub clients: usize,
     pub changes_per_sec: f64,
+    /// `GET /status` round trips while nothing else runs: ms, p50 and p99.
+    #[serde(default)]
+    pub status_idle_ms_p50: f64,
+    #[serde(default)]
+    pub status_idle_ms_p99: f64,
+    /// `GET /status` round trips while whole-policy applies run: ms, p50, p99 and max.
+    #[serde(default)]
+    pub status_during_apply_ms_p50: f64,
+    #[serde(default)]
+    pub status_during_apply_ms_p99: f64,
+    #[serde(default)]
+    pub status_during_apply_ms_max: f64,
+    #[serde(default)]
+    pub status_during_apply_samples: usize,
+    /// How long each of those whole-policy applies took (mean, ms).
+    #[serde(default)]
+    pub full_apply_ms: f64,
 }
 
 const TOKEN: &str = "bench-admin-token-000000";
@@ -94,19 +114,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
     let _ = std::fs::remove_dir_all(&dir);
     let store = Store::open(&dir.join("state.db"))?;
     let enforcer = Enforcer::with_options(LoadOptions::default(), Timeouts::default())?;
-    let mut app = App::new(enforcer, store, PolicyDocument::default());
+    let (control, _) = Control::prepare(store, None, None, "bench")?.enforce(enforcer)?;
+    let control = Handle::new(control);
     let t = Instant::now();
-    app.change(document(assets, segments, rules), "bench", "apply", false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let doc = document(assets, segments, rules);
+    control.lock().change(doc.clone(), "bench", "apply", false)?;
     progress(&format!("  loaded through the API path in {:.2} s", t.elapsed().as_secs_f64()));
-    let app = Arc::new(tokio::sync::Mutex::new(app));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let base = format!("http://{}/api/v1", listener.local_addr()?);
-    let state = {
-        let _runtime = rt.enter();
-        ApiState::new(app.clone(), Tokens { admin: Some(TOKEN.into()), reader: None })
-    };
-    let r = router(state);
+    let r = http_router(&control, &Tokens { admin: Some(TOKEN.into()), reader: None })?;
     rt.spawn(async move { axum::serve(listener, r).await });
 
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -169,6 +186,67 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
     })?;
     let rate = (clients * per_client) as f64 / t.elapsed().as_secs_f64();
     progress(&format!("  {clients} concurrent clients: {rate:.0} tag changes per second"));
+
+    // GET /status, idle and while whole-policy applies run (a rule added and removed again:
+    // every identity's entries are compiled and written). Side by side, in one run.
+    let status = |agent: &ureq::Agent| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let resp = agent.get(&format!("{base}/status")).header("Authorization", &format!("Bearer {TOKEN}")).call()?;
+        if resp.status() != 200 {
+            anyhow::bail!("GET /status: {}", resp.status());
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(status(&agent)?);
+    }
+    let (s50, s99) = (pct(&mut idle, 0.50), pct(&mut idle, 0.99));
+    let applies = if opts.smoke { 2 } else { 6 };
+    let done = AtomicBool::new(false);
+    let (mut during, apply_ms) = std::thread::scope(|scope| -> anyhow::Result<(Vec<f64>, f64)> {
+        let applier = scope.spawn(|| -> anyhow::Result<f64> {
+            let t = Instant::now();
+            for k in 0..applies {
+                let mut next = doc.clone();
+                if k % 2 == 0 {
+                    next.rules.push(RuleSpec {
+                        name: "bench-full-apply".into(),
+                        from: "any".into(),
+                        to: doc.segments[0].name.clone(),
+                        ..RuleSpec::default()
+                    });
+                }
+                control.lock().change(next, "bench", "apply", false)?;
+            }
+            done.store(true, Ordering::Relaxed);
+            Ok(t.elapsed().as_secs_f64() * 1e3 / f64::from(applies))
+        });
+        let mut during = Vec::new();
+        // Bounded: the applies finish, or a minute passes.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match status(&agent) {
+                Ok(ms) => during.push(ms),
+                Err(e) => {
+                    done.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let apply_ms = applier.join().map_err(|_| anyhow::anyhow!("apply thread panicked"))??;
+        Ok((during, apply_ms))
+    })?;
+    if during.is_empty() {
+        anyhow::bail!("no GET /status answered while the applies ran");
+    }
+    let samples = during.len();
+    let (d50, d99) = (pct(&mut during, 0.50), pct(&mut during, 0.99));
+    let dmax = during.iter().copied().fold(0.0, f64::max);
+    progress(&format!(
+        "  GET /status: idle p50 {s50:.2} ms, p99 {s99:.2} ms; during {applies} whole-policy applies ({apply_ms:.0} ms each) p50 {d50:.2} ms, p99 {d99:.2} ms, max {dmax:.2} ms over {samples} requests"
+    ));
     drop(rt);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Api {
@@ -182,5 +260,12 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
         isolated_ms_p99: i99,
         clients,
         changes_per_sec: rate,
+        status_idle_ms_p50: s50,
+        status_idle_ms_p99: s99,
+        status_during_apply_ms_p50: d50,
+        status_during_apply_ms_p99: d99,
+        status_during_apply_ms_max: dmax,
+        status_during_apply_samples: samples,
+        full_apply_ms: apply_ms,
     })
 }

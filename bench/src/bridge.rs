@@ -28,9 +28,9 @@ use aya::{
 use chrono::Utc;
 use gatekeeper::{
     compile::{Compiler, Timeouts},
-    maps::{Dataplane, LoadOptions, XdpAttachMode, test_run_live_fd},
+    dataplane::{BpfDataplane as Dataplane, LoadOptions, XdpAttachMode, test_run_live_fd},
     policy::{Action, Asset, Endpoint, Mode, Policy, Protocol, Rule, Segment},
-    selector::Selector,
+    policy::selector::Selector,
 };
 use gatekeeper_tests::{
     lab::{Lab, sh},
@@ -207,7 +207,7 @@ impl Rig {
             ],
         )?;
 
-        let mut helpers = aya::Ebpf::load(gatekeeper::maps::BENCH_OBJECT)?;
+        let mut helpers = aya::Ebpf::load(gatekeeper::dataplane::BENCH_OBJECT)?;
         for name in ["gk_empty", "gk_redirect", "gk_sink"] {
             let p: &mut Xdp = helpers.program_mut(name).context(name)?.try_into()?;
             p.load()?;

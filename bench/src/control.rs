@@ -5,7 +5,7 @@ use std::time::Instant;
 use chrono::Utc;
 use gatekeeper::{
     compile::{Compiler, Timeouts},
-    maps::{Dataplane, LoadOptions},
+    dataplane::{BpfDataplane as Dataplane, LoadOptions},
 };
 use serde::{Deserialize, Serialize};
 

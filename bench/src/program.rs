@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use chrono::Utc;
 use gatekeeper::{
     compile::{Compiler, Timeouts},
-    maps::{Dataplane, LoadOptions, test_run_fd},
+    dataplane::{BpfDataplane as Dataplane, LoadOptions, test_run_fd},
 };
 use gatekeeper_tests::packet::{Frame, L4, arp};
 use serde::{Deserialize, Serialize};
@@ -41,7 +41,7 @@ struct Empty {
 }
 
 fn load_empty() -> anyhow::Result<Empty> {
-    let mut ebpf = aya::Ebpf::load(gatekeeper::maps::BENCH_OBJECT)?;
+    let mut ebpf = aya::Ebpf::load(gatekeeper::dataplane::BENCH_OBJECT)?;
     let prog: &mut aya::programs::Xdp = ebpf.program_mut("gk_empty").context("gk_empty")?.try_into()?;
     prog.load()?;
     let fd = prog.fd()?.as_fd().try_clone_to_owned()?;

@@ -12,7 +12,7 @@ use std::{
 
 use gatekeeper::{
     policy::{Action, Asset, Endpoint, Mode, Policy, Protocol, Rule, Segment},
-    selector::Selector,
+    policy::selector::Selector,
 };
 use ipnet::IpNet;
 

@@ -24,7 +24,7 @@ use gatekeeper_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::policy::{Action, Endpoint, Mode, Policy, Protocol, Segment};
+use crate::policy::{Action, Endpoint, Mode, Policy, Protocol, Segment, membership};
 
 /// Flow-table idle timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +85,9 @@ pub struct Compiled {
     pub rule_slots: BTreeMap<String, u32>,
     /// Identity to its segment names (for status and debugging).
     pub identities: BTreeMap<u32, Vec<String>>,
+    /// Entries of each prefix table: IPv4 hosts, shorter IPv4 prefixes, IPv6 hosts, shorter
+    /// IPv6 prefixes. Kept with every change, so a status report does not walk the tables.
+    pub counts: [usize; 4],
 }
 
 impl Compiled {
@@ -98,6 +101,7 @@ impl Compiled {
             config: GenConfig::default(),
             rule_slots: BTreeMap::new(),
             identities: BTreeMap::new(),
+            counts: [0; 4],
         }
     }
 }
@@ -133,17 +137,30 @@ impl Delta {
 impl Compiled {
     /// Applies `delta` to this description of the maps.
     pub fn apply(&mut self, delta: &Delta) {
-        fn upd<K: Eq + std::hash::Hash + Copy, V: Copy>(m: &mut HashMap<K, V>, changes: &[(K, Option<V>)]) {
+        /// Applies `changes` to `m`; returns how many keys `counted` picks were added and removed.
+        fn upd<K: Eq + std::hash::Hash + Copy, V: Copy>(
+            m: &mut HashMap<K, V>,
+            changes: &[(K, Option<V>)],
+            counted: impl Fn(&K) -> bool,
+        ) -> [[usize; 2]; 2] {
+            let mut n = [[0; 2]; 2];
             for (k, v) in changes {
-                match v {
-                    Some(v) => m.insert(*k, *v),
-                    None => m.remove(k),
+                let (was, now) = match v {
+                    Some(v) => (m.insert(*k, *v).is_some(), true),
+                    None => (m.remove(k).is_some(), false),
                 };
+                if was != now {
+                    n[usize::from(!counted(k))][usize::from(was)] += 1;
+                }
             }
+            n
         }
-        upd(&mut self.v4, &delta.v4);
-        upd(&mut self.v6, &delta.v6);
-        upd(&mut self.policy, &delta.policy);
+        let v4 = upd(&mut self.v4, &delta.v4, |n| n.prefix_len() == 32);
+        let v6 = upd(&mut self.v6, &delta.v6, |n| n.prefix_len() == 128);
+        for (i, [added, removed]) in v4.into_iter().chain(v6).enumerate() {
+            self.counts[i] = (self.counts[i] + added).saturating_sub(removed);
+        }
+        upd(&mut self.policy, &delta.policy, |_| true);
         for &(l4, port, class) in &delta.ports {
             self.port_classes[l4 as usize & 1][usize::from(port)] = class;
         }
@@ -357,9 +374,7 @@ impl Base {
     }
 
     fn segments_of(&self, tags: &BTreeMap<String, String>) -> Vec<usize> {
-        (0..self.segments.len())
-            .filter(|&s| self.segments[s].selector.as_ref().is_some_and(|sel| sel.matches(tags)))
-            .collect()
+        membership::segments_of_asset(&self.segments, tags)
     }
 }
 
@@ -415,31 +430,10 @@ impl Compiler {
         }
         let mut base = Base { segments: policy.segments.clone(), ..Base::default() };
 
-        // Direct membership, with an index by tag so a selector with an `=`/`in` requirement
-        // looks at few assets.
-        let mut by_tag: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
-        for (i, asset) in policy.assets.iter().enumerate() {
-            for (k, v) in &asset.tags {
-                by_tag.entry((k.as_str(), v.as_str())).or_default().push(i);
-            }
-        }
-        let mut asset_segs: Vec<Vec<usize>> = vec![Vec::new(); policy.assets.len()];
+        let mut asset_segs = membership::segments_by_asset(policy);
         for (s, segment) in policy.segments.iter().enumerate() {
             for net in &segment.cidrs {
                 base.add_direct(*net, s);
-            }
-            let Some(selector) = &segment.selector else { continue };
-            let mut consider = |i: usize| {
-                if selector.matches(&policy.assets[i].tags) && asset_segs[i].last() != Some(&s) {
-                    asset_segs[i].push(s);
-                }
-            };
-            match selector.candidates() {
-                Some(pairs) => pairs
-                    .iter()
-                    .flat_map(|p| by_tag.get(p).map(Vec::as_slice).unwrap_or_default())
-                    .for_each(|&i| consider(i)),
-                None => (0..policy.assets.len()).for_each(consider),
             }
         }
         for (i, asset) in policy.assets.iter().enumerate() {
@@ -636,7 +630,7 @@ impl Compiler {
         self.ids = ids;
         self.next_id = next_id;
         self.slots = slots.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        Ok(Compiled { v4, v6, port_classes, policy: entries, config, rule_slots: slots, identities })
+        Ok(Compiled { v4, v6, port_classes, policy: entries, config, rule_slots: slots, identities, counts })
     }
 
     /// The delta for a policy that differs from the last compiled one only in the assets named

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::{compile::Timeouts, maps::XdpAttachMode};
+use crate::{compile::Timeouts, control::netskope, dataplane::XdpAttachMode};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -181,8 +181,8 @@ impl Config {
             }
         }
         if let Some(n) = &cfg.netskope {
-            crate::netskope::check_tenant_url(&n.tenant_url).map_err(|e| bad(format!("[netskope] tenant_url: {e}")))?;
-            crate::netskope::parse_interval(&n.sync_interval)
+            netskope::check_tenant_url(&n.tenant_url).map_err(|e| bad(format!("[netskope] tenant_url: {e}")))?;
+            netskope::parse_interval(&n.sync_interval)
                 .map_err(|e| bad(format!("[netskope] sync_interval: {e}")))?;
         }
         Ok(cfg)

@@ -1,204 +1,47 @@
-//! `gatekeeper run`: attach to the bridge ports, enforce the policy file, reload it on SIGHUP,
-//! recompile when a rule expires, detach on SIGTERM/SIGINT.
+//! `gatekeeper run`, the wiring: the only module that reads the configuration and starts the
+//! edges. It opens the store, prepares and enforces the state through the control layer,
+//! attaches to the bridge ports, serves the REST API and `/metrics`, starts the Netskope worker,
+//! reloads the policy file on SIGHUP, recompiles when a rule expires, and stops on
+//! SIGTERM/SIGINT (enforcement stays in place unless told otherwise).
+//!
+//! Everything that blocks (store, compile, map writes, grace periods) runs on blocking threads;
+//! the async workers only serve requests and wait for signals.
 
-use std::time::Instant;
+use std::{path::Path, time::Duration};
 
 use chrono::Utc;
 use tokio::signal::unix::{SignalKind, signal};
 
-use std::sync::Arc;
-
 use crate::{
-    api::{ApiState, App, Tokens},
-    compile::{CompileError, Compiler},
+    api::{self, ApiState},
     config::Config,
-    maps::{ApplyReport, Dataplane, DataplaneError, LoadOptions},
-    policy::PolicyDocument,
-    policy::{Policy, PolicyError},
-    store::{Store, changes},
+    control::{
+        Control, Enforcer, Handle, Store,
+        auth::{Tokens, token_hash},
+        netskope::{self, Settings},
+        status,
+    },
+    dataplane::{ApplyReport, LoadOptions},
+    metrics, netskope_sync,
+    policy::{PolicyDocument, PolicyError, read_file},
+    tls,
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum EnforceError {
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    #[error("policy does not fit the data plane: {0}")]
-    Compile(#[from] CompileError),
-    #[error(transparent)]
-    Dataplane(#[from] DataplaneError),
-}
+/// How often the flow tables are counted for `GET /status`.
+const FLOW_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
-/// The one path from a desired policy to the data plane: compile, then apply atomically.
-/// Whatever fails, the policy in force stays exactly as it was.
-pub struct Enforcer {
-    compiler: Compiler,
-    dataplane: Dataplane,
-    policy: Policy,
-    /// Asset name to its position in `policy.assets`.
-    index: std::collections::HashMap<String, usize>,
-}
-
-impl Enforcer {
-    pub fn new(config: &Config) -> Result<Self, EnforceError> {
-        let options = LoadOptions {
-            flow_table_size: config.dataplane.flow_table_size,
-            pin_dir: Some(config.dataplane.pin_dir.clone()),
-            ..LoadOptions::default()
-        };
-        let compiler = Compiler::new(config.dataplane.flow_timeouts.into(), options.capacity());
-        let dataplane = Dataplane::load(options)?;
-        Ok(Self { compiler, dataplane, policy: Policy::default(), index: Default::default() })
-    }
-
-    /// An enforcer over a data plane loaded with `options` (tests and tools; the daemon uses
-    /// [`Enforcer::new`]).
-    pub fn with_options(options: LoadOptions, timeouts: crate::compile::Timeouts) -> Result<Self, EnforceError> {
-        let compiler = Compiler::new(timeouts, options.capacity());
-        let dataplane = Dataplane::load(options)?;
-        Ok(Self { compiler, dataplane, policy: Policy::default(), index: Default::default() })
-    }
-
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
-    /// What one policy generation may hold.
-    pub fn capacity(&self) -> crate::compile::Capacity {
-        self.compiler.capacity
-    }
-
-    pub fn dataplane(&self) -> &Dataplane {
-        &self.dataplane
-    }
-
-    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
-        &mut self.dataplane
-    }
-
-    /// Puts `policy` in force. When only assets differ from the policy in force, only the
-    /// changed assets are compiled.
-    pub fn apply(&mut self, policy: Policy) -> Result<ApplyReport, EnforceError> {
-        let now = Utc::now();
-        let result = if self.policy.segments == policy.segments && self.policy.rules == policy.rules {
-            let changed = changed_assets(&self.policy, &policy);
-            let names: Vec<&str> = changed.iter().map(String::as_str).collect();
-            let delta = self.compiler.update_assets(&policy, &names, self.dataplane.applied(), now)?;
-            self.dataplane.apply_delta(delta)
-        } else {
-            let compiled = self.compiler.compile(&policy, now)?;
-            self.dataplane.apply(compiled)
-        };
-        match result {
-            Ok(report) => {
-                self.policy = policy;
-                self.reindex();
-                Ok(report)
-            }
-            Err(e) => {
-                // The compiler moved ahead of the maps: compile the next change in full.
-                self.compiler.reset();
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Replaces (or with `None` removes) assets of the policy in force, by name (each at most
-    /// once), and compiles only those changes: the path of tag edits. On error the policy in
-    /// force is unchanged.
-    pub fn apply_assets(
-        &mut self,
-        changes: Vec<(String, Option<crate::policy::Asset>)>,
-    ) -> Result<ApplyReport, EnforceError> {
-        // Only the changed assets are saved for a rollback: cloning the whole list would make
-        // a tag edit cost as much as the policy is large.
-        let mut undo: Vec<(String, Option<crate::policy::Asset>)> = Vec::with_capacity(changes.len());
-        for (name, asset) in &changes {
-            let previous = self.index.get(name).map(|&i| self.policy.assets[i].clone());
-            undo.push((name.clone(), previous));
-            self.put_asset(name, asset.clone());
-        }
-        let given: Vec<(&str, Option<&crate::policy::Asset>)> =
-            changes.iter().map(|(n, _)| (n.as_str(), self.index.get(n).map(|&i| &self.policy.assets[i]))).collect();
-        let result = self
-            .compiler
-            .update_assets_given(&self.policy, &given, self.dataplane.applied(), Utc::now())
-            .map_err(EnforceError::from)
-            // Each change is one request's asset: the moves may be written in place.
-            .and_then(|delta| self.dataplane.apply_moves(delta).map_err(EnforceError::from));
-        if result.is_err() {
-            // Put the assets back as they were; the compiler starts over from a full compile.
-            for (name, previous) in undo.into_iter().rev() {
-                self.put_asset(&name, previous);
-            }
-            self.compiler.reset();
-        }
-        result
-    }
-
-    /// Sets, adds or (with `None`) removes one asset. Order does not matter to the compiler,
-    /// so removal swaps the last asset into the hole.
-    fn put_asset(&mut self, name: &str, asset: Option<crate::policy::Asset>) {
-        match (self.index.get(name).copied(), asset) {
-            (Some(i), Some(a)) => self.policy.assets[i] = a,
-            (Some(i), None) => {
-                self.policy.assets.swap_remove(i);
-                self.index.remove(name);
-                if let Some(moved) = self.policy.assets.get(i) {
-                    self.index.insert(moved.name.clone(), i);
-                }
-            }
-            (None, Some(a)) => {
-                self.index.insert(a.name.clone(), self.policy.assets.len());
-                self.policy.assets.push(a);
-            }
-            (None, None) => {}
-        }
-    }
-
-    fn reindex(&mut self) {
-        self.index = self.policy.assets.iter().enumerate().map(|(i, a)| (a.name.clone(), i)).collect();
-    }
-
-    /// Compiles the policy in force again in full (a rule expired).
-    pub fn refresh(&mut self) -> Result<ApplyReport, EnforceError> {
-        let compiled = self.compiler.compile(&self.policy, Utc::now())?;
-        Ok(self.dataplane.apply(compiled)?)
-    }
-}
-
-/// Names of the assets that differ between `old` and `new` (edited, added or removed).
-pub fn changed_assets(old: &Policy, new: &Policy) -> Vec<String> {
-    let before: std::collections::HashMap<&str, &crate::policy::Asset> =
-        old.assets.iter().map(|a| (a.name.as_str(), a)).collect();
-    let after: std::collections::HashMap<&str, &crate::policy::Asset> =
-        new.assets.iter().map(|a| (a.name.as_str(), a)).collect();
-    let mut changed: Vec<String> =
-        new.assets.iter().filter(|a| before.get(a.name.as_str()) != Some(a)).map(|a| a.name.clone()).collect();
-    changed.extend(old.assets.iter().filter(|a| !after.contains_key(a.name.as_str())).map(|a| a.name.clone()));
-    changed
-}
-
-/// The policy file merged into the stored state, like `kubectl apply`: objects the file names
-/// replace the stored ones of the same kind and name; other stored objects stay.
-pub fn merged(base: &PolicyDocument, file: &PolicyDocument) -> PolicyDocument {
-    let mut out = base.clone();
-    crate::api::upsert(&mut out.assets, &file.assets, |a| &a.name);
-    crate::api::upsert(&mut out.segments, &file.segments, |s| &s.name);
-    crate::api::upsert(&mut out.rules, &file.rules, |r| &r.name);
-    out
+/// The daemon's HTTP surface: the REST API under `/api/v1`, and `/metrics`.
+pub fn http_router(control: &Handle, tokens: &Tokens) -> std::io::Result<axum::Router> {
+    Ok(api::router(ApiState::new(control.clone(), tokens)?).merge(metrics::router(control.clone(), tokens)))
 }
 
 /// Reads and validates the policy file (errors name the file and its entries).
-fn file_document(path: &std::path::Path) -> Result<PolicyDocument, PolicyError> {
-    let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Read { source_name: name.clone(), error })?;
-    let doc = PolicyDocument::from_yaml(&text, &name)?;
-    doc.validate(&name)?;
-    Ok(doc)
+fn file_document(path: &Path) -> Result<PolicyDocument, PolicyError> {
+    read_file(path).map(|(doc, _)| doc)
 }
 
 /// Reads a secret from a file only its owner may read. `what` names the setting in errors.
-fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+fn read_secret(path: &Path, what: &str) -> anyhow::Result<String> {
     use std::os::unix::fs::PermissionsExt as _;
     let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{what}: {}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
@@ -213,89 +56,108 @@ fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
 }
 
 /// The `[netskope]` section as settings (config wins over settings made through the API).
-fn netskope_settings(config: &Config) -> anyhow::Result<Option<crate::netskope::Settings>> {
+fn netskope_settings(config: &Config) -> anyhow::Result<Option<Settings>> {
     let Some(n) = &config.netskope else { return Ok(None) };
     let token = read_secret(&n.token_file, "[netskope] token_file")?;
     let tenant_url =
-        crate::netskope::check_tenant_url(&n.tenant_url).map_err(|e| anyhow::anyhow!("[netskope] tenant_url: {e}"))?;
-    let sync_interval_secs = crate::netskope::parse_interval(&n.sync_interval)
-        .map_err(|e| anyhow::anyhow!("[netskope] sync_interval: {e}"))?;
-    Ok(Some(crate::netskope::Settings { tenant_url, token, sync_interval_secs }))
+        netskope::check_tenant_url(&n.tenant_url).map_err(|e| anyhow::anyhow!("[netskope] tenant_url: {e}"))?;
+    let sync_interval_secs =
+        netskope::parse_interval(&n.sync_interval).map_err(|e| anyhow::anyhow!("[netskope] sync_interval: {e}"))?;
+    Ok(Some(Settings { tenant_url, token, sync_interval_secs }))
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let file = match &config.policy.file {
-        Some(path) => Some(file_document(path)?),
-        None => None,
-    };
+/// The API's tokens from their files (`None` without an `[api]` section).
+fn api_tokens(config: &Config) -> anyhow::Result<Option<Tokens>> {
+    let Some(api) = &config.api else { return Ok(None) };
+    Ok(Some(Tokens {
+        admin: api.admin_token_file.as_deref().map(|p| read_secret(p, "[api] admin_token_file")).transpose()?,
+        reader: api.reader_token_file.as_deref().map(|p| read_secret(p, "[api] reader_token_file")).transpose()?,
+    }))
+}
+
+/// Opens the store, enforces the desired state and attaches: the blocking part of the start.
+/// The maps are filled before the program sees its first packet.
+fn start(config: &Config, tokens: Option<&Tokens>) -> anyhow::Result<Handle> {
+    let file = config.policy.file.as_deref().map(file_document).transpose()?;
     let mut store = Store::open(&config.store.path)?;
-    let stored = store.load()?;
-    let mut integration = crate::netskope::Integration::load(&store)?;
-    if let Some(settings) = netskope_settings(&config)? {
-        let stored = integration.settings.as_ref().is_some_and(|s| {
-            s.tenant_url == settings.tenant_url && s.sync_interval_secs == settings.sync_interval_secs
-        });
-        let audit = crate::store::AuditRow {
-            actor: "config".into(),
-            action: "configure netskope".into(),
-            kind: Some("integration".into()),
-            name: Some("netskope".into()),
-            old: None,
-            new: Some(
-                serde_json::json!({"tenant_url": settings.tenant_url, "sync_interval_secs": settings.sync_interval_secs}),
-            ),
-        };
-        if !stored {
-            store.set_setting(crate::netskope::KEY_SETTINGS, Some(&settings), &[audit])?;
+    // The store keeps the tokens' hashes (and audits rotations), never the tokens.
+    let files = config.api.as_ref().map(|a| (a.admin_token_file.as_ref(), a.reader_token_file.as_ref()));
+    for (role, token, file) in [
+        ("admin", tokens.and_then(|t| t.admin.as_deref()), files.and_then(|f| f.0)),
+        ("reader", tokens.and_then(|t| t.reader.as_deref()), files.and_then(|f| f.1)),
+    ] {
+        match (token, file) {
+            (Some(t), Some(f)) => {
+                store.set_credential(role, &token_hash(t), &f.display().to_string())?;
+            }
+            _ => store.remove_credential(role)?,
         }
-        // The token stays in its file: the database never holds it.
-        integration.settings = Some(settings);
-        integration.regenerate();
     }
-    let desired = file.as_ref().map_or_else(|| stored.clone(), |f| merged(&stored, f));
     let source = config
         .policy
         .file
         .as_ref()
         .map_or_else(|| config.store.path.display().to_string(), |p| p.display().to_string());
-    // Enforced: the user's objects and those the Netskope mappings generate.
-    let policy = integration.validate(&desired, &source)?;
-    let tokens = match &config.api {
-        Some(api) => Some(Tokens {
-            admin: api.admin_token_file.as_deref().map(|p| read_secret(p, "[api] admin_token_file")).transpose()?,
-            reader: api.reader_token_file.as_deref().map(|p| read_secret(p, "[api] reader_token_file")).transpose()?,
-        }),
-        None => None,
+    let prepared = Control::prepare(store, file.as_ref(), netskope_settings(config)?, &source)?;
+    let options = LoadOptions {
+        flow_table_size: config.dataplane.flow_table_size,
+        pin_dir: Some(config.dataplane.pin_dir.clone()),
+        ..LoadOptions::default()
     };
-    // The store keeps the tokens' hashes (and audits rotations), never the tokens.
-    for (role, token, file) in [
-        (
-            "admin",
-            tokens.as_ref().and_then(|t| t.admin.as_deref()),
-            config.api.as_ref().and_then(|a| a.admin_token_file.as_ref()),
-        ),
-        (
-            "reader",
-            tokens.as_ref().and_then(|t| t.reader.as_deref()),
-            config.api.as_ref().and_then(|a| a.reader_token_file.as_ref()),
-        ),
-    ] {
-        match (token, file) {
-            (Some(t), Some(f)) => {
-                store.set_credential(role, &crate::api::token_hash(t), &f.display().to_string())?;
+    let enforcer = Enforcer::with_options(options, config.dataplane.flow_timeouts.into())?;
+    let p = prepared.policy();
+    // Large policies take seconds to compile: say what is going on.
+    tracing::info!(
+        assets = p.assets.len(),
+        segments = p.segments.len(),
+        rules = p.rules.len(),
+        "compiling the policy and writing the maps"
+    );
+    let (mut control, report) = prepared.enforce(enforcer)?;
+    log_applied("start", &control, report);
+    for interface in &config.dataplane.interfaces {
+        let dp = control.enforcer_mut().dataplane_mut();
+        match dp.attach(interface, config.dataplane.xdp_mode) {
+            Ok(mode) => tracing::info!(interface = %interface, mode, "attached"),
+            Err(e) => {
+                if dp.took_over() {
+                    // A running enforcement was taken over: removing its pins would leave the
+                    // ports unfiltered. Everything stays pinned and enforcing; we exit.
+                    tracing::error!(interface = %interface, "attach failed; the pinned enforcement stays in place");
+                } else {
+                    let _ = dp.detach_all();
+                }
+                return Err(e.into());
             }
-            _ => store.remove_credential(role)?,
         }
     }
+    control.publish();
+    let counter = control.enforcer().dataplane().flow_counter()?;
+    let handle = Handle::new(control);
+    if let Some(counter) = counter {
+        status::spawn_flow_sampler(counter, handle.board(), FLOW_SAMPLE_EVERY)?;
+    }
+    Ok(handle)
+}
+
+/// Runs `f` on the control state on a blocking thread.
+async fn blocking<T: Send + 'static>(handle: &Handle, f: impl FnOnce(&mut Control) -> T + Send + 'static) -> T {
+    let handle = handle.clone();
+    match tokio::task::spawn_blocking(move || f(&mut handle.lock())).await {
+        Ok(t) => t,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let tokens = api_tokens(&config)?;
     // The API's certificate and port are checked before anything is attached, so a bad file or
     // a busy port stops the daemon with the network untouched.
     let api_listener = match &config.api {
         Some(api) => {
             let tls = match (&api.tls_cert, &api.tls_key) {
-                (Some(cert), Some(key)) => {
-                    Some(crate::tls::server_config(cert, key).map_err(|e| anyhow::anyhow!("[api] {e}"))?)
-                }
+                (Some(cert), Some(key)) => Some(tls::server_config(cert, key).map_err(|e| anyhow::anyhow!("[api] {e}"))?),
                 // Config validation guarantees both or neither.
                 _ => None,
             };
@@ -306,52 +168,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut enforcer = Enforcer::new(&config)?;
-    let started = Instant::now();
-    // Large policies take seconds to compile: say what is going on.
-    tracing::info!(
-        assets = policy.assets.len(),
-        segments = policy.segments.len(),
-        rules = policy.rules.len(),
-        "compiling the policy and writing the maps"
-    );
-    let report = enforcer.apply(policy)?;
-    log_applied("start", &enforcer, report, started);
-    let diff = changes(&stored, &desired);
-    if !diff.is_empty() {
-        store.commit(&diff, "policy-file", "start")?;
-    }
-    let mut app = App::new(enforcer, store, desired);
-    app.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
-    app.netskope = integration;
-    crate::metrics::netskope_apps(&app.netskope);
-
-    // Maps are filled before the program sees its first packet.
-    for interface in &config.dataplane.interfaces {
-        match app.enforcer.dataplane_mut().attach(interface, config.dataplane.xdp_mode) {
-            Ok(mode) => tracing::info!(interface = %interface, mode, "attached"),
-            Err(e) => {
-                if app.enforcer.dataplane().took_over() {
-                    // A running enforcement was taken over: removing its pins would leave the
-                    // ports unfiltered. Everything stays pinned and enforcing; we exit.
-                    tracing::error!(interface = %interface, "attach failed; the pinned enforcement stays in place");
-                } else {
-                    let _ = app.enforcer.dataplane_mut().detach_all();
-                }
-                return Err(e.into());
-            }
-        }
-    }
-    let app = Arc::new(tokio::sync::Mutex::new(app));
+    let handle = {
+        let (config, tokens) = (config.clone(), tokens.clone());
+        tokio::task::spawn_blocking(move || start(&config, tokens.as_ref())).await??
+    };
     // Idle until the integration is configured (here or through the API).
-    crate::netskope::worker::spawn(app.clone())?;
+    netskope_sync::spawn(handle.clone())?;
     if let (Some(api), Some(tokens), Some((listener, tls))) = (&config.api, tokens, api_listener) {
-        let router = crate::api::router(ApiState::new(app.clone(), tokens));
+        let router = http_router(&handle, &tokens)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(listen = %api.listen, scheme, "API listening{}", if tls.is_some() { " (https)" } else { "" });
         tokio::spawn(async move {
             let served = match tls {
-                Some(tls) => match crate::tls::TlsListener::new(listener, tls) {
+                Some(tls) => match tls::TlsListener::new(listener, tls) {
                     Ok(l) => axum::serve(l, router).await,
                     Err(e) => Err(std::io::Error::other(e.to_string())),
                 },
@@ -368,30 +197,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
-        let next_expiry = app.lock().await.enforcer.policy().next_expiry(Utc::now());
+        let next_expiry = blocking(&handle, |c| c.enforcer().policy().next_expiry(Utc::now())).await;
         let until_expiry = next_expiry
             .map(|t| (t - Utc::now()).to_std().unwrap_or_default())
             .unwrap_or(std::time::Duration::from_secs(3600));
         tokio::select! {
-            _ = hup.recv() => reload(&config, &mut *app.lock().await),
+            _ = hup.recv() => {
+                let file = config.policy.file.clone();
+                blocking(&handle, move |c| reload(file.as_deref(), c)).await;
+            }
             _ = tokio::time::sleep(until_expiry), if next_expiry.is_some() => {
-                let mut app = app.lock().await;
-                let started = Instant::now();
-                match app.enforcer.refresh() {
-                    Ok(report) => log_applied("rule expiry", &app.enforcer, report, started),
+                blocking(&handle, |c| match c.refresh() {
+                    Ok(report) => log_applied("rule expiry", c, report),
                     Err(e) => tracing::error!(error = %e, "recompiling after a rule expired failed; the previous policy stays in force"),
-                }
+                }).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    let mut app = app.lock().await;
-    let stats = app.enforcer.dataplane().stats()?;
     let detached = config.dataplane.detach_on_exit;
-    if detached {
-        app.enforcer.dataplane_mut().detach_all()?;
-    }
+    let stats = blocking(&handle, move |c| {
+        let dp = c.enforcer_mut().dataplane_mut();
+        let stats = dp.stats()?;
+        if detached {
+            dp.detach_all()?;
+        }
+        Ok::<_, crate::dataplane::DataplaneError>(stats)
+    })
+    .await?;
     tracing::info!(
         passed = stats.passed(),
         dropped = stats.dropped(),
@@ -410,12 +244,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reload(config: &Config, app: &mut App) {
-    let Some(path) = &config.policy.file else {
+/// SIGHUP: the policy file read again and applied through the change path.
+fn reload(file: Option<&Path>, control: &mut Control) {
+    let Some(path) = file else {
         tracing::info!("SIGHUP: no policy file configured; nothing to reload");
         return;
     };
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let doc = match file_document(path) {
         Ok(d) => d,
         Err(e) => {
@@ -423,12 +258,11 @@ fn reload(config: &Config, app: &mut App) {
             return;
         }
     };
-    let desired = merged(&app.doc, &doc);
-    match app.change(desired, "policy-file", "reload", false) {
+    match control.reload(&doc) {
         Ok(diff) => tracing::info!(
             reason = "reload",
             changes = diff.len(),
-            epoch = app.enforcer.dataplane().epoch(),
+            epoch = control.enforcer().dataplane().epoch(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "applied policy"
         ),
@@ -436,9 +270,9 @@ fn reload(config: &Config, app: &mut App) {
     }
 }
 
-fn log_applied(reason: &str, enforcer: &Enforcer, report: ApplyReport, started: Instant) {
-    let p = enforcer.policy();
-    let c = enforcer.dataplane().applied();
+fn log_applied(reason: &str, control: &Control, report: ApplyReport) {
+    let p = control.enforcer().policy();
+    let c = control.enforcer().dataplane().applied();
     tracing::info!(
         reason,
         epoch = report.epoch,
@@ -448,7 +282,7 @@ fn log_applied(reason: &str, enforcer: &Enforcer, report: ApplyReport, started: 
         prefixes = c.v4.len() + c.v6.len(),
         policy_entries = c.policy.len(),
         changed_entries = report.entries,
-        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        elapsed_ms = report.total.as_secs_f64() * 1e3,
         "applied policy"
     );
 }

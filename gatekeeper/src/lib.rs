@@ -1,24 +1,27 @@
 //! Gatekeeper: agentless microsegmentation for OT networks.
 //!
-//! * [`policy`]: the declarative document and its validation; [`selector`]: tag selectors.
-//! * [`segment`]: which addresses belong to which segments.
-//! * [`compile`]: policy to map contents, with stable numbering and small deltas.
-//! * [`maps`]: loading the XDP program, writing a compiled policy atomically, reading counters.
-//! * [`reference`]: the plain-Rust reference model of the data-plane semantics.
-//! * [`config`], [`daemon`]: the `gatekeeper run` daemon; [`api`], [`cli`], [`store`]: its REST API,
-//!   command line and embedded store; [`tls`]: the API's HTTPS; [`metrics`]: Prometheus metrics.
-//! * [`netskope`]: Netskope One private apps follow segment membership.
+//! Layers, each importing only those below it (a test, `tests/layers.rs`, holds the code to it):
+//!
+//! 1. [`policy`], the policy core: the document and its validation, selectors, segment
+//!    membership, the reference model, the diff between documents. Pure.
+//! 2. [`compile`]: policy to map contents, with stable numbering and small deltas.
+//! 3. [`dataplane`]: loading, pinning and attaching the XDP program, atomic generations, map
+//!    writes, counters, test runs; an in-memory fake behind the same trait.
+//! 4. [`control`]: the one change path (validate, enforce, commit, audit, roll back), the store,
+//!    the Netskope integration's state and generated objects, credentials, telemetry. [`tls`]
+//!    (certificates, the TLS listener) sits beside it for the edges.
+//! 5. Edges, which never import each other: [`api`] (REST, with its Netskope routes), [`cli`],
+//!    [`metrics`], [`netskope_sync`] (the worker talking to Netskope).
+//! 6. The daemon wiring: [`daemon`] and its [`config`], the only modules that read the
+//!    configuration and start the edges.
 pub mod api;
 pub mod cli;
 pub mod compile;
 pub mod config;
+pub mod control;
 pub mod daemon;
-pub mod maps;
+pub mod dataplane;
 pub mod metrics;
-pub mod netskope;
+pub mod netskope_sync;
 pub mod policy;
-pub mod reference;
-pub mod segment;
-pub mod selector;
-pub mod store;
 pub mod tls;

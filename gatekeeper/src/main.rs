@@ -78,14 +78,14 @@ fn detach(config: PathBuf, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
         Some(d) => d,
         None => Config::load(&config)?.dataplane.pin_dir,
     };
-    gatekeeper::maps::remove_pins(&dir).map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display()))?;
+    gatekeeper::dataplane::remove_pins(&dir).map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display()))?;
     println!("removed gatekeeper's pins under {}; programs whose daemon has exited are detached", dir.display());
     Ok(())
 }
 
 fn check(file: PathBuf) -> anyhow::Result<()> {
-    let policy = match policy::load_file(&file) {
-        Ok(p) => p,
+    let policy = match policy::read_file(&file) {
+        Ok((_, p)) => p,
         // One problem per line: a file can have many.
         Err(policy::PolicyError::Invalid { source_name, problems }) => {
             anyhow::bail!(

@@ -1,139 +1,80 @@
-//! Prometheus metrics, served at `/metrics` (bearer token, like the API).
-//!
-//! Counters live in one process-wide registry so every module can count without threading a
-//! handle through; data-plane counters are read from the maps at scrape time.
+//! The `/metrics` edge: the Prometheus text exposition of the telemetry registry, with the
+//! data-plane figures (outcome counters, epoch) and pending pushes read at scrape time.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 
-use prometheus::{Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use axum::{
+    Router,
+    extract::{Request, State},
+    http::{Method, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus::{Encoder, TextEncoder};
 
-pub struct Metrics {
-    pub registry: Registry,
-    netskope_syncs: IntCounterVec,
-    netskope_last_success: Gauge,
-    netskope_pending: IntGauge,
-    netskope_pushes: IntCounterVec,
-    netskope_responses: IntCounterVec,
-    netskope_managed: IntGaugeVec,
-    netskope_refused: IntGaugeVec,
-    packets: IntGaugeVec,
-    epoch: IntGauge,
-}
-
-fn build() -> Result<Metrics, prometheus::Error> {
-    let registry = Registry::new();
-    let m = Metrics {
-        netskope_syncs: IntCounterVec::new(
-            Opts::new("gatekeeper_netskope_syncs_total", "Netskope syncs by result"),
-            &["result"],
-        )?,
-        netskope_last_success: Gauge::new(
-            "gatekeeper_netskope_last_successful_sync_timestamp_seconds",
-            "Unix time of the last successful Netskope sync",
-        )?,
-        netskope_pending: IntGauge::new("gatekeeper_netskope_pending_pushes", "Private apps waiting for a push")?,
-        netskope_pushes: IntCounterVec::new(
-            Opts::new("gatekeeper_netskope_pushes_total", "Pushes to Netskope private apps by result"),
-            &["result"],
-        )?,
-        netskope_responses: IntCounterVec::new(
-            Opts::new("gatekeeper_netskope_api_responses_total", "Netskope API responses by HTTP status (0: none)"),
-            &["code"],
-        )?,
-        netskope_managed: IntGaugeVec::new(
-            Opts::new("gatekeeper_netskope_managed_hosts", "Hosts gatekeeper manages in each private app"),
-            &["app_id", "app"],
-        )?,
-        netskope_refused: IntGaugeVec::new(
-            Opts::new("gatekeeper_netskope_refused_hosts", "Hosts Netskope cannot take, by app and reason"),
-            &["app_id", "reason"],
-        )?,
-        packets: IntGaugeVec::new(
-            Opts::new("gatekeeper_packets", "Packets judged by the data plane since the maps were created, by outcome"),
-            &["outcome"],
-        )?,
-        epoch: IntGauge::new("gatekeeper_policy_epoch", "Policy epoch in force (flips once per apply)")?,
-        registry,
-    };
-    m.registry.register(Box::new(m.netskope_syncs.clone()))?;
-    m.registry.register(Box::new(m.netskope_last_success.clone()))?;
-    m.registry.register(Box::new(m.netskope_pending.clone()))?;
-    m.registry.register(Box::new(m.netskope_pushes.clone()))?;
-    m.registry.register(Box::new(m.netskope_responses.clone()))?;
-    m.registry.register(Box::new(m.netskope_managed.clone()))?;
-    m.registry.register(Box::new(m.netskope_refused.clone()))?;
-    m.registry.register(Box::new(m.packets.clone()))?;
-    m.registry.register(Box::new(m.epoch.clone()))?;
-    Ok(m)
-}
-
-/// The process-wide metrics (`None` only if the fixed definitions above were refused).
-pub fn get() -> Option<&'static Metrics> {
-    static M: OnceLock<Option<Metrics>> = OnceLock::new();
-    M.get_or_init(|| build().map_err(|e| tracing::error!(error = %e, "metrics unavailable")).ok()).as_ref()
-}
-
-pub fn netskope_sync(ok: bool) {
-    if let Some(m) = get() {
-        m.netskope_syncs.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
-        if ok {
-            m.netskope_last_success.set(chrono::Utc::now().timestamp() as f64);
-        }
-    }
-}
-
-pub fn netskope_pending(n: usize) {
-    if let Some(m) = get() {
-        m.netskope_pending.set(n as i64);
-    }
-}
-
-pub fn netskope_push(result: &str) {
-    if let Some(m) = get() {
-        m.netskope_pushes.with_label_values(&[result]).inc();
-    }
-}
-
-pub fn netskope_response(code: u16) {
-    if let Some(m) = get() {
-        m.netskope_responses.with_label_values(&[&code.to_string()]).inc();
-    }
-}
-
-/// Managed and refused hosts per app, from the integration's state.
-pub fn netskope_apps(n: &crate::netskope::Integration) {
-    let Some(m) = get() else { return };
-    m.netskope_managed.reset();
-    m.netskope_refused.reset();
-    for a in n.apps.values() {
-        m.netskope_managed.with_label_values(&[&a.remote.id.to_string(), &a.remote.name]).set(a.managed.len() as i64);
-        for r in &a.refused {
-            let reason = if r.reason.contains("publisher") {
-                "publisher_address"
-            } else if r.reason.contains("exceed") {
-                "host_limit"
-            } else {
-                "cidr_too_short"
-            };
-            m.netskope_refused.with_label_values(&[&a.remote.id.to_string(), reason]).inc();
-        }
-    }
-}
+use crate::control::{
+    Control, Handle,
+    auth::{AuthError, Credentials, Tokens},
+    telemetry,
+};
 
 /// The text exposition, with data-plane figures read now.
-pub fn render(app: &crate::api::App) -> String {
-    let Some(m) = get() else { return String::new() };
-    if let Ok(stats) = app.enforcer.dataplane().stats() {
+pub fn render(control: &Control) -> String {
+    let Some(m) = telemetry::get() else { return String::new() };
+    let dp = control.enforcer().dataplane();
+    if let Ok(stats) = dp.stats() {
         m.packets.with_label_values(&["passed"]).set(stats.passed() as i64);
         m.packets.with_label_values(&["dropped"]).set(stats.dropped() as i64);
         m.packets.with_label_values(&["would_drop"]).set(stats.would_drop() as i64);
         m.packets.with_label_values(&["malformed"]).set(stats.malformed() as i64);
     }
-    m.epoch.set(i64::from(app.enforcer.dataplane().epoch()));
-    if let Ok(p) = app.store.netskope_pending() {
+    m.epoch.set(i64::from(dp.epoch()));
+    if let Ok(p) = control.netskope_pending() {
         m.netskope_pending.set(p.len() as i64);
     }
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&m.registry.gather(), &mut out);
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// `GET /metrics` behind the same bearer tokens as the API (a reader's token is enough).
+pub fn router(control: Handle, tokens: &Tokens) -> Router {
+    let state = MetricsState { control, credentials: Arc::new(Credentials::new(tokens)) };
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    control: Handle,
+    credentials: Arc<Credentials>,
+}
+
+async fn auth(State(state): State<MetricsState>, req: Request, next: Next) -> Response {
+    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match state.credentials.actor(bearer, req.method() == Method::GET) {
+        Ok(_) => next.run(req).await,
+        Err(e) => {
+            let (status, title) = match e {
+                AuthError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+                AuthError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            };
+            let body = serde_json::json!({
+                "type": "about:blank", "title": title, "status": status.as_u16(), "detail": e.to_string(), "errors": [],
+            });
+            (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+        }
+    }
+}
+
+/// Reading the data-plane counters takes the control lock: off the async workers.
+async fn metrics(State(s): State<MetricsState>) -> Response {
+    let control = s.control.clone();
+    match tokio::task::spawn_blocking(move || render(&control.lock())).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }

@@ -207,7 +207,7 @@ pub fn arp() -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use gatekeeper::reference::{Frame as Parsed, parse};
+    use gatekeeper::policy::reference::{Frame as Parsed, parse};
 
     use super::*;
 

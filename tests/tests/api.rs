@@ -1,15 +1,12 @@
 //! The REST API against a real store and a loaded data plane: every object kind, merge patch,
-//! dry runs, auth, and every error path changing nothing. Needs root (BPF).
+//! dry runs, auth, and every error path changing nothing. Runs over the XDP program as
+//! root, over the in-memory data plane otherwise (see `gatekeeper_tests::control`).
 
-use std::sync::Arc;
+
 
 use gatekeeper::{
-    api::{ApiState, App, Tokens, router},
-    compile::Timeouts,
-    daemon::Enforcer,
-    maps::LoadOptions,
-    policy::PolicyDocument,
-    store::Store,
+    control::{Handle, Store, auth::Tokens},
+    daemon::http_router,
 };
 use gatekeeper_tests::packet::{Frame, L4};
 use serde_json::{Value, json};
@@ -19,7 +16,7 @@ const READER: &str = "reader-token-0123456789";
 
 struct Server {
     base: String,
-    app: Arc<tokio::sync::Mutex<App>>,
+    control: Handle,
     agent: ureq::Agent,
     store_path: std::path::PathBuf,
     _rt: tokio::runtime::Runtime,
@@ -30,22 +27,15 @@ impl Server {
         let dir = std::env::temp_dir().join(format!("gk-api-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store_path = dir.join("state.db");
-        let store = Store::open(&store_path).unwrap();
-        let enforcer =
-            Enforcer::with_options(LoadOptions::default(), Timeouts::default()).expect("load XDP program (root)");
-        let app = Arc::new(tokio::sync::Mutex::new(App::new(enforcer, store, PolicyDocument::default())));
+        let control = gatekeeper_tests::control::control(&store_path);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
         let tokens = Tokens { admin: Some(ADMIN.into()), reader: Some(READER.into()) };
-        let state = {
-            let _runtime = rt.enter();
-            ApiState::new(app.clone(), tokens)
-        };
-        let r = router(state);
+        let r = http_router(&control, &tokens).unwrap();
         rt.spawn(async move { axum::serve(listener, r).await });
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        Self { base, app, agent, store_path, _rt: rt }
+        Self { base, control, agent, store_path, _rt: rt }
     }
 
     fn call(&self, method: &str, path: &str, token: Option<&str>, ct: &str, body: Option<&str>) -> (u16, Value) {
@@ -82,10 +72,7 @@ impl Server {
     /// The data plane's verdict (1 drop, 2 pass) on a TCP SYN.
     fn verdict(&self, src: &str, dst: &str, dport: u16) -> u32 {
         let f = Frame::new(src.parse().unwrap(), dst.parse().unwrap(), L4::Tcp { sport: 40000, dport }).build();
-        let app = self.app.blocking_lock();
-        let dp = app.enforcer.dataplane();
-
-        dp.test_run(&f).unwrap()
+        self.control.lock().enforcer().dataplane().test_run(&f).unwrap()
     }
 
     fn audit_len(&self) -> usize {
@@ -167,7 +154,7 @@ fn objects_go_through_the_api_into_the_data_plane() {
 
     // The store holds exactly the state, across a reopen.
     let stored = Store::open(&s.store_path).unwrap().load().unwrap();
-    assert_eq!(stored, s.app.blocking_lock().doc);
+    assert_eq!(&stored, s.control.lock().doc());
 }
 
 #[test]

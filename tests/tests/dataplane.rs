@@ -12,9 +12,9 @@ use std::{
 use chrono::Utc;
 use gatekeeper::{
     compile::{Capacity, Compiler, Timeouts},
-    maps::{Dataplane, LoadOptions, test_run_fd},
+    dataplane::{BpfDataplane as Dataplane, LoadOptions, test_run_fd},
     policy::{Policy, PolicyDocument},
-    reference::{Outcome, Reference},
+    policy::reference::{Outcome, Reference},
 };
 use gatekeeper_tests::packet::{Frame, L4};
 

@@ -13,9 +13,9 @@ use std::{
 use chrono::{DateTime, Duration, Utc};
 use gatekeeper::{
     compile::{Capacity, Compiler, Timeouts},
-    maps::{Dataplane, LoadOptions},
+    dataplane::{BpfDataplane as Dataplane, LoadOptions},
     policy::{Action, AssetSpec, Mode, PolicyDocument, Protocol, RuleSpec, Scalar, SegmentSpec},
-    reference::{Outcome, Reference},
+    policy::reference::{Outcome, Reference},
 };
 use gatekeeper_common::EVENT_FLOW_REVOKED;
 use gatekeeper_tests::packet::{Frame, L4, arp};
@@ -282,7 +282,7 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
                 random_frame(&mut rng)
             };
             // Remember plain frames for later replies.
-            if let gatekeeper::reference::Frame::Ip(h) = gatekeeper::reference::parse(&frame)
+            if let gatekeeper::policy::reference::Frame::Ip(h) = gatekeeper::policy::reference::parse(&frame)
                 && !h.malformed
                 && let Some((sp, dp_)) = h.flow_ports
             {
@@ -316,7 +316,7 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
                     got_outcome.map(Outcome::name),
                     expected,
                     frame.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-                    gatekeeper::reference::parse(&frame),
+                    gatekeeper::policy::reference::parse(&frame),
                 );
             }
             checked += 1;

@@ -365,7 +365,7 @@ fn incompatible_pins_are_replaced_cleanly() {
     // A stale pin of an incompatible map where ours would go: never reused.
     let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
     daemon.kill().unwrap();
-    let flows = gatekeeper::maps::pin_version_dir(&lab.pin_dir()).join("maps/GK_FLOWS_V4");
+    let flows = gatekeeper::dataplane::pin_version_dir(&lab.pin_dir()).join("maps/GK_FLOWS_V4");
     assert!(flows.exists());
     // Restart with a different flow-table size: the pinned maps no longer fit.
     let daemon = lab.start_daemon_with(&bin, &policy(HMI), "flow_table_size = 4096\n").unwrap();
@@ -451,7 +451,7 @@ fn pins_of_an_older_layout_are_taken_over() {
     let daemon = lab.start_daemon(&bin, &policy(HMI)).unwrap();
     daemon.kill().unwrap();
     // Make the running enforcement look like an older version's: its pins under v0/.
-    let current = gatekeeper::maps::pin_version_dir(&lab.pin_dir());
+    let current = gatekeeper::dataplane::pin_version_dir(&lab.pin_dir());
     let old = lab.pin_dir().join("v0");
     std::fs::rename(&current, &old).unwrap();
     assert_eq!(tcp(lab, "eng", "plc1", 502, false, SHORT), Reach::Silent, "the old program still enforces");

@@ -134,6 +134,6 @@ fn publishers_reach_mapped_plcs_and_pushes_survive_a_crash() {
     }
     let contains = |needle: &[u8]| db.windows(needle.len()).any(|w| w == needle);
     assert!(!contains(NS_TOKEN.as_bytes()) && !contains(ADMIN.as_bytes()), "a token is in the database");
-    assert!(contains(gatekeeper::api::token_hash(ADMIN).as_bytes()), "the admin token's hash is stored");
+    assert!(contains(gatekeeper::control::auth::token_hash(ADMIN).as_bytes()), "the admin token's hash is stored");
     lab.detach(&bin).unwrap();
 }

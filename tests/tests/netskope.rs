@@ -1,20 +1,14 @@
 //! The Netskope integration end to end against the fake tenant: import, mapping, membership
 //! pushes within 2 s, admin hosts untouched, generated rules in the data plane, outages and
 //! rate limits delaying but never losing updates (also across a restart), drift correction,
-//! Netskope's limits reported, and the token never shown. Needs root (BPF).
+//! Netskope's limits reported, and the token never shown. Runs over the XDP program as root,
+//! over the in-memory data plane otherwise (see `gatekeeper_tests::control`).
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use gatekeeper::{
-    api::{ApiState, App, Tokens, router},
-    compile::Timeouts,
-    daemon::Enforcer,
-    maps::LoadOptions,
-    netskope::Integration,
-    store::Store,
+    control::{Handle, auth::Tokens},
+    daemon::http_router,
 };
 use gatekeeper_tests::{
     netskope_fake::{Failure, FakeTenant},
@@ -27,7 +21,7 @@ const NS_TOKEN: &str = "nsk-secret-token-4f1c9a7e2b";
 
 struct Server {
     base: String,
-    app: Arc<tokio::sync::Mutex<App>>,
+    control: Handle,
     agent: ureq::Agent,
     rt: Option<tokio::runtime::Runtime>,
     worker: Option<std::thread::JoinHandle<()>>,
@@ -37,31 +31,19 @@ impl Server {
     /// A daemon over `store_path` as `gatekeeper run` builds it: the stored integration is
     /// loaded and enforced, and the Netskope worker runs.
     fn start(store_path: &std::path::Path) -> Self {
-        let store = Store::open(store_path).unwrap();
-        let doc = store.load().unwrap();
-        let integration = Integration::load(&store).unwrap();
-        let mut enforcer =
-            Enforcer::with_options(LoadOptions::default(), Timeouts::default()).expect("load XDP program (root)");
-        enforcer.apply(integration.validate(&doc, "store").unwrap()).unwrap();
-        let mut app = App::new(enforcer, store, doc);
-        app.netskope = integration;
-        let app = Arc::new(tokio::sync::Mutex::new(app));
-        let worker = Some(gatekeeper::netskope::worker::spawn(app.clone()).unwrap());
+        let control = gatekeeper_tests::control::control(store_path);
+        let worker = Some(gatekeeper::netskope_sync::spawn(control.clone()).unwrap());
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let state = {
-            let _runtime = rt.enter();
-            ApiState::new(app.clone(), Tokens { admin: Some(ADMIN.into()), reader: None })
-        };
-        let r = router(state);
+        let r = http_router(&control, &Tokens { admin: Some(ADMIN.into()), reader: None }).unwrap();
         rt.spawn(async move { axum::serve(listener, r).await });
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(150)))
             .build()
             .into();
-        Self { base, app, agent, rt: Some(rt), worker }
+        Self { base, control, agent, rt: Some(rt), worker }
     }
 
     /// Stops the API and the worker, as a killed daemon would (nothing is flushed).
@@ -71,7 +53,7 @@ impl Server {
         }
         // The worker ends when its channel closes; wait for it, so nothing of this "daemon"
         // can still reach Netskope.
-        self.app.blocking_lock().netskope.wake = None;
+        self.control.lock().netskope_disconnect();
         if let Some(w) = self.worker.take() {
             w.join().unwrap();
         }
@@ -106,7 +88,7 @@ impl Server {
 
     fn verdict(&self, src: &str, dst: &str, dport: u16) -> u32 {
         let f = Frame::new(src.parse().unwrap(), dst.parse().unwrap(), L4::Tcp { sport: 40000, dport }).build();
-        self.app.blocking_lock().enforcer.dataplane().test_run(&f).unwrap()
+        self.control.lock().enforcer().dataplane().test_run(&f).unwrap()
     }
 }
 

@@ -1,16 +1,13 @@
 //! The REST API over HTTPS: the real router behind the TLS listener with a self-signed
-//! certificate, called through the CLI's client. Needs root (BPF).
+//! certificate, called through the CLI's client. Runs over the XDP program as
+//! root, over the in-memory data plane otherwise (see `gatekeeper_tests::control`).
 
-use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use gatekeeper::{
-    api::{ApiState, App, Tokens, router},
     cli::{ClientCommand, Connection, Output, agent, run},
-    compile::Timeouts,
-    daemon::Enforcer,
-    maps::LoadOptions,
-    policy::PolicyDocument,
-    store::Store,
+    control::auth::Tokens,
+    daemon::http_router,
     tls::{TlsListener, server_config},
 };
 
@@ -36,19 +33,16 @@ impl Server {
         std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
-        let store = Store::open(&dir.join("state.db")).unwrap();
-        let enforcer =
-            Enforcer::with_options(LoadOptions::default(), Timeouts::default()).expect("load XDP program (root)");
-        let app = Arc::new(tokio::sync::Mutex::new(App::new(enforcer, store, PolicyDocument::default())));
+        let control = gatekeeper_tests::control::control(&dir.join("state.db"));
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let tokens = Tokens { admin: Some(ADMIN.into()), reader: None };
         let config = server_config(&cert, &key).expect("server config");
-        let (listener, state) = rt.block_on(async {
+        let listener = rt.block_on(async {
             let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            (TlsListener::new(tcp, config).unwrap(), ApiState::new(app.clone(), tokens))
+            TlsListener::new(tcp, config).unwrap()
         });
         let url = format!("https://{}", axum::serve::Listener::local_addr(&listener).unwrap());
-        let r = router(state);
+        let r = http_router(&control, &tokens).unwrap();
         rt.spawn(async move { axum::serve(listener, r).await });
         Self { url, dir, cert, _rt: rt }
     }

@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use super::{AppProtocol, Publisher, RemoteApp, split_hosts, strip_brackets};
+use crate::control::netskope::{AppProtocol, Publisher, RemoteApp, split_hosts, strip_brackets};
 
 /// Requests allowed in any one-second window: under Netskope's 4 with a margin for clock skew.
 const PER_SECOND: usize = 3;
@@ -73,7 +73,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// `tenant_url` as checked by [`super::check_tenant_url`]. HTTPS uses the system's roots.
+    /// `tenant_url` as checked by [`crate::control::netskope::check_tenant_url`]. HTTPS uses the system's roots.
     pub fn new(tenant_url: &str, token: &str, observe: Observer) -> Self {
         let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build();
         let agent = ureq::Agent::config_builder()

@@ -1,54 +1,88 @@
-//! Segment membership: which prefixes belong to which segments.
+//! Segment membership: which assets and prefixes belong to which segments.
 //!
 //! An address belongs to every segment that selects it, either through an asset whose tags
 //! match the segment's selector (all of the asset's prefixes) or through the segment's own
-//! `cidrs`. Because the data plane answers with the *longest* matching prefix, each prefix is
+//! `cidrs`. [`selects`] is the one definition of an asset's membership; everything else here
+//! (and the compiler, the API's member listings, the Netskope mappings) goes through it. Because the data plane answers with the *longest* matching prefix, each prefix is
 //! given the union of its own segments and those of every prefix containing it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::IpNet;
 
-use crate::policy::Policy;
+use crate::policy::{Asset, Policy, Segment};
 
 /// Segment indices (into `Policy::segments`), sorted.
 pub type SegmentSet = BTreeSet<usize>;
 
-/// For each asset prefix or segment CIDR: the segments that name it directly.
-pub fn direct_members(policy: &Policy) -> HashMap<IpNet, SegmentSet> {
-    // Index assets by tag so a selector with an `=`/`in` requirement looks at few assets.
+/// Whether an asset with `tags` is a member of `segment` (segments without a selector hold
+/// only their CIDRs).
+pub fn selects(segment: &Segment, tags: &BTreeMap<String, String>) -> bool {
+    segment.selector.as_ref().is_some_and(|sel| sel.matches(tags))
+}
+
+/// The assets that are members of `segment`.
+pub fn member_assets<'a>(policy: &'a Policy, segment: &'a Segment) -> impl Iterator<Item = &'a Asset> + 'a {
+    policy.assets.iter().filter(|a| selects(segment, &a.tags))
+}
+
+/// The segments (indices into `segments`) an asset with `tags` is a member of.
+pub fn segments_of_asset(segments: &[Segment], tags: &BTreeMap<String, String>) -> Vec<usize> {
+    segments.iter().enumerate().filter(|(_, s)| selects(s, tags)).map(|(i, _)| i).collect()
+}
+
+/// The addresses of the members of the segment named `segment`: its assets' prefixes and its own
+/// CIDRs (empty for an unknown segment).
+pub fn member_addresses(policy: &Policy, segment: &str) -> BTreeSet<IpNet> {
+    let mut out = BTreeSet::new();
+    let Some(seg) = policy.segments.iter().find(|s| s.name == segment) else { return out };
+    out.extend(seg.cidrs.iter().copied());
+    for a in member_assets(policy, seg) {
+        out.extend(a.prefixes.iter().copied());
+    }
+    out
+}
+
+/// For each asset (by index into `policy.assets`), the segments selecting it, in segment order.
+/// A selector with an `=`/`in` requirement only looks at the assets carrying one of its tags.
+pub fn segments_by_asset(policy: &Policy) -> Vec<Vec<usize>> {
     let mut by_tag: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
     for (i, asset) in policy.assets.iter().enumerate() {
         for (k, v) in &asset.tags {
             by_tag.entry((k.as_str(), v.as_str())).or_default().push(i);
         }
     }
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); policy.assets.len()];
+    for (s, segment) in policy.segments.iter().enumerate() {
+        let Some(selector) = &segment.selector else { continue };
+        let mut consider = |i: usize| {
+            // Candidates may list an asset twice (two of its tags): count it once.
+            if selects(segment, &policy.assets[i].tags) && out[i].last() != Some(&s) {
+                out[i].push(s);
+            }
+        };
+        match selector.candidates() {
+            Some(pairs) => pairs
+                .iter()
+                .flat_map(|p| by_tag.get(p).map(Vec::as_slice).unwrap_or_default())
+                .for_each(|&i| consider(i)),
+            None => (0..policy.assets.len()).for_each(consider),
+        }
+    }
+    out
+}
+
+/// For each asset prefix or segment CIDR: the segments that name it directly.
+pub fn direct_members(policy: &Policy) -> HashMap<IpNet, SegmentSet> {
     let mut direct: HashMap<IpNet, SegmentSet> = HashMap::new();
     for (s, segment) in policy.segments.iter().enumerate() {
         for net in &segment.cidrs {
             direct.entry(*net).or_default().insert(s);
         }
-        let Some(selector) = &segment.selector else { continue };
-        let mut add = |i: usize| {
-            let asset = &policy.assets[i];
-            if selector.matches(&asset.tags) {
-                for net in &asset.prefixes {
-                    direct.entry(*net).or_default().insert(s);
-                }
-            }
-        };
-        match selector.candidates() {
-            Some(pairs) => {
-                let mut seen = BTreeSet::new();
-                for pair in pairs {
-                    for &i in by_tag.get(&pair).map(Vec::as_slice).unwrap_or_default() {
-                        if seen.insert(i) {
-                            add(i);
-                        }
-                    }
-                }
-            }
-            None => (0..policy.assets.len()).for_each(&mut add),
+    }
+    for (asset, segments) in policy.assets.iter().zip(segments_by_asset(policy)) {
+        for net in &asset.prefixes {
+            direct.entry(*net).or_default().extend(segments.iter().copied());
         }
     }
     direct
@@ -81,11 +115,7 @@ pub fn segments_of(policy: &Policy, addr: std::net::IpAddr) -> SegmentSet {
     let mut set = SegmentSet::new();
     for (s, segment) in policy.segments.iter().enumerate() {
         let by_cidr = segment.cidrs.iter().any(|n| n.contains(&addr));
-        let by_asset = || {
-            segment.selector.as_ref().is_some_and(|sel| {
-                policy.assets.iter().any(|a| sel.matches(&a.tags) && a.prefixes.iter().any(|n| n.contains(&addr)))
-            })
-        };
+        let by_asset = || member_assets(policy, segment).any(|a| a.prefixes.iter().any(|n| n.contains(&addr)));
         if by_cidr || by_asset() {
             set.insert(s);
         }

@@ -7,22 +7,17 @@
 //! mapping generates rules allowing it to reach the mapped segments on the app's protocols, so
 //! mapped servers are reachable through Netskope and otherwise only as the other rules say.
 //!
-//! * this module: the state kept in the store and the pure planning (what to push, what the
-//!   generated policy objects are);
-//! * [`client`]: the REST API v2 client (wrapped responses, rate limit, retries);
-//! * [`worker`]: the thread that syncs and pushes, durable through the store.
-
-pub mod app;
-pub mod client;
-pub mod http;
-pub mod worker;
+//! This module holds the integration's state (what the store keeps) and the pure planning:
+//! what to push, what the generated policy objects are. Changes to it go through the control
+//! path (`control::netskope_change`); the edge `netskope_sync` talks to Netskope and the API
+//! edge serves it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Mode, Policy, Protocol, RuleSpec, Scalar, SegmentSpec};
+use crate::policy::{Mode, Policy, Protocol, RuleSpec, Scalar, SegmentSpec, membership::member_addresses};
 
 /// The segment of the publishers' addresses, kept in step on each sync.
 pub const PUBLISHERS_SEGMENT: &str = "netskope-publishers";
@@ -132,7 +127,60 @@ pub enum AppState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refused {
     pub host: String,
-    pub reason: String,
+    pub reason: RefusedReason,
+}
+
+/// Why Netskope cannot take a host. Stored and shown as its message; [`RefusedReason::code`]
+/// labels the metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum RefusedReason {
+    /// An IPv4 CIDR shorter than [`MIN_CIDR_V4`].
+    CidrTooShort,
+    /// A Netskope publisher's own address.
+    PublisherAddress,
+    /// The app would exceed [`MAX_HOSTS`].
+    HostLimit,
+}
+
+impl RefusedReason {
+    const ALL: [Self; 3] = [Self::CidrTooShort, Self::PublisherAddress, Self::HostLimit];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::CidrTooShort => "cidr_too_short",
+            Self::PublisherAddress => "publisher_address",
+            Self::HostLimit => "host_limit",
+        }
+    }
+}
+
+impl std::fmt::Display for RefusedReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::CidrTooShort => write!(f, "Netskope accepts CIDRs of /{MIN_CIDR_V4} or longer"),
+            Self::PublisherAddress => f.write_str("is a Netskope publisher's address"),
+            Self::HostLimit => write!(f, "the app would exceed {MAX_HOSTS} hosts"),
+        }
+    }
+}
+
+impl From<RefusedReason> for String {
+    fn from(r: RefusedReason) -> Self {
+        r.to_string()
+    }
+}
+
+impl TryFrom<String> for RefusedReason {
+    type Error = String;
+
+    /// The message (as stored) or the code.
+    fn try_from(text: String) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.to_string() == text || r.code() == text)
+            .ok_or_else(|| format!("unknown reason for a refused host: {text:?}"))
+    }
 }
 
 /// The result of the last push of an app.
@@ -181,19 +229,6 @@ pub fn split_hosts(hosts: &str) -> Vec<String> {
     hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from).collect()
 }
 
-/// The addresses of a segment's members: its assets' prefixes and its own CIDRs.
-pub fn members(policy: &Policy, segment: &str) -> BTreeSet<IpNet> {
-    let mut out = BTreeSet::new();
-    let Some(seg) = policy.segments.iter().find(|s| s.name == segment) else { return out };
-    out.extend(seg.cidrs.iter().copied());
-    if let Some(sel) = &seg.selector {
-        for a in policy.assets.iter().filter(|a| sel.matches(&a.tags)) {
-            out.extend(a.prefixes.iter().copied());
-        }
-    }
-    out
-}
-
 /// How a member address is written in a host list: a plain address for a host prefix.
 pub fn host_text(net: &IpNet) -> String {
     if net.prefix_len() == net.max_prefix_len() { net.addr().to_string() } else { net.to_string() }
@@ -207,13 +242,13 @@ pub fn desired_hosts(
 ) -> (BTreeSet<String>, Vec<Refused>) {
     let mut want = BTreeSet::new();
     let mut refused = Vec::new();
-    let nets: BTreeSet<IpNet> = segments.iter().flat_map(|s| members(policy, s)).collect();
+    let nets: BTreeSet<IpNet> = segments.iter().flat_map(|s| member_addresses(policy, s)).collect();
     for net in nets {
         let host = host_text(&net);
         if matches!(net, IpNet::V4(_)) && net.prefix_len() < MIN_CIDR_V4 {
-            refused.push(Refused { host, reason: format!("Netskope accepts CIDRs of /{MIN_CIDR_V4} or longer") });
+            refused.push(Refused { host, reason: RefusedReason::CidrTooShort });
         } else if publisher_ips.contains(&host) {
-            refused.push(Refused { host, reason: "is a Netskope publisher's address".into() });
+            refused.push(Refused { host, reason: RefusedReason::PublisherAddress });
         } else {
             want.insert(host);
         }
@@ -263,7 +298,7 @@ pub fn plan(current: &[String], managed: &BTreeSet<String>, want: &BTreeSet<Stri
             continue;
         }
         if hosts.len() >= MAX_HOSTS {
-            out.refused.push(Refused { host: h.clone(), reason: format!("the app would exceed {MAX_HOSTS} hosts") });
+            out.refused.push(Refused { host: h.clone(), reason: RefusedReason::HostLimit });
             continue;
         }
         hosts.push(h.clone());
@@ -399,7 +434,7 @@ pub fn suggestions(policy: &Policy, hosts: &[String]) -> Vec<(String, Vec<String
         .segments
         .iter()
         .filter_map(|s| {
-            let m = members(policy, &s.name);
+            let m = member_addresses(policy, &s.name);
             let overlap: Vec<String> = hosts.iter().filter(|h| overlaps(&m, h)).cloned().collect();
             (!overlap.is_empty()).then(|| (s.name.clone(), overlap, m.len()))
         })
@@ -431,8 +466,18 @@ pub struct Integration {
     pub rules: Vec<GeneratedRule>,
     /// App protocols that generate no rule, with why.
     pub problems: Vec<(u64, String)>,
-    /// Wakes the worker (none in tests that run without it).
-    pub wake: Option<std::sync::mpsc::Sender<worker::Event>>,
+}
+
+/// What wakes the Netskope worker.
+#[derive(Debug)]
+pub enum Event {
+    /// Apps were marked pending.
+    Push,
+    /// Sync now; the reply (if any) gets the result, or the message of why it failed.
+    Sync(Option<std::sync::mpsc::Sender<Result<SyncStatus, String>>>),
+    /// The settings changed: new client, sync now.
+    Settings,
+    Stop,
 }
 
 /// Where a token set through the API is kept: a 0600 file beside the store, so copies of the
@@ -463,26 +508,6 @@ pub const KEY_LAST_SYNC: &str = "netskope.last_sync";
 pub const KEY_LAST_SUCCESS: &str = "netskope.last_success";
 
 impl Integration {
-    /// Reads the integration's state from the store.
-    pub fn load(store: &crate::store::Store) -> Result<Self, crate::store::StoreError> {
-        let mut settings: Option<Settings> = store.setting(KEY_SETTINGS)?;
-        if let Some(s) = settings.as_mut() {
-            // Absent when the token comes from the configuration's token_file.
-            s.token =
-                std::fs::read_to_string(store.dir().join(TOKEN_FILE)).map(|t| t.trim().to_string()).unwrap_or_default();
-        }
-        let mut i = Self {
-            settings,
-            apps: store.netskope_apps()?.into_iter().map(|a| (a.remote.id, a)).collect(),
-            publishers: store.setting(KEY_PUBLISHERS)?.unwrap_or_default(),
-            last_sync: store.setting(KEY_LAST_SYNC)?,
-            last_success: store.setting(KEY_LAST_SUCCESS)?,
-            ..Self::default()
-        };
-        i.regenerate();
-        Ok(i)
-    }
-
     /// Recomputes the generated objects; returns whether they changed.
     pub fn regenerate(&mut self) -> bool {
         let (segments, rules, problems) = if self.settings.is_some() {
@@ -523,12 +548,6 @@ impl Integration {
     pub fn publisher_ips(&self) -> BTreeSet<String> {
         self.publishers.iter().filter_map(|p| p.ip.as_deref().map(canonical)).collect()
     }
-
-    pub fn wake(&self, e: worker::Event) {
-        if let Some(w) = &self.wake {
-            let _ = w.send(e);
-        }
-    }
 }
 
 /// Whether a user object's name is one the integration generates.
@@ -541,11 +560,6 @@ pub fn reserved_rule(name: &str) -> bool {
     name.strip_prefix(RULE_PREFIX)
         .and_then(|r| r.split('-').next())
         .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
-}
-
-/// Managed host counts per app, for metrics and status.
-pub fn managed_counts(apps: &[AppRecord]) -> BTreeMap<u64, usize> {
-    apps.iter().map(|a| (a.remote.id, a.managed.len())).collect()
 }
 
 #[cfg(test)]
@@ -618,7 +632,7 @@ mod tests {
         assert_eq!(p.hosts.len(), MAX_HOSTS);
         assert_eq!(p.added, list(&["10.0.0.1"]));
         assert_eq!(p.refused.len(), 2);
-        assert!(p.refused[0].reason.contains("500"), "{:?}", p.refused);
+        assert!(p.refused[0].reason.to_string().contains("500"), "{:?}", p.refused);
         assert!(!p.changes(&p.hosts));
     }
 
@@ -634,8 +648,8 @@ mod tests {
         let (want, refused) = desired_hosts(&doc, &list(&["plc", "wide"]), &set(&["192.0.2.5"]));
         assert_eq!(want, set(&["10.0.0.10", "10.0.0.11", "10.9.0.0/16"]));
         assert_eq!(refused.len(), 2, "{refused:?}");
-        assert!(refused.iter().any(|r| r.host == "10.0.0.0/7" && r.reason.contains("/8")));
-        assert!(refused.iter().any(|r| r.host == "192.0.2.5" && r.reason.contains("publisher")));
+        assert!(refused.iter().any(|r| r.host == "10.0.0.0/7" && r.reason.to_string().contains("/8")));
+        assert!(refused.iter().any(|r| r.host == "192.0.2.5" && r.reason.to_string().contains("publisher")));
         let s = suggestions(&doc, &list(&["10.0.0.10", "plc.local"]));
         assert_eq!(s[0].0, "plc");
         assert_eq!(s[0].1, list(&["10.0.0.10"]));

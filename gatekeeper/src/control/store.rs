@@ -7,7 +7,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::policy::{AssetSpec, PolicyDocument, RuleSpec, SegmentSpec};
+use super::netskope::{AppRecord, Integration, KEY_LAST_SUCCESS, KEY_LAST_SYNC, KEY_PUBLISHERS, KEY_SETTINGS, Settings, TOKEN_FILE};
+use crate::policy::{
+    PolicyDocument,
+    diff::Change,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -17,34 +21,6 @@ pub enum StoreError {
     Io { path: String, error: std::io::Error },
     #[error("store: object {kind}/{name} is corrupt: {error}")]
     Corrupt { kind: String, name: String, error: String },
-}
-
-/// The kinds of objects the store holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Asset,
-    Segment,
-    Rule,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Asset => "asset",
-            Self::Segment => "segment",
-            Self::Rule => "rule",
-        }
-    }
-}
-
-/// One object created, replaced or deleted (`None` on the missing side).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change {
-    pub kind: Kind,
-    pub name: String,
-    pub old: Option<Value>,
-    pub new: Option<Value>,
 }
 
 /// A row of the audit log.
@@ -63,42 +39,6 @@ pub struct AuditEntry {
 pub struct Store {
     conn: rusqlite::Connection,
     path: String,
-}
-
-/// Every object change between two documents, in document order.
-pub fn changes(old: &PolicyDocument, new: &PolicyDocument) -> Vec<Change> {
-    fn kind_changes<T: Serialize + PartialEq>(
-        kind: Kind,
-        old: &[T],
-        new: &[T],
-        name: impl Fn(&T) -> &str,
-    ) -> Vec<Change> {
-        let old_by: std::collections::HashMap<&str, &T> = old.iter().map(|x| (name(x), x)).collect();
-        let new_names: std::collections::HashSet<&str> = new.iter().map(&name).collect();
-        let mut out = Vec::new();
-        for n in new {
-            match old_by.get(name(n)) {
-                Some(o) if *o == n => {}
-                Some(o) => out.push(Change {
-                    kind,
-                    name: name(n).into(),
-                    old: serde_json::to_value(o).ok(),
-                    new: serde_json::to_value(n).ok(),
-                }),
-                None => out.push(Change { kind, name: name(n).into(), old: None, new: serde_json::to_value(n).ok() }),
-            }
-        }
-        for o in old {
-            if !new_names.contains(name(o)) {
-                out.push(Change { kind, name: name(o).into(), old: serde_json::to_value(o).ok(), new: None });
-            }
-        }
-        out
-    }
-    let mut out = kind_changes(Kind::Asset, &old.assets, &new.assets, |a: &AssetSpec| &a.name);
-    out.extend(kind_changes(Kind::Segment, &old.segments, &new.segments, |s: &SegmentSpec| &s.name));
-    out.extend(kind_changes(Kind::Rule, &old.rules, &new.rules, |r: &RuleSpec| &r.name));
-    out
 }
 
 impl Store {
@@ -314,8 +254,30 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
+    /// The Netskope integration's state: settings (with the token from [`TOKEN_FILE`] beside
+    /// the store, when it was set through the API), apps, publishers, the last syncs; its
+    /// generated objects computed.
+    pub fn netskope_integration(&self) -> Result<Integration, StoreError> {
+        let mut settings: Option<Settings> = self.setting(KEY_SETTINGS)?;
+        if let Some(s) = settings.as_mut() {
+            // Absent when the token comes from the configuration's token_file.
+            s.token =
+                std::fs::read_to_string(self.dir().join(TOKEN_FILE)).map(|t| t.trim().to_string()).unwrap_or_default();
+        }
+        let mut i = Integration {
+            settings,
+            apps: self.netskope_apps()?.into_iter().map(|a| (a.remote.id, a)).collect(),
+            publishers: self.setting(KEY_PUBLISHERS)?.unwrap_or_default(),
+            last_sync: self.setting(KEY_LAST_SYNC)?,
+            last_success: self.setting(KEY_LAST_SUCCESS)?,
+            ..Integration::default()
+        };
+        i.regenerate();
+        Ok(i)
+    }
+
     /// Every stored Netskope private app.
-    pub fn netskope_apps(&self) -> Result<Vec<crate::netskope::AppRecord>, StoreError> {
+    pub fn netskope_apps(&self) -> Result<Vec<AppRecord>, StoreError> {
         let mut stmt =
             self.conn.prepare("SELECT app_id, record FROM netskope_apps ORDER BY app_id").map_err(self.err())?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).map_err(self.err())?;
@@ -425,7 +387,7 @@ pub struct AuditRow {
 /// One Netskope state transaction (see [`Store::netskope_commit`]).
 #[derive(Default)]
 pub struct NetskopeCommit<'a> {
-    pub records: &'a [crate::netskope::AppRecord],
+    pub records: &'a [AppRecord],
     /// Apps to push, with why: `change` (membership or mapping), `sync` or `start` (always read
     /// the app, to correct drift).
     pub pending: &'a [(u64, &'a str)],
@@ -466,6 +428,7 @@ fn audit_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::diff::changes;
 
     fn doc(yaml: &str) -> PolicyDocument {
         PolicyDocument::from_yaml(yaml, "t").unwrap()

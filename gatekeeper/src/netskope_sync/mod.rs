@@ -6,21 +6,25 @@
 //! restart only delays pushes: every start marks every acting app for a reconcile, and failed
 //! pushes are retried with backoff for as long as it takes.
 //!
-//! HTTP runs without the daemon's lock; the lock is taken briefly to read what to push and to
-//! record the result.
+//! HTTP runs without the control lock; the lock is taken briefly to read what to push and to
+//! record the result, through the control path's Netskope methods.
+
+pub mod client;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, mpsc},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use serde_json::json;
 
-use super::{AppRecord, AppState, PushResult, SyncStatus, client::Client, desired_hosts, plan};
-use crate::{
-    api::App,
-    store::{AuditRow, NetskopeCommit},
+use self::client::{Client, ClientError};
+use crate::control::{
+    ControlError, Handle,
+    netskope::{self, AppRecord, AppState, Event, PushResult, Refused, SyncStatus, desired_hosts, plan},
+    store::{AuditRow, StoreError},
+    telemetry,
 };
 
 /// Pushes wait this long after a change so changes in a burst go out together.
@@ -28,36 +32,19 @@ const COALESCE: Duration = Duration::from_millis(250);
 /// Longest wait between retries of failed pushes or syncs.
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
-#[derive(Debug)]
-pub enum Event {
-    /// Apps were marked pending.
-    Push,
-    /// Sync now; the reply (if any) gets the result.
-    Sync(Option<mpsc::Sender<Result<SyncStatus, String>>>),
-    /// The settings changed: new client, sync now.
-    Settings,
-    Stop,
-}
-
-type Shared = Arc<tokio::sync::Mutex<App>>;
-
-/// Starts the worker and connects it to the app. The app's pending pushes are picked up at once.
-pub fn spawn(app: Shared) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Starts the worker and connects it to the control state; pending pushes are picked up at once,
+/// and every acting app is reconciled (whatever happened while no worker ran). It stops when
+/// [`crate::control::Control::netskope_disconnect`] closes its channel.
+pub fn spawn(control: Handle) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("gk-netskope".into()).spawn(move || {
         let (tx, rx) = mpsc::channel();
-        {
-            let mut a = app.blocking_lock();
-            a.netskope.wake = Some(tx);
-            // A restart reconciles every acting app: whatever happened while we were down.
-            let acting = a.netskope.acting();
-            a.netskope_mark(&acting, "start");
-        }
-        Worker::new(app).run(rx)
+        control.lock().netskope_connect(tx);
+        Worker::new(control).run(rx)
     })
 }
 
 struct Worker {
-    app: Shared,
+    control: Handle,
     client: Option<(String, Client)>,
     /// Per app: the wanted hosts of its last successful push, so a change that does not alter
     /// them costs no request.
@@ -70,28 +57,33 @@ struct Worker {
     sync_failures: u32,
 }
 
-/// Why a push failed, and how long Netskope asked us to wait.
-struct PushError {
-    message: String,
-    retry_after: Option<Duration>,
+/// Why a sync or a push failed.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("the Netskope integration is not configured (tenant URL and token)")]
+    NotConfigured,
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-impl From<String> for PushError {
-    fn from(message: String) -> Self {
-        Self { message, retry_after: None }
-    }
-}
-
-impl From<super::client::ClientError> for PushError {
-    fn from(e: super::client::ClientError) -> Self {
-        Self { retry_after: e.retry_after(), message: e.to_string() }
+impl SyncError {
+    /// How long Netskope asked us to wait.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Client(e) => e.retry_after(),
+            _ => None,
+        }
     }
 }
 
 impl Worker {
-    fn new(app: Shared) -> Self {
+    fn new(control: Handle) -> Self {
         Self {
-            app,
+            control,
             client: None,
             pushed: BTreeMap::new(),
             failures: BTreeMap::new(),
@@ -116,7 +108,7 @@ impl Worker {
                     next_sync = self.after_sync(&r);
                     push_at = Some(now);
                     if let Some(reply) = reply {
-                        let _ = reply.send(r);
+                        let _ = reply.send(r.map_err(|e| e.to_string()));
                     }
                     continue;
                 }
@@ -142,30 +134,25 @@ impl Worker {
 
     /// The client for the current settings (`None` while the integration is not configured).
     fn client(&mut self) -> Option<&Client> {
-        let settings = self.app.blocking_lock().netskope.settings.clone().filter(|s| !s.token.is_empty())?;
+        let settings = self.control.lock().netskope().settings.clone().filter(|s| !s.token.is_empty())?;
         let key = format!("{}\u{0}{}", settings.tenant_url, settings.token);
         if self.client.as_ref().is_none_or(|(k, _)| *k != key) {
             if settings.tenant_url.starts_with("http://") {
                 tracing::warn!(tenant = %settings.tenant_url, "Netskope tenant over plain http: the API token crosses the network unencrypted");
             }
-            let observe = Box::new(|code: u16| crate::metrics::netskope_response(code));
+            let observe = Box::new(telemetry::netskope_response);
             self.client = Some((key, Client::new(&settings.tenant_url, &settings.token, observe)));
         }
         self.client.as_ref().map(|(_, c)| c)
     }
 
     fn sync_interval(&self) -> Duration {
-        let secs = self
-            .app
-            .blocking_lock()
-            .netskope
-            .settings
-            .as_ref()
-            .map_or(super::DEFAULT_SYNC_SECS, |s| s.sync_interval_secs);
+        let secs =
+            self.control.lock().netskope().settings.as_ref().map_or(netskope::DEFAULT_SYNC_SECS, |s| s.sync_interval_secs);
         Duration::from_secs(secs)
     }
 
-    fn after_sync(&mut self, r: &Result<SyncStatus, String>) -> Instant {
+    fn after_sync(&mut self, r: &Result<SyncStatus, SyncError>) -> Instant {
         let interval = self.sync_interval();
         match r {
             Ok(_) => {
@@ -183,23 +170,20 @@ impl Worker {
     /// Imports apps and publishers; new apps are inactive, apps gone from Netskope are marked
     /// gone (their mappings stop), publishers' addresses refresh the publishers' segment. Every
     /// acting app is then marked for a reconcile (drift made by hand is corrected).
-    fn sync(&mut self) -> Result<SyncStatus, String> {
-        let Some(client) = self.client() else {
-            return Err("the Netskope integration is not configured (tenant URL and token)".into());
-        };
+    fn sync(&mut self) -> Result<SyncStatus, SyncError> {
+        let Some(client) = self.client() else { return Err(SyncError::NotConfigured) };
         let fetched = client.list_apps().and_then(|apps| client.list_publishers().map(|p| (apps, p)));
         let at = chrono::Utc::now().to_rfc3339();
-        let mut app = self.app.blocking_lock();
+        let mut control = self.control.lock();
         let ((remote, complete), publishers) = match fetched {
             Ok(x) => x,
             Err(e) => {
-                let status =
-                    SyncStatus { at, ok: false, message: e.to_string(), apps: app.netskope.apps.len(), publishers: 0 };
-                crate::metrics::netskope_sync(false);
+                let apps = control.netskope().apps.len();
+                let status = SyncStatus { at, ok: false, message: e.to_string(), apps, publishers: 0 };
+                telemetry::netskope_sync(false);
                 tracing::warn!(error = %e, "Netskope sync failed; retrying later");
-                let _ = app.store.set_setting(super::KEY_LAST_SYNC, Some(&status), &[]);
-                app.netskope.last_sync = Some(status);
-                return Err(e.to_string());
+                control.netskope_sync_failed(status);
+                return Err(e.into());
             }
         };
         let seen: BTreeSet<u64> = remote.iter().map(|a| a.id).collect();
@@ -211,16 +195,16 @@ impl Worker {
         let mut audit = Vec::new();
         let (apps_n, pubs_n) = (remote.len(), publishers.len());
         for r in &remote {
-            if !app.netskope.apps.contains_key(&r.id) {
+            if !control.netskope().apps.contains_key(&r.id) {
                 audit.push(row("import app", r.id, None, Some(json!({"name": r.name, "hosts": r.hosts}))));
             }
         }
-        for (id, a) in &app.netskope.apps {
+        for (id, a) in &control.netskope().apps {
             if a.state == AppState::Present && gone(id) {
                 audit.push(row("app gone", *id, Some(json!({"name": a.remote.name})), None));
             }
         }
-        let edit = |n: &mut super::Integration| {
+        let edit = |n: &mut netskope::Integration| {
             for r in remote {
                 match n.apps.get_mut(&r.id) {
                     Some(rec) => {
@@ -252,18 +236,15 @@ impl Worker {
             }
             n.publishers = publishers;
         };
-        if let Err(e) = app.netskope_edit("netskope", "sync", edit, Some("sync"), audit) {
+        if let Err(e) = control.netskope_edit("netskope", "sync", edit, Some("sync"), audit) {
             let status = SyncStatus { at, ok: false, message: e.to_string(), apps: apps_n, publishers: pubs_n };
-            crate::metrics::netskope_sync(false);
-            app.netskope.last_sync = Some(status);
-            return Err(e.to_string());
+            telemetry::netskope_sync(false);
+            control.netskope_sync_failed(status);
+            return Err(e.into());
         }
-        let status = SyncStatus { at: at.clone(), ok: true, message: "ok".into(), apps: apps_n, publishers: pubs_n };
-        let _ = app.store.set_setting(super::KEY_LAST_SYNC, Some(&status), &[]);
-        let _ = app.store.set_setting(super::KEY_LAST_SUCCESS, Some(&at), &[]);
-        app.netskope.last_sync = Some(status.clone());
-        app.netskope.last_success = Some(at);
-        crate::metrics::netskope_sync(true);
+        let status = SyncStatus { at, ok: true, message: "ok".into(), apps: apps_n, publishers: pubs_n };
+        control.netskope_sync_done(status.clone());
+        telemetry::netskope_sync(true);
         tracing::info!(apps = apps_n, publishers = pubs_n, "Netskope sync done");
         Ok(status)
     }
@@ -277,27 +258,27 @@ impl Worker {
             return Some(t - now);
         }
         let work = {
-            let app = self.app.blocking_lock();
-            let pending = match app.store.netskope_pending() {
+            let control = self.control.lock();
+            let pending = match control.netskope_pending() {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "reading pending Netskope pushes failed");
                     return Some(Duration::from_secs(5));
                 }
             };
-            crate::metrics::netskope_pending(pending.len());
+            telemetry::netskope_pending(pending.len());
             if pending.is_empty() {
                 return None;
             }
             // Pending pushes are kept until the integration is configured.
-            app.netskope.settings.as_ref()?;
-            let pubs = app.netskope.publisher_ips();
-            let policy = app.enforcer.policy();
+            control.netskope().settings.as_ref()?;
+            let pubs = control.netskope().publisher_ips();
+            let policy = control.enforcer().policy();
             pending
                 .into_iter()
                 .filter(|(id, _, _)| self.not_before.get(id).is_none_or(|t| *t <= now))
                 .map(|(id, seq, reason)| {
-                    let rec = app.netskope.apps.get(&id).cloned();
+                    let rec = control.netskope().apps.get(&id).cloned();
                     let want = rec.as_ref().filter(|r| r.acting()).map(|r| desired_hosts(policy, &r.segments, &pubs));
                     (id, seq, reason, rec, want)
                 })
@@ -315,10 +296,10 @@ impl Worker {
                     let n = self.failures.entry(id).or_default();
                     *n += 1;
                     let backoff = Duration::from_millis(500u64 << (*n).min(10)).min(MAX_RETRY);
-                    let wait = backoff.max(e.retry_after.unwrap_or_default());
-                    tracing::warn!(app_id = id, error = %e.message, retry_in_ms = wait.as_millis() as u64, "Netskope push failed; it stays pending");
+                    let wait = backoff.max(e.retry_after().unwrap_or_default());
+                    tracing::warn!(app_id = id, error = %e, retry_in_ms = wait.as_millis() as u64, "Netskope push failed; it stays pending");
                     self.not_before.insert(id, Instant::now() + wait);
-                    if e.retry_after.is_some() {
+                    if e.retry_after().is_some() {
                         // Rate limited: every request waits, not only this app's.
                         self.quiet_until = Some(Instant::now() + wait);
                         break;
@@ -327,8 +308,8 @@ impl Worker {
             }
         }
         // Marks made while we pushed are picked up at once; apps in backoff when theirs ends.
-        let pending = self.app.blocking_lock().store.netskope_pending().unwrap_or_default();
-        crate::metrics::netskope_pending(pending.len());
+        let pending = self.control.lock().netskope_pending().unwrap_or_default();
+        telemetry::netskope_pending(pending.len());
         if pending.is_empty() {
             return None;
         }
@@ -348,49 +329,24 @@ impl Worker {
         seq: i64,
         reason: &str,
         rec: Option<AppRecord>,
-        want: Option<(BTreeSet<String>, Vec<super::Refused>)>,
-    ) -> Result<(), PushError> {
-        let clear = |worker: &Self, records: Vec<AppRecord>, audit: Vec<AuditRow>| -> Result<(), String> {
-            let mut app = worker.app.blocking_lock();
-            // The mapping may have been edited while we talked to Netskope: keep its segments
-            // and activation, take what the push learnt.
-            let merged: Vec<AppRecord> = records
-                .into_iter()
-                .map(|r| match app.netskope.apps.get(&r.remote.id) {
-                    Some(cur) => AppRecord { segments: cur.segments.clone(), active: cur.active, ..r },
-                    None => r,
-                })
-                .collect();
-            for r in &merged {
-                app.netskope.apps.insert(r.remote.id, r.clone());
-            }
-            let r = app
-                .store
-                .netskope_commit(NetskopeCommit {
-                    records: &merged,
-                    pushed: &[(id, seq)],
-                    audit: &audit,
-                    ..Default::default()
-                })
-                .map_err(|e| e.to_string());
-            crate::metrics::netskope_apps(&app.netskope);
-            r
+        want: Option<(BTreeSet<String>, Vec<Refused>)>,
+    ) -> Result<(), SyncError> {
+        let clear = |worker: &Self, records: Vec<AppRecord>, audit: Vec<AuditRow>| -> Result<(), SyncError> {
+            Ok(worker.control.lock().netskope_pushed(id, seq, records, audit)?)
         };
         let Some(mut rec) = rec.filter(|r| r.state == AppState::Present) else {
-            return Ok(clear(self, vec![], vec![])?);
+            return clear(self, vec![], vec![]);
         };
         let (want, refused) = want.unwrap_or_default();
         if !rec.acting() && rec.managed.is_empty() {
-            return Ok(clear(self, vec![], vec![])?);
+            return clear(self, vec![], vec![]);
         }
         if reason == "change" && rec.acting() && self.pushed.get(&id) == Some(&want) {
-            crate::metrics::netskope_push("unchanged");
-            return Ok(clear(self, vec![], vec![])?);
+            telemetry::netskope_push("unchanged");
+            return clear(self, vec![], vec![]);
         }
-        let shared = self.app.clone();
-        let Some(client) = self.client() else {
-            return Err(PushError::from("the Netskope integration is not configured".to_string()));
-        };
+        let shared = self.control.clone();
+        let Some(client) = self.client() else { return Err(SyncError::NotConfigured) };
         let remote = match client.get_app(id) {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -400,13 +356,10 @@ impl Worker {
                 let audit = vec![row("app gone", id, Some(json!({"name": rec.remote.name})), None)];
                 clear(self, vec![rec], audit)?;
                 // Its generated rules go too.
-                let mut app = self.app.blocking_lock();
-                return Ok(app
-                    .netskope_edit("netskope", "app gone", |_| {}, None, vec![])
-                    .map_err(|e| e.to_string())?);
+                return Ok(self.control.lock().netskope_edit("netskope", "app gone", |_| {}, None, vec![])?);
             }
             Err(e) => {
-                crate::metrics::netskope_push("error");
+                telemetry::netskope_push("error");
                 self.record_failure(id, &e.to_string());
                 return Err(e.into());
             }
@@ -418,10 +371,10 @@ impl Worker {
             // we added are still known to be ours (and so removable) on the next attempt.
             let intent: BTreeSet<String> = rec.managed.union(&p.managed).cloned().collect();
             if intent != rec.managed {
-                save_managed(&shared, id, &intent)?;
+                shared.lock().netskope_save_managed(id, &intent)?;
             }
             if let Err(e) = client.set_hosts(id, &p.hosts) {
-                crate::metrics::netskope_push("error");
+                telemetry::netskope_push("error");
                 self.record_failure(id, &e.to_string());
                 return Err(e.into());
             }
@@ -443,7 +396,7 @@ impl Worker {
             tracing::warn!(app_id = id, host = %r.host, reason = %r.reason, "Netskope cannot take this host");
         }
         let outcome = if p.changes(&remote.hosts) { "ok" } else { "unchanged" };
-        crate::metrics::netskope_push(outcome);
+        telemetry::netskope_push(outcome);
         // Only the hosts: the app's protocols reach the generated rules through a sync.
         rec.remote.hosts = p.hosts.clone();
         rec.managed = p.managed;
@@ -451,27 +404,13 @@ impl Worker {
         rec.last_push = Some(PushResult { at, ok: true, message: outcome.into() });
         tracing::info!(app_id = id, added = p.added.len(), removed = p.removed.len(), "Netskope app in step");
         self.pushed.insert(id, want);
-        Ok(clear(self, vec![rec], audit)?)
+        clear(self, vec![rec], audit)
     }
 
     fn record_failure(&self, id: u64, message: &str) {
-        let mut app = self.app.blocking_lock();
-        if let Some(rec) = app.netskope.apps.get_mut(&id) {
-            rec.last_push =
-                Some(PushResult { at: chrono::Utc::now().to_rfc3339(), ok: false, message: message.into() });
-            let rec = rec.clone();
-            let _ = app.store.netskope_commit(NetskopeCommit { records: &[rec], ..Default::default() });
-        }
+        let result = PushResult { at: chrono::Utc::now().to_rfc3339(), ok: false, message: message.into() };
+        self.control.lock().netskope_push_failed(id, result);
     }
-}
-
-/// Records the hosts gatekeeper owns in app `id` (before a write that adds some).
-fn save_managed(app: &Shared, id: u64, managed: &BTreeSet<String>) -> Result<(), String> {
-    let mut app = app.blocking_lock();
-    let Some(rec) = app.netskope.apps.get_mut(&id) else { return Ok(()) };
-    rec.managed = managed.clone();
-    let rec = rec.clone();
-    app.store.netskope_commit(NetskopeCommit { records: &[rec], ..Default::default() }).map_err(|e| e.to_string())
 }
 
 fn row(action: &str, id: u64, old: Option<serde_json::Value>, new: Option<serde_json::Value>) -> AuditRow {

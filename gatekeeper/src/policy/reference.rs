@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use gatekeeper_common as common;
 
 use crate::{
+    policy::membership::{SegmentSet, segments_of},
     policy::{Action, Endpoint, Mode, Policy, Protocol, Rule},
-    segment::{SegmentSet, segments_of},
 };
 
 /// What happened to a packet; mirrors the `OUTCOME_*` counters.
@@ -120,15 +120,19 @@ pub enum Frame {
     Ip(Header),
 }
 
-const MAX_VLAN_DEPTH: usize = 2;
-const MAX_EXT_HEADERS: usize = 8;
-
 fn is_vlan(ethertype: u16) -> bool {
-    ethertype == 0x8100 || ethertype == 0x88a8
+    ethertype == common::ETH_P_8021Q || ethertype == common::ETH_P_8021AD
 }
 
 fn is_ext_header(proto: u8) -> bool {
-    matches!(proto, 0 | 43 | 44 | 51 | 60)
+    matches!(
+        proto,
+        common::IPV6_EXT_HOP_BY_HOP
+            | common::IPV6_EXT_ROUTING
+            | common::IPV6_EXT_FRAGMENT
+            | common::IPV6_EXT_AH
+            | common::IPV6_EXT_DEST_OPTS
+    )
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -142,7 +146,7 @@ pub fn parse(frame: &[u8]) -> Frame {
     }
     let mut ethertype = be16(frame, 12);
     let mut at = 14;
-    for _ in 0..MAX_VLAN_DEPTH {
+    for _ in 0..common::MAX_VLAN_DEPTH {
         if !is_vlan(ethertype) {
             break;
         }
@@ -153,8 +157,8 @@ pub fn parse(frame: &[u8]) -> Frame {
         at += 4;
     }
     match ethertype {
-        0x0800 => parse_ipv4(frame, at),
-        0x86dd => parse_ipv6(frame, at),
+        common::ETH_P_IP => parse_ipv4(frame, at),
+        common::ETH_P_IPV6 => parse_ipv6(frame, at),
         t if is_vlan(t) => Frame::Unattributable,
         _ => Frame::NonIp,
     }
@@ -202,21 +206,21 @@ fn parse_ipv6(f: &[u8], at: usize) -> Frame {
         malformed: false,
     };
     let mut at = at + 40;
-    for _ in 0..MAX_EXT_HEADERS {
+    for _ in 0..common::MAX_EXT_HEADERS {
         if !is_ext_header(h.proto) {
             break;
         }
-        let need = if h.proto == 44 { 8 } else { 2 };
+        let need = if h.proto == common::IPV6_EXT_FRAGMENT { 8 } else { 2 };
         if f.len() < at + need {
             h.malformed = true;
             return Frame::Ip(h);
         }
         let next = f[at];
         let len = usize::from(f[at + 1]);
-        let fragment_offset = if h.proto == 44 { be16(f, at + 2) >> 3 } else { 0 };
+        let fragment_offset = if h.proto == common::IPV6_EXT_FRAGMENT { be16(f, at + 2) >> 3 } else { 0 };
         at += match h.proto {
-            44 => 8,
-            51 => (len + 2) * 4,
+            common::IPV6_EXT_FRAGMENT => 8,
+            common::IPV6_EXT_AH => (len + 2) * 4,
             _ => (len + 1) * 8,
         };
         h.proto = next;
@@ -233,9 +237,9 @@ fn parse_ipv6(f: &[u8], at: usize) -> Frame {
 
 fn parse_l4(f: &[u8], at: usize, mut h: Header, v6: bool) -> Frame {
     let need = match h.proto {
-        6 => 20,
-        17 => 8,
-        1 | 58 => 8,
+        common::PROTO_TCP => 20,
+        common::PROTO_UDP => 8,
+        common::PROTO_ICMP | common::PROTO_ICMPV6 => 8,
         _ => 0,
     };
     if f.len() < at + need {
@@ -243,20 +247,27 @@ fn parse_l4(f: &[u8], at: usize, mut h: Header, v6: bool) -> Frame {
         return Frame::Ip(h);
     }
     match h.proto {
-        6 | 17 => {
+        common::PROTO_TCP | common::PROTO_UDP => {
             let ports = (be16(f, at), be16(f, at + 2));
             h.ports = Some(ports);
             h.flow_ports = Some(ports);
         }
-        1 | 58 => {
+        common::PROTO_ICMP | common::PROTO_ICMPV6 => {
             let ty = f[at];
-            let echo =
-                if v6 { h.proto == 58 && (ty == 128 || ty == 129) } else { h.proto == 1 && (ty == 8 || ty == 0) };
+            let echo = if v6 {
+                h.proto == common::PROTO_ICMPV6
+                    && (ty == common::ICMPV6_ECHO_REQUEST || ty == common::ICMPV6_ECHO_REPLY)
+            } else {
+                h.proto == common::PROTO_ICMP && (ty == common::ICMP_ECHO_REQUEST || ty == common::ICMP_ECHO_REPLY)
+            };
             if echo {
                 let id = be16(f, at + 4);
                 h.flow_ports = Some((id, id));
             }
-            h.neighbor = v6 && h.proto == 58 && ((130..=137).contains(&ty) || ty == 143);
+            h.neighbor = v6
+                && h.proto == common::PROTO_ICMPV6
+                && ((common::ICMPV6_NEIGHBOR_FIRST..=common::ICMPV6_NEIGHBOR_LAST).contains(&ty)
+                    || ty == common::ICMPV6_MLDV2_REPORT);
         }
         _ => {}
     }

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::selector::{self, Selector};
+use crate::policy::selector::{self, Selector};
 
 /// What users write.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -257,11 +257,14 @@ impl PolicyDocument {
     }
 }
 
-/// Reads, parses and validates a policy file.
-pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
+/// Reads, parses and validates a policy file: the document as written and its validated form.
+/// Errors name the file, and each problem its entry and field.
+pub fn read_file(path: &Path) -> Result<(PolicyDocument, Policy), PolicyError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Read { source_name: name.clone(), error })?;
-    PolicyDocument::from_yaml(&text, &name)?.validate(&name)
+    let doc = PolicyDocument::from_yaml(&text, &name)?;
+    let policy = doc.validate(&name)?;
+    Ok((doc, policy))
 }
 
 /// Names: 1 to 63 of letters, digits, `.`, `_`, `-`, starting with a letter or digit.

@@ -1,0 +1,549 @@
+//! The control layer: the one change path from a desired state to the data plane and the store.
+//!
+//! Every change, whoever makes it (the REST API, the policy file at start and on SIGHUP, the
+//! Netskope integration), takes the same steps in [`Control`]: validate the whole new document
+//! (with the objects the integration generates), enforce it ([`Enforcer`]), record it and its
+//! audit rows in one store transaction, and publish the status. If the store refuses, the
+//! previous policy is put back into the data plane: a refused or failed change changes nothing.
+//!
+//! * [`Handle`]: the shared control state behind one lock; blocking work (compiles, map writes,
+//!   fsync, grace periods) runs on threads that take it, never on async workers. Status reads
+//!   go to a [`StatusBoard`] published after each change, without the lock.
+//! * [`writer`]: the queue that applies single-asset edits in batches (group commit).
+//! * [`store`]: the SQLite store; [`netskope`]: the integration's state and generated objects;
+//!   [`auth`]: credentials; [`telemetry`]: the counters the edges export.
+
+pub mod auth;
+pub mod enforcer;
+pub mod netskope;
+mod netskope_change;
+pub mod status;
+pub mod store;
+pub mod telemetry;
+pub mod writer;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc},
+    time::Instant,
+};
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+
+pub use self::{
+    enforcer::{EnforceError, Enforcer},
+    status::{StatusBoard, StatusView},
+    store::{Store, StoreError},
+};
+use self::{
+    netskope::{Event, Integration, Settings},
+    store::AuditRow,
+    writer::AssetWrite,
+};
+use crate::{
+    dataplane::ApplyReport,
+    policy::{
+        Asset, AssetSpec, Policy, PolicyDocument, PolicyError, Problem, RuleSpec, SegmentSpec,
+        diff::{Change, Kind, changes, merged, upsert},
+        membership::member_assets,
+        selector::Selector,
+    },
+};
+
+/// Why a change was refused or not applied. Whatever the reason, nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The desired state is invalid: every problem, each naming its entry and field.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<Problem>),
+    /// The input is not a policy document.
+    #[error(transparent)]
+    Policy(PolicyError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The data plane refused the policy; the policy in force is unchanged.
+    #[error(transparent)]
+    Enforce(#[from] EnforceError),
+    /// The store refused the change; it is not applied either.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// A part of the daemon the request needs is not running.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// The failure of a batch that this request was part of.
+    #[error(transparent)]
+    Batch(Arc<ControlError>),
+}
+
+impl From<PolicyError> for ControlError {
+    fn from(e: PolicyError) -> Self {
+        match e {
+            PolicyError::Invalid { problems, .. } => Self::Invalid(problems),
+            other => Self::Policy(other),
+        }
+    }
+}
+
+/// The daemon's control state: the desired state, the enforcer, the store, the integration.
+pub struct Control {
+    enforcer: Enforcer,
+    store: Store,
+    /// The desired state (what the store holds).
+    doc: PolicyDocument,
+    /// Asset name to its position in `doc.assets`.
+    index: HashMap<String, usize>,
+    last_apply: Option<(DateTime<Utc>, f64)>,
+    /// The Netskope integration: its generated objects are enforced with `doc`.
+    netskope: Integration,
+    /// Wakes the Netskope worker (none until it runs).
+    wake: Option<mpsc::Sender<Event>>,
+    board: Arc<StatusBoard>,
+}
+
+/// The state a daemon starts from, validated but not yet enforced ([`Control::prepare`]).
+pub struct Prepared {
+    store: Store,
+    stored: PolicyDocument,
+    desired: PolicyDocument,
+    policy: Policy,
+    netskope: Integration,
+}
+
+impl Prepared {
+    /// What will be enforced: the desired state with the generated objects.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Enforces the prepared state over `enforcer` and records what the policy file changed.
+    pub fn enforce(self, mut enforcer: Enforcer) -> Result<(Control, ApplyReport), ControlError> {
+        let Self { mut store, stored, desired, policy, netskope } = self;
+        let started = Instant::now();
+        let report = enforcer.apply(policy)?;
+        let diff = changes(&stored, &desired);
+        if !diff.is_empty() {
+            store.commit(&diff, "policy-file", "start")?;
+        }
+        let mut control = Control {
+            enforcer,
+            store,
+            doc: desired,
+            index: HashMap::new(),
+            last_apply: Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3)),
+            netskope,
+            wake: None,
+            board: Arc::new(StatusBoard::default()),
+        };
+        control.reindex();
+        telemetry::netskope_apps(&control.netskope);
+        control.publish();
+        Ok((control, report))
+    }
+}
+
+impl Control {
+    /// Reads the stored state, records `netskope` settings from the configuration (they win over
+    /// settings made through the API; the token stays in its file), merges the policy `file`
+    /// into the stored state like `kubectl apply`, and validates the result with the generated
+    /// objects. Nothing is enforced yet: a bad state stops here with the network untouched.
+    /// `source` names the input in errors.
+    pub fn prepare(
+        mut store: Store,
+        file: Option<&PolicyDocument>,
+        netskope: Option<Settings>,
+        source: &str,
+    ) -> Result<Prepared, ControlError> {
+        let stored = store.load()?;
+        let mut integration = store.netskope_integration()?;
+        if let Some(settings) = netskope {
+            let unchanged = integration.settings.as_ref().is_some_and(|s| {
+                s.tenant_url == settings.tenant_url && s.sync_interval_secs == settings.sync_interval_secs
+            });
+            if !unchanged {
+                let audit = AuditRow {
+                    actor: "config".into(),
+                    action: "configure netskope".into(),
+                    kind: Some("integration".into()),
+                    name: Some("netskope".into()),
+                    old: None,
+                    new: Some(serde_json::json!({
+                        "tenant_url": settings.tenant_url,
+                        "sync_interval_secs": settings.sync_interval_secs,
+                    })),
+                };
+                store.set_setting(netskope::KEY_SETTINGS, Some(&settings), &[audit])?;
+            }
+            integration.settings = Some(settings);
+            integration.regenerate();
+        }
+        let desired = file.map_or_else(|| stored.clone(), |f| merged(&stored, f));
+        let policy = integration.validate(&desired, source)?;
+        Ok(Prepared { store, stored, desired, policy, netskope: integration })
+    }
+
+    pub fn doc(&self) -> &PolicyDocument {
+        &self.doc
+    }
+
+    pub fn enforcer(&self) -> &Enforcer {
+        &self.enforcer
+    }
+
+    pub fn enforcer_mut(&mut self) -> &mut Enforcer {
+        &mut self.enforcer
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn netskope(&self) -> &Integration {
+        &self.netskope
+    }
+
+    pub fn board(&self) -> Arc<StatusBoard> {
+        self.board.clone()
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.doc.assets.iter().enumerate().map(|(i, a)| (a.name.clone(), i)).collect();
+    }
+
+    /// The stored asset named `name`.
+    pub fn asset(&self, name: &str) -> Option<&AssetSpec> {
+        self.index.get(name).map(|&i| &self.doc.assets[i])
+    }
+
+    /// The stored assets a selector matches, in document order.
+    pub fn assets_matching(&self, selector: &Selector) -> Vec<AssetSpec> {
+        let matching: HashSet<&str> = self
+            .enforcer
+            .policy()
+            .assets
+            .iter()
+            .filter(|a| selector.matches(&a.tags))
+            .map(|a| a.name.as_str())
+            .collect();
+        self.doc.assets.iter().filter(|a| matching.contains(a.name.as_str())).cloned().collect()
+    }
+
+    /// The members of segment `name` as enforced: assets with their prefixes, and its CIDRs.
+    #[allow(clippy::type_complexity)]
+    pub fn segment_members(&self, name: &str) -> Result<(Vec<(String, Vec<IpNet>)>, Vec<IpNet>), ControlError> {
+        let policy = self.enforcer.policy();
+        let seg = policy
+            .segments
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| ControlError::NotFound(format!("no segment {name:?}")))?;
+        let assets = member_assets(policy, seg).map(|a| (a.name.clone(), a.prefixes.clone())).collect();
+        Ok((assets, seg.cidrs.clone()))
+    }
+
+    /// Where an address stands in the policy in force: the segments it belongs to.
+    pub fn segments_of(&self, addr: IpAddr) -> Vec<String> {
+        let policy = self.enforcer.policy();
+        crate::policy::membership::segments_of(policy, addr).into_iter().map(|i| policy.segments[i].name.clone()).collect()
+    }
+
+    /// Edits a copy of the desired state with `edit` and makes it the desired state.
+    pub fn edit(
+        &mut self,
+        actor: &str,
+        action: &str,
+        edit: impl FnOnce(&mut PolicyDocument),
+    ) -> Result<Vec<Change>, ControlError> {
+        let mut doc = self.doc.clone();
+        edit(&mut doc);
+        self.change(doc, actor, action, false)
+    }
+
+    /// Creates or replaces a segment.
+    pub fn put_segment(&mut self, actor: &str, spec: SegmentSpec) -> Result<Vec<Change>, ControlError> {
+        self.edit(actor, "put segment", |d| upsert(&mut d.segments, std::slice::from_ref(&spec), |x| &x.name))
+    }
+
+    /// Creates or replaces a rule.
+    pub fn put_rule(&mut self, actor: &str, spec: RuleSpec) -> Result<Vec<Change>, ControlError> {
+        self.edit(actor, "put rule", |d| upsert(&mut d.rules, std::slice::from_ref(&spec), |x| &x.name))
+    }
+
+    /// Deletes a segment no rule uses (a generated or mapped segment cannot be deleted).
+    pub fn delete_segment(&mut self, actor: &str, name: &str) -> Result<(), ControlError> {
+        if netskope::reserved_segment(name) {
+            return Err(ControlError::Conflict(format!(
+                "segment {name:?} is generated from the Netskope publishers"
+            )));
+        }
+        if !self.doc.segments.iter().any(|s| s.name == name) {
+            return Err(ControlError::NotFound(format!("no segment {name:?}")));
+        }
+        let users: Vec<&str> =
+            self.doc.rules.iter().filter(|r| r.from == name || r.to == name).map(|r| r.name.as_str()).collect();
+        if !users.is_empty() {
+            return Err(ControlError::Conflict(format!(
+                "segment {name:?} is used by rules {users:?}; delete or change them first"
+            )));
+        }
+        self.edit(actor, "delete segment", |d| d.segments.retain(|x| x.name != name))?;
+        Ok(())
+    }
+
+    /// Deletes a user rule (generated rules follow their mapping).
+    pub fn delete_rule(&mut self, actor: &str, name: &str) -> Result<(), ControlError> {
+        if self.netskope.rules.iter().any(|g| g.rule.name == name) {
+            return Err(ControlError::Conflict(format!(
+                "rule {name:?} is generated by a Netskope mapping; change the mapping instead"
+            )));
+        }
+        if !self.doc.rules.iter().any(|r| r.name == name) {
+            return Err(ControlError::NotFound(format!("no rule {name:?}")));
+        }
+        self.edit(actor, "delete rule", |d| d.rules.retain(|x| x.name != name))?;
+        Ok(())
+    }
+
+    /// The policy file read again (SIGHUP), merged into the desired state like `kubectl apply`.
+    pub fn reload(&mut self, file: &PolicyDocument) -> Result<Vec<Change>, ControlError> {
+        let desired = merged(&self.doc, file);
+        self.change(desired, "policy-file", "reload", false)
+    }
+
+    /// Compiles the policy in force again in full (a rule expired).
+    pub fn refresh(&mut self) -> Result<ApplyReport, ControlError> {
+        let report = self.enforcer.refresh()?;
+        self.publish();
+        Ok(report)
+    }
+
+    /// Makes `new` the desired state: validate, enforce, record. Returns the changes.
+    pub fn change(
+        &mut self,
+        new: PolicyDocument,
+        actor: &str,
+        action: &str,
+        dry_run: bool,
+    ) -> Result<Vec<Change>, ControlError> {
+        self.check_generated_names(&new)?;
+        let policy = self.netskope.validate(&new, "request")?;
+        let diff = changes(&self.doc, &new);
+        if dry_run || diff.is_empty() {
+            return Ok(diff);
+        }
+        let previous = self.enforcer.policy().clone();
+        self.commit(
+            |e| e.apply(policy).map(Some),
+            |s| s.commit(&diff, actor, action),
+            |e| e.apply(previous).map(|_| ()),
+        )?;
+        self.doc = new;
+        self.reindex();
+        for c in &diff {
+            tracing::info!(actor, action, kind = c.kind.as_str(), name = %c.name, "changed");
+        }
+        // Any object may move members in or out of a mapped segment; a push that finds
+        // nothing to change costs no request.
+        let acting = self.netskope.acting();
+        self.netskope_mark(&acting, "change");
+        Ok(diff)
+    }
+
+    /// The one commit step of every change: `enforce` puts the new policy in force (returning
+    /// its report when it applied one), then `record` writes the change to the store. If the
+    /// store refuses, the change is not recorded and so must not stay applied: `undo` puts the
+    /// previous policy back. On success the status is published.
+    fn commit(
+        &mut self,
+        enforce: impl FnOnce(&mut Enforcer) -> Result<Option<ApplyReport>, EnforceError>,
+        record: impl FnOnce(&mut Store) -> Result<(), StoreError>,
+        undo: impl FnOnce(&mut Enforcer) -> Result<(), EnforceError>,
+    ) -> Result<(), ControlError> {
+        let started = Instant::now();
+        let applied = enforce(&mut self.enforcer)?;
+        if let Err(e) = record(&mut self.store) {
+            if applied.is_some()
+                && let Err(back) = undo(&mut self.enforcer)
+            {
+                tracing::error!(error = %back, "could not restore the previous policy after a store failure");
+            }
+            return Err(e.into());
+        }
+        if applied.is_some() {
+            self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Asset writes, each validated on its own, applied together: one incremental compile, one
+    /// data-plane apply and one store transaction for the whole batch (group commit), so the
+    /// fixed costs (the RCU grace period, the fsync) are paid once per batch. A write naming an
+    /// asset already in the batch starts a new batch, so writes apply in order.
+    pub fn change_assets(&mut self, writes: Vec<AssetWrite>) {
+        let mut batch: Vec<(AssetWrite, Option<Asset>)> = Vec::new();
+        let mut names = HashSet::new();
+        for w in writes {
+            let asset = match &w.spec {
+                None => None,
+                Some(spec) => match validate_asset(spec, "request") {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let _ = w.reply.send(Err(e));
+                        continue;
+                    }
+                },
+            };
+            if !names.insert(w.name.clone()) {
+                self.apply_batch(std::mem::take(&mut batch));
+                names.clear();
+                names.insert(w.name.clone());
+            }
+            batch.push((w, asset));
+        }
+        self.apply_batch(batch);
+    }
+
+    fn apply_batch(&mut self, batch: Vec<(AssetWrite, Option<Asset>)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut work = Vec::new();
+        let mut recorded = Vec::new();
+        for (w, asset) in batch {
+            let old = self.asset(&w.name).cloned();
+            if old == w.spec {
+                let _ = w.reply.send(Ok(()));
+                continue;
+            }
+            recorded.push((
+                Change {
+                    kind: Kind::Asset,
+                    name: w.name.clone(),
+                    old: old.as_ref().and_then(|o| serde_json::to_value(o).ok()),
+                    new: w.spec.as_ref().and_then(|n| serde_json::to_value(n).ok()),
+                },
+                w.actor,
+                w.action,
+            ));
+            work.push((w, asset, old));
+        }
+        if work.is_empty() {
+            return;
+        }
+        let apply: Vec<(String, Option<Asset>)> = work.iter().map(|(w, a, _)| (w.name.clone(), a.clone())).collect();
+        // Only the changed assets are kept for an undo: cloning the policy would make a tag
+        // edit cost as much as the policy is large.
+        let back: Vec<(String, Option<Asset>)> = work
+            .iter()
+            .map(|(w, _, old)| (w.name.clone(), old.as_ref().and_then(|o| validate_asset(o, "store").ok().flatten())))
+            .collect();
+        let result = self.commit(
+            |e| e.apply_assets(apply).map(Some),
+            |s| s.commit_each(&recorded, None),
+            |e| e.apply_assets(back).map(|_| ()),
+        );
+        if let Err(e) = result {
+            let e = Arc::new(e);
+            for (w, _, _) in work {
+                let _ = w.reply.send(Err(ControlError::Batch(e.clone())));
+            }
+            return;
+        }
+        let mut removed = false;
+        for (w, _, _) in &work {
+            // The document keeps its order (it is what users read back), so a removal shifts
+            // positions; removals are rare next to tag edits.
+            match (self.index.get(&w.name).copied(), &w.spec) {
+                (Some(i), Some(s)) => self.doc.assets[i] = s.clone(),
+                (Some(i), None) => {
+                    self.doc.assets.remove(i);
+                    self.index.remove(&w.name);
+                    removed = true;
+                }
+                (None, Some(s)) => {
+                    self.index.insert(w.name.clone(), self.doc.assets.len());
+                    self.doc.assets.push(s.clone());
+                }
+                (None, None) => {}
+            }
+            if removed {
+                self.reindex();
+                removed = false;
+            }
+        }
+        self.publish();
+        tracing::info!(assets = work.len(), "asset changes applied");
+        let moved: Vec<(Option<&AssetSpec>, Option<&AssetSpec>)> =
+            work.iter().map(|(w, _, old)| (old.as_ref(), w.spec.as_ref())).collect();
+        let affected = self.netskope_affected(&moved);
+        self.netskope_mark(&affected, "change");
+        for (w, _, _) in work {
+            let _ = w.reply.send(Ok(()));
+        }
+    }
+
+    /// Publishes the status (epoch, last apply, attachments, counts and map fill) for readers
+    /// that must not wait for the control lock.
+    pub fn publish(&self) {
+        let dp = self.enforcer.dataplane();
+        let c = dp.applied();
+        self.board.publish(StatusView {
+            epoch: dp.epoch(),
+            last_apply: self.last_apply,
+            interfaces: dp.attachments(),
+            objects: [self.doc.assets.len(), self.doc.segments.len(), self.doc.rules.len()],
+            prefixes: c.counts,
+            policy_entries: c.policy.len(),
+            rules: c.rule_slots.len(),
+            capacity: self.enforcer.capacity(),
+            flows: None,
+        });
+    }
+
+    /// The newest `limit` audit rows.
+    pub fn audit(&self, limit: usize) -> Result<Vec<store::AuditEntry>, ControlError> {
+        Ok(self.store.audit(limit)?)
+    }
+}
+
+/// One asset validated on its own (`source` names it in errors).
+fn validate_asset(spec: &AssetSpec, source: &str) -> Result<Option<Asset>, ControlError> {
+    Ok((PolicyDocument { assets: vec![spec.clone()], ..Default::default() }).validate(source)?.assets.pop())
+}
+
+/// The shared control state: one lock for changes, a status board for cheap reads.
+#[derive(Clone)]
+pub struct Handle {
+    control: Arc<Mutex<Control>>,
+    board: Arc<StatusBoard>,
+}
+
+impl Handle {
+    pub fn new(control: Control) -> Self {
+        let board = control.board();
+        Self { control: Arc::new(Mutex::new(control)), board }
+    }
+
+    /// The control state, once free. Blocks (a change may take seconds): call it on a thread of
+    /// your own or in `spawn_blocking`, never on an async worker.
+    pub fn lock(&self) -> MutexGuard<'_, Control> {
+        // A panic mid-change leaves the state as the last completed step left it: every step
+        // keeps the store and the data plane consistent, so carry on rather than stop enforcing.
+        self.control.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The status as last published: never waits for a change in progress.
+    pub fn status(&self) -> StatusView {
+        self.board.get()
+    }
+
+    pub fn board(&self) -> &Arc<StatusBoard> {
+        &self.board
+    }
+}

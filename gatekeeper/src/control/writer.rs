@@ -1,0 +1,61 @@
+//! The asset writer: single-asset edits (tag changes, PUT/PATCH/DELETE of one asset) queue
+//! here and a thread of its own applies them in batches through [`super::Control::change_assets`], so
+//! a burst of edits pays the fixed costs of a change once, and no async worker waits for one.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{ControlError, Handle};
+use crate::policy::AssetSpec;
+
+/// Most writes taken into one batch.
+const MAX_BATCH: usize = 4096;
+
+/// One asset write waiting for the writer.
+pub struct AssetWrite {
+    pub name: String,
+    /// The new asset, or `None` to delete it.
+    pub spec: Option<AssetSpec>,
+    pub actor: &'static str,
+    pub action: &'static str,
+    pub reply: oneshot::Sender<Result<(), ControlError>>,
+}
+
+/// Where asset writes are queued.
+#[derive(Clone)]
+pub struct AssetWriter {
+    tx: mpsc::Sender<AssetWrite>,
+}
+
+impl AssetWriter {
+    /// Starts the writer thread over `control`; it ends when every `AssetWriter` is dropped.
+    pub fn spawn(control: Handle) -> std::io::Result<Self> {
+        let (tx, mut rx) = mpsc::channel::<AssetWrite>(8192);
+        std::thread::Builder::new().name("gk-writer".into()).spawn(move || {
+            while let Some(first) = rx.blocking_recv() {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(w) => batch.push(w),
+                        Err(_) => break,
+                    }
+                }
+                control.lock().change_assets(batch);
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    /// Writes (or with `None` deletes) asset `name` and waits until it is enforced and recorded.
+    pub async fn write(
+        &self,
+        name: &str,
+        spec: Option<AssetSpec>,
+        actor: &'static str,
+        action: &'static str,
+    ) -> Result<(), ControlError> {
+        let (reply, rx) = oneshot::channel();
+        let w = AssetWrite { name: name.to_string(), spec, actor, action, reply };
+        self.tx.send(w).await.map_err(|_| ControlError::Unavailable("the asset writer stopped"))?;
+        rx.await.map_err(|_| ControlError::Unavailable("the asset writer stopped"))?
+    }
+}

@@ -1,0 +1,115 @@
+//! What changed between two documents: object changes (for the store and the audit log), the
+//! `kubectl apply`-style merge of a partial document, and the assets that differ between two
+//! validated policies (for incremental compiles).
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Asset, AssetSpec, Policy, PolicyDocument, RuleSpec, SegmentSpec};
+
+/// The kinds of objects a document holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Asset,
+    Segment,
+    Rule,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Asset => "asset",
+            Self::Segment => "segment",
+            Self::Rule => "rule",
+        }
+    }
+}
+
+/// One object created, replaced or deleted (`None` on the missing side).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub kind: Kind,
+    pub name: String,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+}
+
+impl Change {
+    /// `create`, `update` or `delete`.
+    pub fn op(&self) -> &'static str {
+        match (&self.old, &self.new) {
+            (None, _) => "create",
+            (_, None) => "delete",
+            _ => "update",
+        }
+    }
+}
+
+/// Every object change between two documents, in document order.
+pub fn changes(old: &PolicyDocument, new: &PolicyDocument) -> Vec<Change> {
+    fn kind_changes<T: Serialize + PartialEq>(
+        kind: Kind,
+        old: &[T],
+        new: &[T],
+        name: impl Fn(&T) -> &str,
+    ) -> Vec<Change> {
+        let old_by: HashMap<&str, &T> = old.iter().map(|x| (name(x), x)).collect();
+        let new_names: HashSet<&str> = new.iter().map(&name).collect();
+        let mut out = Vec::new();
+        for n in new {
+            match old_by.get(name(n)) {
+                Some(o) if *o == n => {}
+                Some(o) => out.push(Change {
+                    kind,
+                    name: name(n).into(),
+                    old: serde_json::to_value(o).ok(),
+                    new: serde_json::to_value(n).ok(),
+                }),
+                None => out.push(Change { kind, name: name(n).into(), old: None, new: serde_json::to_value(n).ok() }),
+            }
+        }
+        for o in old {
+            if !new_names.contains(name(o)) {
+                out.push(Change { kind, name: name(o).into(), old: serde_json::to_value(o).ok(), new: None });
+            }
+        }
+        out
+    }
+    let mut out = kind_changes(Kind::Asset, &old.assets, &new.assets, |a: &AssetSpec| &a.name);
+    out.extend(kind_changes(Kind::Segment, &old.segments, &new.segments, |s: &SegmentSpec| &s.name));
+    out.extend(kind_changes(Kind::Rule, &old.rules, &new.rules, |r: &RuleSpec| &r.name));
+    out
+}
+
+/// Replaces the items of `list` named like those of `items`, appends the others.
+pub fn upsert<T: Clone>(list: &mut Vec<T>, items: &[T], name: impl Fn(&T) -> &str) {
+    for item in items {
+        match list.iter().position(|x| name(x) == name(item)) {
+            Some(i) => list[i] = item.clone(),
+            None => list.push(item.clone()),
+        }
+    }
+}
+
+/// `file` merged into `base`, like `kubectl apply`: objects `file` names replace those of the
+/// same kind and name; other objects of `base` stay.
+pub fn merged(base: &PolicyDocument, file: &PolicyDocument) -> PolicyDocument {
+    let mut out = base.clone();
+    upsert(&mut out.assets, &file.assets, |a| &a.name);
+    upsert(&mut out.segments, &file.segments, |s| &s.name);
+    upsert(&mut out.rules, &file.rules, |r| &r.name);
+    out
+}
+
+/// Names of the assets that differ between `old` and `new` (edited, added or removed).
+pub fn changed_assets(old: &Policy, new: &Policy) -> Vec<String> {
+    let before: HashMap<&str, &Asset> = old.assets.iter().map(|a| (a.name.as_str(), a)).collect();
+    let after: HashMap<&str, &Asset> = new.assets.iter().map(|a| (a.name.as_str(), a)).collect();
+    let mut changed: Vec<String> =
+        new.assets.iter().filter(|a| before.get(a.name.as_str()) != Some(a)).map(|a| a.name.clone()).collect();
+    changed.extend(old.assets.iter().filter(|a| !after.contains_key(a.name.as_str())).map(|a| a.name.clone()));
+    changed
+}
