@@ -40,8 +40,8 @@ impl Default for Timeouts {
     }
 }
 
-/// How many entries each policy map may hold for one generation (a third of the map: the
-/// generations share it), and how many rules have counter slots.
+/// How many entries each policy map may hold for one generation (the `GENERATIONS` generations
+/// share each map equally), and how many rules have counter slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
     pub hosts_v4: usize,
@@ -52,17 +52,25 @@ pub struct Capacity {
     pub rules: usize,
 }
 
+impl Capacity {
+    /// What one generation may hold of maps with these sizes (each host hash and LPM trie
+    /// holding `host_entries` and `prefix_entries`, for all generations together).
+    pub fn of_maps(host_entries: u32, prefix_entries: u32, policy_entries: u32, rule_slots: u32) -> Self {
+        let share = |n: u32| (n / gatekeeper_common::GENERATIONS) as usize;
+        Self {
+            hosts_v4: share(host_entries),
+            prefixes_v4: share(prefix_entries),
+            hosts_v6: share(host_entries),
+            prefixes_v6: share(prefix_entries),
+            policy: share(policy_entries),
+            rules: rule_slots as usize,
+        }
+    }
+}
+
 impl Default for Capacity {
     fn default() -> Self {
-        let half = |n: u32| (n / gatekeeper_common::GENERATIONS) as usize;
-        Self {
-            hosts_v4: half(DEFAULT_HOST_ENTRIES),
-            prefixes_v4: half(DEFAULT_PREFIX_ENTRIES),
-            hosts_v6: half(DEFAULT_HOST_ENTRIES),
-            prefixes_v6: half(DEFAULT_PREFIX_ENTRIES),
-            policy: half(DEFAULT_POLICY_ENTRIES),
-            rules: DEFAULT_RULE_SLOTS as usize,
-        }
+        Self::of_maps(DEFAULT_HOST_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RULE_SLOTS)
     }
 }
 

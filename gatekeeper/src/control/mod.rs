@@ -344,6 +344,7 @@ impl Control {
         )?;
         self.doc = new;
         self.reindex();
+        self.publish();
         for c in &diff {
             tracing::info!(actor, action, kind = c.kind.as_str(), name = %c.name, "changed");
         }
@@ -357,7 +358,7 @@ impl Control {
     /// The one commit step of every change: `enforce` puts the new policy in force (returning
     /// its report when it applied one), then `record` writes the change to the store. If the
     /// store refuses, the change is not recorded and so must not stay applied: `undo` puts the
-    /// previous policy back. On success the status is published.
+    /// previous policy back. The caller publishes the status once its state is updated.
     fn commit(
         &mut self,
         enforce: impl FnOnce(&mut Enforcer) -> Result<Option<ApplyReport>, EnforceError>,
@@ -377,7 +378,6 @@ impl Control {
         if applied.is_some() {
             self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
         }
-        self.publish();
         Ok(())
     }
 

@@ -119,6 +119,7 @@ impl Control {
             restore(&mut self.netskope);
             return Err(e);
         }
+        self.publish();
         tracing::info!(actor, action, apps = changed.len(), "Netskope integration changed");
         if !pending.is_empty() {
             self.netskope_wake(Event::Push);

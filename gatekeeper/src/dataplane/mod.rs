@@ -52,7 +52,7 @@ use aya::{
 };
 use gatekeeper_common::{
     Counter, DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
-    DEFAULT_RULE_SLOTS, GENERATIONS, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED,
+    DEFAULT_RULE_SLOTS, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED,
     OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_MALFORMED,
 };
 
@@ -236,17 +236,9 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    /// What one generation may hold: a third of each map, the generations share it.
+    /// What one generation may hold: the generations share each map equally.
     pub fn capacity(&self) -> Capacity {
-        let half = |n: u32| (n / GENERATIONS) as usize;
-        Capacity {
-            hosts_v4: half(self.host_entries),
-            prefixes_v4: half(self.prefix_entries),
-            hosts_v6: half(self.host_entries),
-            prefixes_v6: half(self.prefix_entries),
-            policy: half(self.policy_entries),
-            rules: self.rule_slots as usize,
-        }
+        Capacity::of_maps(self.host_entries, self.prefix_entries, self.policy_entries, self.rule_slots)
     }
 }
 
