@@ -5,18 +5,18 @@
 //! lookups miss. The layout of every type is pinned by `const` assertions below and by the
 //! offset tests at the bottom of this file.
 //!
-//! # The maps (defined in `gatekeeper-ebpf/src/main.rs`, written by `gatekeeper::maps`)
+//! # The maps (defined in `gatekeeper-ebpf/src/main.rs`, written by `gatekeeper::dataplane`)
 //!
 //! | map            | type              | key                  | value          | written by |
 //! |----------------|-------------------|----------------------|----------------|------------|
 //! | `GK_EPOCH`     | array\[1\]        | `u32` index 0        | `u32` epoch    | daemon: one store flips the policy generation (`gen = epoch % GENERATIONS`) |
-//! | `GK_GEN_CONFIG`| array\[3\]        | `u32` generation     | [`GenConfig`]  | daemon, only for an inactive generation |
-//! | `GK_HOSTS_V4`  | hash              | [`HostV4`]           | [`Identity`]   | daemon, only for the inactive generation (/32 entries) |
-//! | `GK_HOSTS_V6`  | hash              | [`HostV6`]           | [`Identity`]   | daemon, only for the inactive generation (/128 entries) |
-//! | `GK_IDS_V4`    | LPM trie          | [`LpmV4`]            | [`Identity`]   | daemon, only for the inactive generation (shorter prefixes) |
-//! | `GK_IDS_V6`    | LPM trie          | [`LpmV6`]            | [`Identity`]   | daemon, only for the inactive generation (shorter prefixes) |
-//! | `GK_PORT_CLASS`| array             | [`port_class_index`] | `u32` class    | daemon, only for the inactive generation |
-//! | `GK_POLICY`    | hash              | [`PolicyKey`]        | [`PolicyValue`]| daemon, only for the inactive generation |
+//! | `GK_GEN_CONFIG`| array\[4\]        | `u32` generation     | [`GenConfig`]  | daemon, only for an inactive generation |
+//! | `GK_HOSTS_V4`  | hash              | [`HostV4`]           | [`Identity`]   | daemon: an inactive generation; tag moves replace entries of the active one, each atomically (/32 entries) |
+//! | `GK_HOSTS_V6`  | hash              | [`HostV6`]           | [`Identity`]   | daemon: an inactive generation; tag moves replace entries of the active one, each atomically (/128 entries) |
+//! | `GK_IDS_V4`    | LPM trie          | [`LpmV4`]            | [`Identity`]   | daemon, only for an inactive generation (shorter prefixes) |
+//! | `GK_IDS_V6`    | LPM trie          | [`LpmV6`]            | [`Identity`]   | daemon, only for an inactive generation (shorter prefixes) |
+//! | `GK_PORT_CLASS`| array             | [`port_class_index`] | `u32` class    | daemon, only for an inactive generation |
+//! | `GK_POLICY`    | hash              | [`PolicyKey`]        | [`PolicyValue`]| daemon: an inactive generation; tag moves add entries of appearing identities to the active one |
 //! | `GK_FLOWS_V4`  | LRU hash          | [`FlowKeyV4`]        | [`FlowValue`]  | XDP program (create, refresh, revoke); daemon may clear |
 //! | `GK_FLOWS_V6`  | LRU hash          | [`FlowKey`]          | [`FlowValue`]  | XDP program (create, refresh, revoke); daemon may clear |
 //! | `GK_STATS`     | per-CPU array     | outcome (`OUTCOME_*`)| [`Counter`]    | XDP program |
@@ -74,6 +74,55 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_OTHER: u8 = 255;
+
+// ---- Wire constants ------------------------------------------------------------------------
+// Read by both parsers, the XDP program's and the reference model's
+// (`gatekeeper::policy::reference`), so the two cannot disagree about which header is which.
+
+/// Ethertype of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// Ethertype of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86DD;
+/// Ethertype of an 802.1Q (customer) VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// Ethertype of an 802.1ad (service, "QinQ" outer) VLAN tag.
+pub const ETH_P_8021AD: u16 = 0x88A8;
+/// VLAN tags parsed through (802.1ad outer plus 802.1Q inner, in any order). A frame with more
+/// cannot be seen into, so it is unattributable rather than let through unjudged.
+pub const MAX_VLAN_DEPTH: usize = 2;
+
+// IPv6 extension headers (next-header numbers) skipped on the way to the L4 header.
+
+/// Hop-by-hop options: length in 8-octet units, not counting the first.
+pub const IPV6_EXT_HOP_BY_HOP: u8 = 0;
+/// Routing header: length in 8-octet units, not counting the first.
+pub const IPV6_EXT_ROUTING: u8 = 43;
+/// Fragment header: always 8 octets; a non-zero offset means no L4 header follows.
+pub const IPV6_EXT_FRAGMENT: u8 = 44;
+/// Authentication header: length in 4-octet units, not counting the first two.
+pub const IPV6_EXT_AH: u8 = 51;
+/// Destination options: length in 8-octet units, not counting the first.
+pub const IPV6_EXT_DEST_OPTS: u8 = 60;
+/// IPv6 extension headers followed before giving up; a longer chain is malformed. A fixed bound
+/// keeps the XDP program's loop finite for the verifier.
+pub const MAX_EXT_HEADERS: usize = 8;
+
+/// ICMP echo reply: with the echo request, the only ICMP messages that open or match a flow.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+/// ICMP echo request.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMPv6 echo request: with the echo reply, the only ICMPv6 messages that open or match a flow.
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+/// ICMPv6 echo reply.
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+/// First of the ICMPv6 types that pass untouched (IPv6 cannot work without them):
+/// 130-132 multicast listener query, report, done; 133-137 router solicitation and
+/// advertisement, neighbour solicitation and advertisement, redirect.
+pub const ICMPV6_NEIGHBOR_FIRST: u8 = 130;
+/// Last of the contiguous range starting at [`ICMPV6_NEIGHBOR_FIRST`] (redirect).
+pub const ICMPV6_NEIGHBOR_LAST: u8 = 137;
+/// Multicast listener report version 2, which also passes untouched.
+pub const ICMPV6_MLDV2_REPORT: u8 = 143;
 
 /// Port class of packets that carry no port: non-first fragments, ICMP, other protocols.
 /// Only rules without a port restriction cover it.

@@ -1,14 +1,17 @@
 //! The gatekeeper XDP program: microsegmentation on every bridge port.
 //!
-//! Per packet: parse (through VLAN tags and IPv6 extension headers), look up the flow table
-//! (fast path for established flows), find the segment-set identity of source and destination
-//! (LPM tries), and judge a new flow against the compiled allow-list. Every packet ends in
-//! exactly one `OUTCOME_*` counter. The maps are described in one place, `gatekeeper-common`.
+//! Per packet: parse (through VLAN tags and IPv6 extension headers, in `parse`), look up the flow
+//! table (fast path for established flows), find the segment-set identity of source and
+//! destination (host hash, else LPM trie), and judge a new flow against the compiled allow-list.
+//! Every packet ends in exactly one `OUTCOME_*` counter. The maps are described in one place,
+//! `gatekeeper-common`.
 //!
-//! Semantics are defined by the plain-Rust reference model in `gatekeeper::reference`; the
-//! differential tests hold this program to it.
+//! Semantics are defined by the plain-Rust reference model in `gatekeeper::policy::reference`;
+//! the differential tests hold this program to it.
 #![no_std]
 #![no_main]
+
+mod parse;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
@@ -27,6 +30,7 @@ use gatekeeper_common::{
     OUTCOME_PASS_UNGOVERNED, PORT_CLASS_ENTRIES, PORT_CLASS_NONE, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP,
     PROTO_UDP, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
 };
+use parse::{Packet, Parsed, parse};
 
 // ---- Maps (documented in gatekeeper-common) -------------------------------------------------
 
@@ -58,259 +62,9 @@ static GK_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTR
 #[map]
 static GK_RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DEFAULT_RULE_SLOTS, 0);
 
-// ---- Parsing ----------------------------------------------------------------------------------
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-/// 802.1ad outer tag plus 802.1Q inner tag; deeper stacks are not parsed (and are malformed).
-const MAX_VLAN_DEPTH: usize = 2;
-/// IPv6 extension headers skipped before giving up (the packet is then malformed).
-const MAX_EXT_HEADERS: usize = 8;
+/// A flow's `last_seen_ns` is rewritten at most once per second: timeouts are whole seconds,
+/// and fewer writes keep a busy flow's entry from bouncing between CPUs.
 const NS_PER_SEC: u64 = 1_000_000_000;
-
-/// A parsed IP packet. Addresses are kept as the words found on the wire.
-#[derive(Clone, Copy)]
-struct Packet {
-    family: u8,
-    proto: u8,
-    /// The L4 ports are meaningful for rules (TCP/UDP, not a non-first fragment).
-    has_ports: bool,
-    /// The packet belongs to a tracked flow kind (TCP, UDP, ICMP echo) and has its ports/id.
-    trackable: bool,
-    /// ICMPv6 neighbour discovery or multicast listener message: passes untouched.
-    neighbor: bool,
-    /// The header chain is broken or truncated after the addresses.
-    malformed: bool,
-    sport: u16,
-    dport: u16,
-    src: [u32; 4],
-    dst: [u32; 4],
-}
-
-impl Packet {
-    #[inline(always)]
-    fn new(family: u8, proto: u8, src: [u32; 4], dst: [u32; 4]) -> Self {
-        Self {
-            family,
-            proto,
-            has_ports: false,
-            trackable: false,
-            neighbor: false,
-            malformed: false,
-            sport: 0,
-            dport: 0,
-            src,
-            dst,
-        }
-    }
-}
-
-enum Parsed {
-    NonIp,
-    /// An IP packet too broken to read its addresses from.
-    Unattributable,
-    Ip(Packet),
-}
-
-/// Reads `N` bytes at `offset`, checking the bounds immediately before the access so that the
-/// verifier sees the check (LLVM may not move it past the load).
-#[inline(always)]
-fn load<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + N > end {
-        return None;
-    }
-    // SAFETY: bounds checked above; `[u8; N]` has alignment 1.
-    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
-}
-
-#[inline(always)]
-fn be16(b0: u8, b1: u8) -> u16 {
-    u16::from_be_bytes([b0, b1])
-}
-
-#[inline(always)]
-fn word(b: &[u8; 4]) -> u32 {
-    u32::from_ne_bytes(*b)
-}
-
-#[inline(always)]
-fn parse(ctx: &XdpContext) -> Parsed {
-    let Some(eth) = load::<ETH_HLEN>(ctx, 0) else {
-        return Parsed::Unattributable;
-    };
-    let mut ethertype = be16(eth[12], eth[13]);
-    let mut offset = ETH_HLEN;
-    for _ in 0..MAX_VLAN_DEPTH {
-        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            let Some(tag) = load::<4>(ctx, offset) else {
-                return Parsed::Unattributable;
-            };
-            ethertype = be16(tag[2], tag[3]);
-            offset += 4;
-        }
-    }
-    match ethertype {
-        ETH_P_IP => parse_ipv4(ctx, offset),
-        ETH_P_IPV6 => parse_ipv6(ctx, offset),
-        // A third VLAN tag: we cannot see what is inside, so we cannot let it through unjudged.
-        ETH_P_8021Q | ETH_P_8021AD => Parsed::Unattributable,
-        _ => Parsed::NonIp,
-    }
-}
-
-#[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Parsed {
-    let Some(h) = load::<20>(ctx, offset) else {
-        return Parsed::Unattributable;
-    };
-    if h[0] >> 4 != 4 {
-        return Parsed::Unattributable;
-    }
-    let mut p = Packet::new(
-        4,
-        h[9],
-        [word(&[h[12], h[13], h[14], h[15]]), 0, 0, 0],
-        [word(&[h[16], h[17], h[18], h[19]]), 0, 0, 0],
-    );
-    let ihl = ((h[0] & 0x0f) as usize) * 4;
-    if ihl < 20 || offset + ihl > ctx.data_end() - ctx.data() {
-        p.malformed = true;
-        return Parsed::Ip(p);
-    }
-    // A non-first fragment carries no L4 header: it is judged without ports.
-    if be16(h[6], h[7]) & 0x1fff != 0 {
-        return Parsed::Ip(p);
-    }
-    parse_l4(ctx, offset + ihl, p)
-}
-
-#[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
-    let Some(h) = load::<40>(ctx, offset) else {
-        return Parsed::Unattributable;
-    };
-    if h[0] >> 4 != 6 {
-        return Parsed::Unattributable;
-    }
-    let mut p = Packet::new(
-        6,
-        h[6],
-        [
-            word(&[h[8], h[9], h[10], h[11]]),
-            word(&[h[12], h[13], h[14], h[15]]),
-            word(&[h[16], h[17], h[18], h[19]]),
-            word(&[h[20], h[21], h[22], h[23]]),
-        ],
-        [
-            word(&[h[24], h[25], h[26], h[27]]),
-            word(&[h[28], h[29], h[30], h[31]]),
-            word(&[h[32], h[33], h[34], h[35]]),
-            word(&[h[36], h[37], h[38], h[39]]),
-        ],
-    );
-    let mut offset = offset + 40;
-    for _ in 0..MAX_EXT_HEADERS {
-        match p.proto {
-            // Hop-by-hop, routing, destination options: length in 8-octet units, not counting the first.
-            0 | 43 | 60 => {
-                let Some(e) = load::<2>(ctx, offset) else {
-                    p.malformed = true;
-                    return Parsed::Ip(p);
-                };
-                p.proto = e[0];
-                offset += (e[1] as usize + 1) * 8;
-            }
-            // Authentication header: length in 4-octet units, not counting the first two.
-            51 => {
-                let Some(e) = load::<2>(ctx, offset) else {
-                    p.malformed = true;
-                    return Parsed::Ip(p);
-                };
-                p.proto = e[0];
-                offset += (e[1] as usize + 2) * 4;
-            }
-            44 => {
-                let Some(e) = load::<8>(ctx, offset) else {
-                    p.malformed = true;
-                    return Parsed::Ip(p);
-                };
-                p.proto = e[0];
-                offset += 8;
-                if be16(e[2], e[3]) >> 3 != 0 {
-                    // Non-first fragment: no L4 header here.
-                    return Parsed::Ip(p);
-                }
-            }
-            _ => return parse_l4(ctx, offset, p),
-        }
-    }
-    match p.proto {
-        // Still inside the extension header chain: too long to follow.
-        0 | 43 | 60 | 51 | 44 => {
-            p.malformed = true;
-            Parsed::Ip(p)
-        }
-        _ => parse_l4(ctx, offset, p),
-    }
-}
-
-#[inline(always)]
-fn parse_l4(ctx: &XdpContext, offset: usize, mut p: Packet) -> Parsed {
-    // Headers claimed to run past the end of the frame.
-    if ctx.data() + offset > ctx.data_end() {
-        p.malformed = true;
-        return Parsed::Ip(p);
-    }
-    match p.proto {
-        PROTO_TCP => {
-            let Some(t) = load::<20>(ctx, offset) else {
-                p.malformed = true;
-                return Parsed::Ip(p);
-            };
-            p.sport = be16(t[0], t[1]);
-            p.dport = be16(t[2], t[3]);
-            p.has_ports = true;
-            p.trackable = true;
-        }
-        PROTO_UDP => {
-            let Some(u) = load::<8>(ctx, offset) else {
-                p.malformed = true;
-                return Parsed::Ip(p);
-            };
-            p.sport = be16(u[0], u[1]);
-            p.dport = be16(u[2], u[3]);
-            p.has_ports = true;
-            p.trackable = true;
-        }
-        PROTO_ICMP | PROTO_ICMPV6 => {
-            let Some(i) = load::<8>(ctx, offset) else {
-                p.malformed = true;
-                return Parsed::Ip(p);
-            };
-            let ty = i[0];
-            let echo = if p.family == 4 {
-                p.proto == PROTO_ICMP && (ty == 8 || ty == 0)
-            } else {
-                p.proto == PROTO_ICMPV6 && (ty == 128 || ty == 129)
-            };
-            if echo {
-                // Both directions of an echo exchange share the identifier.
-                let id = be16(i[4], i[5]);
-                p.sport = id;
-                p.dport = id;
-                p.trackable = true;
-            }
-            p.neighbor = p.family == 6 && p.proto == PROTO_ICMPV6 && ((130..=137).contains(&ty) || ty == 143);
-        }
-        _ => {}
-    }
-    Parsed::Ip(p)
-}
 
 // ---- Lookups ----------------------------------------------------------------------------------
 

@@ -318,10 +318,6 @@ impl Reference {
         self.flows.clear();
     }
 
-    pub fn flow_count(&self) -> usize {
-        self.flows.len()
-    }
-
     fn has_mode(&self, mode: Mode) -> bool {
         self.policy.segments.iter().any(|s| s.mode == mode)
     }
