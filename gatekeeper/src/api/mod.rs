@@ -18,7 +18,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
         auth::{AuthError, Credentials, Tokens},
         writer::AssetWriter,
     },
-    policy::{AssetSpec, PolicyDocument, Problem, RuleSpec, SegmentSpec, selector::Selector},
+    policy::{AssetSpec, PolicyDocument, Problem, RuleSpec, SegmentSpec, diff::Change, selector::Selector},
 };
 
 /// Why a request was refused.
@@ -243,16 +243,14 @@ async fn list_assets(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> R
     Ok(Json(assets))
 }
 
-fn no_asset(name: &str) -> ApiError {
-    ApiError::NotFound(format!("no asset {name:?}"))
+/// The stored asset `name`, or a 404.
+async fn stored_asset(s: &ApiState, name: &str) -> Result<AssetSpec, ApiError> {
+    let n = name.to_string();
+    s.with(move |c| c.asset(&n).cloned()).await?.ok_or_else(|| ApiError::NotFound(format!("no asset {name:?}")))
 }
 
 async fn get_asset(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<AssetSpec>, ApiError> {
-    let found = s.with({
-        let name = name.clone();
-        move |c| c.asset(&name).cloned()
-    });
-    found.await?.map(Json).ok_or_else(|| no_asset(&name))
+    stored_asset(&s, &name).await.map(Json)
 }
 
 async fn put_asset(
@@ -275,11 +273,7 @@ async fn patch_asset(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let patch = body_json(&headers, &body, &["application/merge-patch+json", "application/json"])?;
-    let current = s.with({
-        let name = name.clone();
-        move |c| c.asset(&name).cloned()
-    });
-    let current = current.await?.ok_or_else(|| no_asset(&name))?;
+    let current = stored_asset(&s, &name).await?;
     let mut v = serde_json::to_value(&current).map_err(|e| ApiError::Internal(e.to_string()))?;
     merge_patch(&mut v, &patch);
     let spec: AssetSpec = object(&name, v)?;
@@ -292,13 +286,7 @@ async fn delete_asset(
     Path(name): Path<String>,
     ext: axum::http::Extensions,
 ) -> Result<StatusCode, ApiError> {
-    let exists = s.with({
-        let name = name.clone();
-        move |c| c.asset(&name).is_some()
-    });
-    if !exists.await? {
-        return Err(no_asset(&name));
-    }
+    stored_asset(&s, &name).await?;
     s.writer.write(&name, None, actor(&ext), "delete asset").await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -319,10 +307,7 @@ fn segments_json(c: &Control) -> Vec<Value> {
 }
 
 fn rules_json(c: &Control) -> Vec<Value> {
-    listing(
-        &c.doc().rules,
-        c.netskope().rules.iter().map(|g| (&g.rule, json!({"by": "netskope", "app_id": g.app_id}))),
-    )
+    listing(&c.doc().rules, c.netskope().rules.iter().map(|g| (&g.rule, json!({"by": "netskope", "app_id": g.app_id}))))
 }
 
 fn named(list: Vec<Value>, name: &str, kind: &str) -> Result<Json<Value>, ApiError> {
@@ -340,6 +325,35 @@ async fn get_segment(State(s): State<ApiState>, Path(name): Path<String>) -> Res
     named(s.with(|c| segments_json(c)).await?, &name, "segment")
 }
 
+/// The control path's write of one object kind, and its deletion.
+type Put<T> = fn(&mut Control, &str, T) -> Result<Vec<Change>, ControlError>;
+type Delete = fn(&mut Control, &str, &str) -> Result<(), ControlError>;
+
+/// A segment or rule from a PUT body, stored through the one change path.
+async fn put_object<T: DeserializeOwned + serde::Serialize + Clone + Send + 'static>(
+    s: &ApiState,
+    name: &str,
+    ext: &axum::http::Extensions,
+    (headers, body): (&HeaderMap, &Bytes),
+    put: Put<T>,
+) -> Result<Response, ApiError> {
+    let spec: T = object(name, body_json(headers, body, &["application/json"])?)?;
+    let (actor, written) = (actor(ext), spec.clone());
+    s.with(move |c| put(c, actor, written)).await??;
+    Ok(Json(spec).into_response())
+}
+
+async fn delete_object(
+    s: &ApiState,
+    name: String,
+    ext: &axum::http::Extensions,
+    delete: Delete,
+) -> Result<StatusCode, ApiError> {
+    let actor = actor(ext);
+    s.with(move |c| delete(c, actor, &name)).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn put_segment(
     State(s): State<ApiState>,
     Path(name): Path<String>,
@@ -347,11 +361,7 @@ async fn put_segment(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let spec: SegmentSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    let actor = actor(&ext);
-    let put = spec.clone();
-    s.with(move |c| c.put_segment(actor, put)).await??;
-    Ok(Json(spec).into_response())
+    put_object::<SegmentSpec>(&s, &name, &ext, (&headers, &body), Control::put_segment).await
 }
 
 async fn delete_segment(
@@ -359,9 +369,7 @@ async fn delete_segment(
     Path(name): Path<String>,
     ext: axum::http::Extensions,
 ) -> Result<StatusCode, ApiError> {
-    let actor = actor(&ext);
-    s.with(move |c| c.delete_segment(actor, &name)).await??;
-    Ok(StatusCode::NO_CONTENT)
+    delete_object(&s, name, &ext, Control::delete_segment).await
 }
 
 async fn segment_members(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -393,11 +401,7 @@ async fn put_rule(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let spec: RuleSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    let actor = actor(&ext);
-    let put = spec.clone();
-    s.with(move |c| c.put_rule(actor, put)).await??;
-    Ok(Json(spec).into_response())
+    put_object::<RuleSpec>(&s, &name, &ext, (&headers, &body), Control::put_rule).await
 }
 
 async fn delete_rule(
@@ -405,9 +409,7 @@ async fn delete_rule(
     Path(name): Path<String>,
     ext: axum::http::Extensions,
 ) -> Result<StatusCode, ApiError> {
-    let actor = actor(&ext);
-    s.with(move |c| c.delete_rule(actor, &name)).await??;
-    Ok(StatusCode::NO_CONTENT)
+    delete_object(&s, name, &ext, Control::delete_rule).await
 }
 
 #[derive(Deserialize)]

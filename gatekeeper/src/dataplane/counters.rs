@@ -26,13 +26,7 @@ impl BpfDataplane {
         Ok(sum(&stats.get(&slot, 0).map_err(map_err("GK_RULE_STATS"))?))
     }
 
-    /// Number of entries in the flow tables (IPv4 and IPv6): a walk of every key, so slow on a
-    /// full table; [`BpfDataplane::flow_counter`] does it without holding this handle.
-    pub fn flow_count(&self) -> Result<usize, DataplaneError> {
-        self.flow_counter()?.count()
-    }
-
-    /// Its own handles on the flow tables, for counting them on another thread.
+    /// Handles of its own on the flow tables, for counting them on another thread.
     pub fn flow_counter(&self) -> Result<FlowCounter, DataplaneError> {
         let dup = |name: &'static str| -> Result<Map, DataplaneError> {
             let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
@@ -53,7 +47,6 @@ impl BpfDataplane {
 fn sum(values: &PerCpuValues<Counter>) -> Counter {
     values.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
 }
-
 
 /// Handles of their own on the flow tables: counting walks every key (a syscall each), so it
 /// runs on a thread of its own, never under the control lock.

@@ -19,13 +19,6 @@ impl BpfDataplane {
         let opts = TestRunOptions { data_in: Some(frame), repeat: 1, ..Default::default() };
         Ok(self.program()?.test_run(opts)?.return_value)
     }
-
-    /// Runs the program `repeat` times on `frame`: returns the action and mean time per run.
-    pub fn test_run_timed(&self, frame: &[u8], repeat: u32) -> Result<(u32, std::time::Duration), DataplaneError> {
-        let opts = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
-        let r = self.program()?.test_run(opts)?;
-        Ok((r.return_value, r.duration))
-    }
 }
 
 /// `BPF_PROG_TEST_RUN` on a program fd: runs it `repeat` times on `frame`; returns the last
