@@ -29,8 +29,8 @@ use chrono::Utc;
 use gatekeeper::{
     compile::{Compiler, Timeouts},
     dataplane::{BpfDataplane as Dataplane, LoadOptions, XdpAttachMode, test_run_live_fd},
-    policy::{Action, Asset, Endpoint, Mode, Policy, Protocol, Rule, Segment},
     policy::selector::Selector,
+    policy::{Action, Asset, Endpoint, Mode, Policy, Protocol, Rule, Segment},
 };
 use gatekeeper_tests::{
     lab::{Lab, sh},

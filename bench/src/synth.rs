@@ -11,8 +11,8 @@ use std::{
 };
 
 use gatekeeper::{
-    policy::{Action, Asset, Endpoint, Mode, Policy, Protocol, Rule, Segment},
     policy::selector::Selector,
+    policy::{Action, Asset, Endpoint, Mode, Policy, Protocol, Rule, Segment},
 };
 use ipnet::IpNet;
 

@@ -182,8 +182,7 @@ impl Config {
         }
         if let Some(n) = &cfg.netskope {
             netskope::check_tenant_url(&n.tenant_url).map_err(|e| bad(format!("[netskope] tenant_url: {e}")))?;
-            netskope::parse_interval(&n.sync_interval)
-                .map_err(|e| bad(format!("[netskope] sync_interval: {e}")))?;
+            netskope::parse_interval(&n.sync_interval).map_err(|e| bad(format!("[netskope] sync_interval: {e}")))?;
         }
         Ok(cfg)
     }

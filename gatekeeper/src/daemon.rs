@@ -157,7 +157,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let api_listener = match &config.api {
         Some(api) => {
             let tls = match (&api.tls_cert, &api.tls_key) {
-                (Some(cert), Some(key)) => Some(tls::server_config(cert, key).map_err(|e| anyhow::anyhow!("[api] {e}"))?),
+                (Some(cert), Some(key)) => {
+                    Some(tls::server_config(cert, key).map_err(|e| anyhow::anyhow!("[api] {e}"))?)
+                }
                 // Config validation guarantees both or neither.
                 _ => None,
             };

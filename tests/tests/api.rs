@@ -2,8 +2,6 @@
 //! dry runs, auth, and every error path changing nothing. Runs over the XDP program as
 //! root, over the in-memory data plane otherwise (see `gatekeeper_tests::control`).
 
-
-
 use gatekeeper::{
     control::{Handle, Store, auth::Tokens},
     daemon::http_router,

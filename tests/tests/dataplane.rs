@@ -13,8 +13,8 @@ use chrono::Utc;
 use gatekeeper::{
     compile::{Capacity, Compiler, Timeouts},
     dataplane::{BpfDataplane as Dataplane, LoadOptions, test_run_fd},
-    policy::{Policy, PolicyDocument},
     policy::reference::{Outcome, Reference},
+    policy::{Policy, PolicyDocument},
 };
 use gatekeeper_tests::packet::{Frame, L4};
 

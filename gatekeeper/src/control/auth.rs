@@ -68,7 +68,8 @@ mod tests {
 
     #[test]
     fn tokens_decide_the_actor() {
-        let c = Credentials::new(&Tokens { admin: Some("admin-token-0123456789".into()), reader: Some("r".repeat(16)) });
+        let c =
+            Credentials::new(&Tokens { admin: Some("admin-token-0123456789".into()), reader: Some("r".repeat(16)) });
         assert_eq!(c.actor(Some("Bearer admin-token-0123456789"), false), Ok("admin"));
         assert_eq!(c.actor(Some(&format!("Bearer {}", "r".repeat(16))), true), Ok("reader"));
         assert_eq!(c.actor(Some(&format!("Bearer {}", "r".repeat(16))), false), Err(AuthError::Forbidden));

@@ -33,7 +33,12 @@ pub struct Enforcer {
 impl Enforcer {
     /// An enforcer over `dataplane`, whose maps hold `capacity` per generation.
     pub fn new(dataplane: Box<dyn Dataplane>, timeouts: Timeouts, capacity: Capacity) -> Self {
-        Self { compiler: Compiler::new(timeouts, capacity), dataplane, policy: Policy::default(), index: Default::default() }
+        Self {
+            compiler: Compiler::new(timeouts, capacity),
+            dataplane,
+            policy: Policy::default(),
+            index: Default::default(),
+        }
     }
 
     /// An enforcer over the XDP program loaded with `options` (pinned when `options` says so).
@@ -95,10 +100,7 @@ impl Enforcer {
     /// Replaces (or with `None` removes) assets of the policy in force, by name (each at most
     /// once), and compiles only those changes: the path of tag edits. On error the policy in
     /// force is unchanged.
-    pub fn apply_assets(
-        &mut self,
-        changes: Vec<(String, Option<Asset>)>,
-    ) -> Result<ApplyReport, EnforceError> {
+    pub fn apply_assets(&mut self, changes: Vec<(String, Option<Asset>)>) -> Result<ApplyReport, EnforceError> {
         // Only the changed assets are saved for a rollback: cloning the whole list would make
         // a tag edit cost as much as the policy is large.
         let mut undo: Vec<(String, Option<Asset>)> = Vec::with_capacity(changes.len());
@@ -155,4 +157,3 @@ impl Enforcer {
         Ok(self.dataplane.apply(compiled)?)
     }
 }
-

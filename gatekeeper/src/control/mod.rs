@@ -249,7 +249,10 @@ impl Control {
     /// Where an address stands in the policy in force: the segments it belongs to.
     pub fn segments_of(&self, addr: IpAddr) -> Vec<String> {
         let policy = self.enforcer.policy();
-        crate::policy::membership::segments_of(policy, addr).into_iter().map(|i| policy.segments[i].name.clone()).collect()
+        crate::policy::membership::segments_of(policy, addr)
+            .into_iter()
+            .map(|i| policy.segments[i].name.clone())
+            .collect()
     }
 
     /// Edits a copy of the desired state with `edit` and makes it the desired state.
@@ -277,9 +280,7 @@ impl Control {
     /// Deletes a segment no rule uses (a generated or mapped segment cannot be deleted).
     pub fn delete_segment(&mut self, actor: &str, name: &str) -> Result<(), ControlError> {
         if netskope::reserved_segment(name) {
-            return Err(ControlError::Conflict(format!(
-                "segment {name:?} is generated from the Netskope publishers"
-            )));
+            return Err(ControlError::Conflict(format!("segment {name:?} is generated from the Netskope publishers")));
         }
         if !self.doc.segments.iter().any(|s| s.name == name) {
             return Err(ControlError::NotFound(format!("no segment {name:?}")));

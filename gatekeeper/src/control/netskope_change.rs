@@ -109,7 +109,8 @@ impl Control {
         }
         let previous = policy.as_ref().map(|_| self.enforcer.policy().clone());
         // Records, pending marks, settings and audit rows: one transaction.
-        let commit = NetskopeCommit { records: &changed, pending: &pending, pushed: &[], audit: &audit, settings: &settings };
+        let commit =
+            NetskopeCommit { records: &changed, pending: &pending, pushed: &[], audit: &audit, settings: &settings };
         let result = self.commit(
             |e| policy.map(|p| e.apply(p)).transpose(),
             |s| s.netskope_commit(commit),
@@ -170,8 +171,9 @@ impl Control {
         let tags = |a: &AssetSpec| -> BTreeMap<String, String> {
             a.tags.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
         };
-        let selected =
-            |seg: &str, a: &AssetSpec| policy.segments.iter().find(|s| s.name == seg).is_some_and(|s| selects(s, &tags(a)));
+        let selected = |seg: &str, a: &AssetSpec| {
+            policy.segments.iter().find(|s| s.name == seg).is_some_and(|s| selects(s, &tags(a)))
+        };
         acting
             .into_iter()
             .filter(|app| {
@@ -259,7 +261,8 @@ impl Control {
         }
         // The token goes to its file only once the settings are recorded, and never half-way.
         let path = self.store.dir().join(netskope::TOKEN_FILE);
-        let token_err = |source| ControlError::Io { what: format!("storing the Netskope token in {}", path.display()), source };
+        let token_err =
+            |source| ControlError::Io { what: format!("storing the Netskope token in {}", path.display()), source };
         let staged = if self.netskope.settings.as_ref().is_none_or(|s| s.token != settings.token) {
             Some(netskope::stage_token(&path, &settings.token).map_err(token_err)?)
         } else {

@@ -7,11 +7,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::netskope::{AppRecord, Integration, KEY_LAST_SUCCESS, KEY_LAST_SYNC, KEY_PUBLISHERS, KEY_SETTINGS, Settings, TOKEN_FILE};
-use crate::policy::{
-    PolicyDocument,
-    diff::Change,
+use super::netskope::{
+    AppRecord, Integration, KEY_LAST_SUCCESS, KEY_LAST_SYNC, KEY_PUBLISHERS, KEY_SETTINGS, Settings, TOKEN_FILE,
 };
+use crate::policy::{PolicyDocument, diff::Change};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

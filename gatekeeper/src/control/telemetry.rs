@@ -113,4 +113,3 @@ pub fn netskope_apps(n: &super::netskope::Integration) {
         }
     }
 }
-

@@ -40,7 +40,8 @@ impl BpfDataplane {
                             let _ = std::fs::remove_file(&path);
                         }
                         let _ = std::fs::remove_file(&own);
-                        let pinned = fd.pin(&own).map_err(|source| DataplaneError::Pin { path: own.clone(), source })?;
+                        let pinned =
+                            fd.pin(&own).map_err(|source| DataplaneError::Pin { path: own.clone(), source })?;
                         self.pinned.push((interface.to_string(), pinned, "replaced"));
                         return Ok("replaced");
                     }
@@ -65,7 +66,8 @@ impl BpfDataplane {
                         let path = vdir.join("links").join(interface);
                         let fd = FdLink::try_from(link)
                             .map_err(|source| DataplaneError::Link { path: path.clone(), source })?;
-                        let pinned = fd.pin(&path).map_err(|source| DataplaneError::Pin { path: path.clone(), source })?;
+                        let pinned =
+                            fd.pin(&path).map_err(|source| DataplaneError::Pin { path: path.clone(), source })?;
                         self.pinned.push((interface.to_string(), pinned, name));
                     } else {
                         self.links.push((interface.to_string(), id, name));

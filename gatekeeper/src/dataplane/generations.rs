@@ -194,7 +194,11 @@ impl BpfDataplane {
     /// address points at them yet), and nothing a packet may still be reading is removed. The
     /// epoch then moves by [`GENERATIONS`]: the same generation, but every flow is judged again.
     /// No grace period is needed, so tag changes do not queue behind one.
-    pub(super) fn apply_in_place(&mut self, delta: Delta, started: std::time::Instant) -> Result<ApplyReport, DataplaneError> {
+    pub(super) fn apply_in_place(
+        &mut self,
+        delta: Delta,
+        started: std::time::Instant,
+    ) -> Result<ApplyReport, DataplaneError> {
         let active = self.epoch % GENERATIONS;
         let policy = Delta { policy: delta.policy.clone(), ..Delta::default() };
         let hosts = Delta { v4: delta.v4.clone(), v6: delta.v6.clone(), ..Delta::default() };
@@ -282,4 +286,3 @@ pub(super) fn synchronize_rcu() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
-

@@ -9,7 +9,9 @@ use aya::{
 use gatekeeper_common::GENERATIONS;
 
 use super::{
-    DataplaneError, LoadOptions, generations::{Behind, Grace}, io_err, map_err,
+    DataplaneError, LoadOptions,
+    generations::{Behind, Grace},
+    io_err, map_err,
     pin::{MAPS, compatible, ensure_bpffs, pin_version_dir},
 };
 use crate::compile::Compiled;
@@ -92,10 +94,8 @@ impl BpfDataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(PROGRAM_OBJECT)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(DataplaneError::MissingProgram(PROGRAM_NAME))?
-            .try_into()?;
+        let program: &mut Xdp =
+            ebpf.program_mut(PROGRAM_NAME).ok_or(DataplaneError::MissingProgram(PROGRAM_NAME))?.try_into()?;
         program.load()?;
         let mut dp = Self {
             ebpf,
@@ -166,4 +166,3 @@ impl Drop for BpfDataplane {
         }
     }
 }
-

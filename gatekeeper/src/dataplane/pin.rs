@@ -85,4 +85,3 @@ pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
-

@@ -2,7 +2,9 @@
 //! full, rule counters zeroed for a new rule.
 
 use aya::maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key};
-use gatekeeper_common::{Counter, GenConfig, HostV4, HostV6, Identity, LpmV4, LpmV6, PolicyKey, PolicyValue, port_class_index};
+use gatekeeper_common::{
+    Counter, GenConfig, HostV4, HostV6, Identity, LpmV4, LpmV6, PolicyKey, PolicyValue, port_class_index,
+};
 
 use super::{BpfDataplane, DataplaneError, io_err, map_err};
 use crate::compile::{Compiled, Delta, diff};
@@ -149,4 +151,3 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         other => other,
     }
 }
-

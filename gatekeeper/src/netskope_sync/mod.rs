@@ -147,8 +147,13 @@ impl Worker {
     }
 
     fn sync_interval(&self) -> Duration {
-        let secs =
-            self.control.lock().netskope().settings.as_ref().map_or(netskope::DEFAULT_SYNC_SECS, |s| s.sync_interval_secs);
+        let secs = self
+            .control
+            .lock()
+            .netskope()
+            .settings
+            .as_ref()
+            .map_or(netskope::DEFAULT_SYNC_SECS, |s| s.sync_interval_secs);
         Duration::from_secs(secs)
     }
 
