@@ -438,16 +438,17 @@ impl Control {
             return;
         }
         let apply: Vec<(String, Option<Asset>)> = work.iter().map(|(w, a, _)| (w.name.clone(), a.clone())).collect();
-        // Only the changed assets are kept for an undo: cloning the policy would make a tag
+        // Only the changed assets are put back on an undo: cloning the policy would make a tag
         // edit cost as much as the policy is large.
-        let back: Vec<(String, Option<Asset>)> = work
-            .iter()
-            .map(|(w, _, old)| (w.name.clone(), old.as_ref().and_then(|o| validate_asset(o, "store").ok().flatten())))
-            .collect();
+        let back = || -> Vec<(String, Option<Asset>)> {
+            work.iter()
+                .map(|(w, _, old)| (w.name.clone(), old.as_ref().and_then(|o| validate_asset(o, "store").ok().flatten())))
+                .collect()
+        };
         let result = self.commit(
             |e| e.apply_assets(apply).map(Some),
             |s| s.commit_each(&recorded, None),
-            |e| e.apply_assets(back).map(|_| ()),
+            |e| e.apply_assets(back()).map(|_| ()),
         );
         if let Err(e) = result {
             let e = Arc::new(e);
