@@ -25,7 +25,7 @@ use crate::{
     control::{
         Control, ControlError, Handle,
         auth::{AuthError, Credentials, Tokens},
-        writer::AssetWriter,
+        writer::{AssetEdit, AssetWriter},
     },
     policy::{AssetSpec, PolicyDocument, Problem, RuleSpec, SegmentSpec, diff::Change, selector::Selector},
 };
@@ -200,26 +200,6 @@ fn object<T: serde::de::DeserializeOwned>(name: &str, mut v: Value) -> Result<T,
     serde_json::from_value(v).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
 }
 
-/// RFC 7396 JSON Merge Patch.
-pub fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(p) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    if let Value::Object(t) = target {
-        for (k, v) in p {
-            if v.is_null() {
-                t.remove(k);
-            } else {
-                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-    }
-}
-
 pub(crate) fn actor(headers: &axum::http::Extensions) -> &'static str {
     headers.get::<Actor>().map_or("unknown", |a| a.0)
 }
@@ -261,7 +241,7 @@ async fn put_asset(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let spec: AssetSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    s.writer.write(&name, Some(spec.clone()), actor(&ext), "put asset").await?;
+    s.writer.write(&name, AssetEdit::Put(spec.clone()), actor(&ext), "put asset").await?;
     Ok(Json(spec).into_response())
 }
 
@@ -273,11 +253,8 @@ async fn patch_asset(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let patch = body_json(&headers, &body, &["application/merge-patch+json", "application/json"])?;
-    let current = stored_asset(&s, &name).await?;
-    let mut v = serde_json::to_value(&current).map_err(|e| ApiError::Internal(e.to_string()))?;
-    merge_patch(&mut v, &patch);
-    let spec: AssetSpec = object(&name, v)?;
-    s.writer.write(&name, Some(spec.clone()), actor(&ext), "patch asset").await?;
+    // Merged in the writer, against the latest version: concurrent patches lose nothing.
+    let spec = s.writer.write(&name, AssetEdit::Patch(patch), actor(&ext), "patch asset").await?;
     Ok(Json(spec).into_response())
 }
 
@@ -286,8 +263,7 @@ async fn delete_asset(
     Path(name): Path<String>,
     ext: axum::http::Extensions,
 ) -> Result<StatusCode, ApiError> {
-    stored_asset(&s, &name).await?;
-    s.writer.write(&name, None, actor(&ext), "delete asset").await?;
+    s.writer.write(&name, AssetEdit::Delete, actor(&ext), "delete asset").await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

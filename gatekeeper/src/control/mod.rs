@@ -40,13 +40,13 @@ pub use self::{
 use self::{
     netskope::{Event, Integration, Settings},
     store::AuditRow,
-    writer::AssetWrite,
+    writer::{AssetEdit, AssetWrite},
 };
 use crate::{
     dataplane::ApplyReport,
     policy::{
         Asset, AssetSpec, Policy, PolicyDocument, PolicyError, Problem, RuleSpec, SegmentSpec,
-        diff::{Change, Kind, changes, merged, upsert},
+        diff::{Change, Kind, changes, merge_patch, merged, upsert},
         membership::member_assets,
         selector::Selector,
     },
@@ -382,44 +382,72 @@ impl Control {
         Ok(())
     }
 
-    /// Asset writes, each validated on its own, applied together: one incremental compile, one
-    /// data-plane apply and one store transaction for the whole batch (group commit), so the
-    /// fixed costs (the RCU grace period, the fsync) are paid once per batch. A write naming an
-    /// asset already in the batch starts a new batch, so writes apply in order.
+    /// Asset writes, each resolved against the asset as the writes before it left it and
+    /// validated on its own, applied together: one incremental compile, one data-plane apply and
+    /// one store transaction for the whole batch (group commit), so the fixed costs (the RCU
+    /// grace period, the fsync) are paid once per batch. A write naming an asset already in the
+    /// batch starts a new batch, so writes apply in order and a merge patch always applies to
+    /// the latest version (no update is lost).
     pub fn change_assets(&mut self, writes: Vec<AssetWrite>) {
-        let mut batch: Vec<(AssetWrite, Option<Asset>)> = Vec::new();
+        let mut batch: Vec<Resolved> = Vec::new();
         let mut names = HashSet::new();
         for w in writes {
-            let asset = match &w.spec {
-                None => None,
-                Some(spec) => match validate_asset(spec, "request") {
-                    Ok(a) => a,
-                    Err(e) => {
-                        let _ = w.reply.send(Err(e));
-                        continue;
-                    }
-                },
-            };
-            if !names.insert(w.name.clone()) {
+            if names.contains(&w.name) {
                 self.apply_batch(std::mem::take(&mut batch));
                 names.clear();
-                names.insert(w.name.clone());
             }
-            batch.push((w, asset));
+            let resolved = self.resolve(&w.name, &w.edit).and_then(|spec| {
+                let asset = spec.as_ref().map(|s| validate_asset(s, "request")).transpose()?.flatten();
+                Ok((spec, asset))
+            });
+            match resolved {
+                Ok((spec, asset)) => {
+                    names.insert(w.name.clone());
+                    batch.push(Resolved { write: w, spec, asset });
+                }
+                Err(e) => {
+                    let _ = w.reply.send(Err(e));
+                }
+            }
         }
         self.apply_batch(batch);
     }
 
-    fn apply_batch(&mut self, batch: Vec<(AssetWrite, Option<Asset>)>) {
+    /// What `edit` makes of asset `name` now: the new asset, or `None` to delete it.
+    fn resolve(&self, name: &str, edit: &AssetEdit) -> Result<Option<AssetSpec>, ControlError> {
+        let current = || self.asset(name).ok_or_else(|| ControlError::NotFound(format!("no asset {name:?}")));
+        match edit {
+            AssetEdit::Put(spec) => Ok(Some(spec.clone())),
+            AssetEdit::Delete => current().map(|_| None),
+            AssetEdit::Patch(patch) => {
+                let mut v = serde_json::to_value(current()?).map_err(|e| body_error(e.to_string()))?;
+                merge_patch(&mut v, patch);
+                let serde_json::Value::Object(map) = &mut v else {
+                    return Err(body_error("expected a JSON object".into()));
+                };
+                // The name comes from the path; a patch may repeat it, not change it.
+                match map.get("name") {
+                    Some(serde_json::Value::String(n)) if n != name => {
+                        return Err(body_error(format!("name {n:?} differs from the path's {name:?}")));
+                    }
+                    _ => {}
+                }
+                map.insert("name".into(), serde_json::Value::String(name.into()));
+                serde_json::from_value(v).map(Some).map_err(|e| body_error(e.to_string()))
+            }
+        }
+    }
+
+    fn apply_batch(&mut self, batch: Vec<Resolved>) {
         if batch.is_empty() {
             return;
         }
         let mut work = Vec::new();
         let mut recorded = Vec::new();
-        for (w, asset) in batch {
+        for Resolved { write: w, spec, asset } in batch {
             let old = self.asset(&w.name).cloned();
-            if old == w.spec {
-                let _ = w.reply.send(Ok(()));
+            if old == spec {
+                let _ = w.reply.send(Ok(spec));
                 continue;
             }
             recorded.push((
@@ -427,22 +455,25 @@ impl Control {
                     kind: Kind::Asset,
                     name: w.name.clone(),
                     old: old.as_ref().and_then(|o| serde_json::to_value(o).ok()),
-                    new: w.spec.as_ref().and_then(|n| serde_json::to_value(n).ok()),
+                    new: spec.as_ref().and_then(|n| serde_json::to_value(n).ok()),
                 },
                 w.actor,
                 w.action,
             ));
-            work.push((w, asset, old));
+            work.push((w, spec, asset, old));
         }
         if work.is_empty() {
             return;
         }
-        let apply: Vec<(String, Option<Asset>)> = work.iter().map(|(w, a, _)| (w.name.clone(), a.clone())).collect();
+        let apply: Vec<(String, Option<Asset>)> =
+            work.iter().map(|(w, _, a, _)| (w.name.clone(), a.clone())).collect();
         // Only the changed assets are put back on an undo: cloning the policy would make a tag
         // edit cost as much as the policy is large.
         let back = || -> Vec<(String, Option<Asset>)> {
             work.iter()
-                .map(|(w, _, old)| (w.name.clone(), old.as_ref().and_then(|o| validate_asset(o, "store").ok().flatten())))
+                .map(|(w, _, _, old)| {
+                    (w.name.clone(), old.as_ref().and_then(|o| validate_asset(o, "store").ok().flatten()))
+                })
                 .collect()
         };
         let result = self.commit(
@@ -452,16 +483,16 @@ impl Control {
         );
         if let Err(e) = result {
             let e = Arc::new(e);
-            for (w, _, _) in work {
+            for (w, _, _, _) in work {
                 let _ = w.reply.send(Err(ControlError::Batch(e.clone())));
             }
             return;
         }
         let mut removed = false;
-        for (w, _, _) in &work {
+        for (w, spec, _, _) in &work {
             // The document keeps its order (it is what users read back), so a removal shifts
             // positions; removals are rare next to tag edits.
-            match (self.index.get(&w.name).copied(), &w.spec) {
+            match (self.index.get(&w.name).copied(), spec) {
                 (Some(i), Some(s)) => self.doc.assets[i] = s.clone(),
                 (Some(i), None) => {
                     self.doc.assets.remove(i);
@@ -482,11 +513,11 @@ impl Control {
         self.publish();
         tracing::info!(assets = work.len(), "asset changes applied");
         let moved: Vec<(Option<&AssetSpec>, Option<&AssetSpec>)> =
-            work.iter().map(|(w, _, old)| (old.as_ref(), w.spec.as_ref())).collect();
+            work.iter().map(|(_, spec, _, old)| (old.as_ref(), spec.as_ref())).collect();
         let affected = self.netskope_affected(&moved);
         self.netskope_mark(&affected, "change");
-        for (w, _, _) in work {
-            let _ = w.reply.send(Ok(()));
+        for (w, spec, _, _) in work {
+            let _ = w.reply.send(Ok(spec));
         }
     }
 
@@ -512,6 +543,18 @@ impl Control {
     pub fn audit(&self, limit: usize) -> Result<Vec<store::AuditEntry>, ControlError> {
         Ok(self.store.audit(limit)?)
     }
+}
+
+/// An asset write with what it makes of the asset.
+struct Resolved {
+    write: AssetWrite,
+    spec: Option<AssetSpec>,
+    asset: Option<Asset>,
+}
+
+/// A request body that does not make an asset, said as the API says it.
+fn body_error(error: String) -> ControlError {
+    ControlError::Policy(PolicyError::Syntax { source_name: "body".into(), error })
 }
 
 /// One asset validated on its own (`source` names it in errors).
@@ -547,5 +590,50 @@ impl Handle {
 
     pub fn board(&self) -> &Arc<StatusBoard> {
         &self.board
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::compile::Timeouts;
+
+    fn control(name: &str) -> Control {
+        let dir = std::env::temp_dir().join(format!("gk-control-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("state.db")).unwrap();
+        Control::prepare(store, None, None, "test").unwrap().enforce(Enforcer::fake(Timeouts::default())).unwrap().0
+    }
+
+    type Reply = oneshot::Receiver<Result<Option<AssetSpec>, ControlError>>;
+
+    fn write(name: &str, edit: AssetEdit) -> (AssetWrite, Reply) {
+        let (reply, rx) = oneshot::channel();
+        (AssetWrite { name: name.into(), edit, actor: "test", action: "test", reply }, rx)
+    }
+
+    #[test]
+    fn patches_in_one_batch_each_apply_to_the_latest_version() {
+        let mut c = control("patches");
+        let spec: AssetSpec = serde_json::from_value(json!({"name": "plc-1", "ips": ["10.0.0.1"]})).unwrap();
+        let (put, put_rx) = write("plc-1", AssetEdit::Put(spec));
+        let (a, a_rx) = write("plc-1", AssetEdit::Patch(json!({"tags": {"role": "plc"}})));
+        let (b, b_rx) = write("plc-1", AssetEdit::Patch(json!({"tags": {"site": "a"}})));
+        let (bad, bad_rx) = write("plc-1", AssetEdit::Patch(json!({"name": "other"})));
+        let (gone, gone_rx) = write("nope", AssetEdit::Delete);
+        c.change_assets(vec![put, a, b, bad, gone]);
+        for rx in [put_rx, a_rx, b_rx] {
+            assert!(rx.blocking_recv().unwrap().is_ok());
+        }
+        let tags = &c.asset("plc-1").unwrap().tags;
+        assert_eq!(tags.len(), 2, "neither patch is lost: {tags:?}");
+        let err = bad_rx.blocking_recv().unwrap().unwrap_err();
+        assert!(err.to_string().contains("differs from the path's"), "{err}");
+        assert!(matches!(gone_rx.blocking_recv().unwrap(), Err(ControlError::NotFound(_))));
+        assert_eq!(c.store().load().unwrap().assets, c.doc().assets, "recorded as enforced");
+        assert_eq!(c.board().get().objects, [1, 0, 0], "the status follows");
     }
 }

@@ -10,14 +10,24 @@ use crate::policy::AssetSpec;
 /// Most writes taken into one batch.
 const MAX_BATCH: usize = 4096;
 
+/// What a write does to an asset.
+#[derive(Debug, Clone)]
+pub enum AssetEdit {
+    /// Creates or replaces it.
+    Put(AssetSpec),
+    /// An RFC 7396 JSON merge patch, applied to the asset as the writes before it left it.
+    Patch(serde_json::Value),
+    Delete,
+}
+
 /// One asset write waiting for the writer.
 pub struct AssetWrite {
     pub name: String,
-    /// The new asset, or `None` to delete it.
-    pub spec: Option<AssetSpec>,
+    pub edit: AssetEdit,
     pub actor: &'static str,
     pub action: &'static str,
-    pub reply: oneshot::Sender<Result<(), ControlError>>,
+    /// The asset as written (`None`: deleted), or why not.
+    pub reply: oneshot::Sender<Result<Option<AssetSpec>, ControlError>>,
 }
 
 /// Where asset writes are queued.
@@ -45,16 +55,17 @@ impl AssetWriter {
         Ok(Self { tx })
     }
 
-    /// Writes (or with `None` deletes) asset `name` and waits until it is enforced and recorded.
+    /// Applies `edit` to asset `name` and waits until it is enforced and recorded; returns the
+    /// asset as written (`None`: deleted).
     pub async fn write(
         &self,
         name: &str,
-        spec: Option<AssetSpec>,
+        edit: AssetEdit,
         actor: &'static str,
         action: &'static str,
-    ) -> Result<(), ControlError> {
+    ) -> Result<Option<AssetSpec>, ControlError> {
         let (reply, rx) = oneshot::channel();
-        let w = AssetWrite { name: name.to_string(), spec, actor, action, reply };
+        let w = AssetWrite { name: name.to_string(), edit, actor, action, reply };
         self.tx.send(w).await.map_err(|_| ControlError::Unavailable("the asset writer stopped"))?;
         rx.await.map_err(|_| ControlError::Unavailable("the asset writer stopped"))?
     }
