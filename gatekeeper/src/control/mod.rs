@@ -24,7 +24,6 @@ pub mod writer;
 
 use std::{
     collections::{HashMap, HashSet},
-    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc},
     time::Instant,
 };
@@ -244,15 +243,6 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(format!("no segment {name:?}")))?;
         let assets = member_assets(policy, seg).map(|a| (a.name.clone(), a.prefixes.clone())).collect();
         Ok((assets, seg.cidrs.clone()))
-    }
-
-    /// Where an address stands in the policy in force: the segments it belongs to.
-    pub fn segments_of(&self, addr: IpAddr) -> Vec<String> {
-        let policy = self.enforcer.policy();
-        crate::policy::membership::segments_of(policy, addr)
-            .into_iter()
-            .map(|i| policy.segments[i].name.clone())
-            .collect()
     }
 
     /// Edits a copy of the desired state with `edit` and makes it the desired state.

@@ -9,6 +9,8 @@ use crate::policy::AssetSpec;
 
 /// Most writes taken into one batch.
 const MAX_BATCH: usize = 4096;
+/// How often the writer yields, looking for the next write, before it parks.
+const YIELDS: usize = 64;
 
 /// What a write does to an asset.
 #[derive(Debug, Clone)]
@@ -41,7 +43,9 @@ impl AssetWriter {
     pub fn spawn(control: Handle) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<AssetWrite>(8192);
         std::thread::Builder::new().name("gk-writer".into()).spawn(move || {
-            while let Some(first) = rx.blocking_recv() {
+            let mut next = None;
+            loop {
+                let Some(first) = next.take().or_else(|| rx.blocking_recv()) else { return };
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
@@ -50,6 +54,16 @@ impl AssetWriter {
                     }
                 }
                 control.lock().change_assets(batch);
+                // The clients just answered usually write again at once: give them a moment
+                // (yielding, not spinning) so the next batch is not a batch of one, and this
+                // thread does not park and wake for each.
+                for _ in 0..YIELDS {
+                    if let Ok(w) = rx.try_recv() {
+                        next = Some(w);
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
             }
         })?;
         Ok(Self { tx })
