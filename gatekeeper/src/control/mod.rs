@@ -24,7 +24,7 @@ pub mod writer;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc},
+    sync::{Arc, Mutex, MutexGuard, mpsc},
     time::Instant,
 };
 
@@ -455,8 +455,7 @@ impl Control {
         if work.is_empty() {
             return;
         }
-        let apply: Vec<(String, Option<Asset>)> =
-            work.iter().map(|(w, _, a, _)| (w.name.clone(), a.clone())).collect();
+        let apply: Vec<(String, Option<Asset>)> = work.iter().map(|(w, _, a, _)| (w.name.clone(), a.clone())).collect();
         // Only the changed assets are put back on an undo: cloning the policy would make a tag
         // edit cost as much as the policy is large.
         let back = || -> Vec<(String, Option<Asset>)> {
@@ -568,9 +567,14 @@ impl Handle {
     /// The control state, once free. Blocks (a change may take seconds): call it on a thread of
     /// your own or in `spawn_blocking`, never on an async worker.
     pub fn lock(&self) -> MutexGuard<'_, Control> {
-        // A panic mid-change leaves the state as the last completed step left it: every step
-        // keeps the store and the data plane consistent, so carry on rather than stop enforcing.
-        self.control.lock().unwrap_or_else(PoisonError::into_inner)
+        self.control.lock().unwrap_or_else(|poisoned| {
+            // A panic mid-change leaves the state as the last completed step left it: every step
+            // keeps the store and the data plane consistent, so carry on rather than stop
+            // serving, but say so (once).
+            tracing::error!("a change panicked; carrying on from the state its last completed step left");
+            self.control.clear_poison();
+            poisoned.into_inner()
+        })
     }
 
     /// The status as last published: never waits for a change in progress.
