@@ -22,8 +22,9 @@
 //! write fails, the epoch never moves and that generation is rebuilt in full next time.
 //!
 //! Tag changes that only move host addresses between existing identities are written into the
-//! generation in force instead ([`BpfDataplane::apply_in_place`]): one atomic replacement per
-//! address, and the epoch moves by [`GENERATIONS`] so flows are judged again; no grace period.
+//! generation in force instead (`generations::apply_in_place`): one atomic replacement per
+//! address, and the epoch moves by [`gatekeeper_common::GENERATIONS`] so flows are judged again;
+//! no grace period.
 //!
 //! # Pinning: restarts without a gap
 //! With a pin directory, the maps and the XDP links are pinned in bpffs under
