@@ -20,6 +20,47 @@ pub enum StoreError {
     Io { path: String, error: std::io::Error },
     #[error("store: object {kind}/{name} is corrupt: {error}")]
     Corrupt { kind: String, name: String, error: String },
+    /// Found at [`Store::open`]: the file is not an SQLite database, or `PRAGMA quick_check`
+    /// found it damaged. The daemon does not start on it (and so leaves the data plane as it is).
+    #[error(
+        "store {path} is corrupt ({what}); gatekeeper will not start on it. Restore it from a backup, or move it \
+         away together with its -wal and -shm files to start from an empty store, then apply the policy again"
+    )]
+    Damaged {
+        path: String,
+        what: String,
+        #[source]
+        source: Option<rusqlite::Error>,
+    },
+    /// Found at [`Store::open`]: the database, or the directory that must hold its -wal and -shm
+    /// files, cannot be written, so every change would fail.
+    #[error(
+        "store {path} is not writable ({what}); gatekeeper will not start on it. Check the owner and mode of \
+         the file and its directory, an immutable flag (lsattr), and whether the filesystem is mounted read-only"
+    )]
+    ReadOnly {
+        path: String,
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl StoreError {
+    /// An SQLite error met while opening and checking the store at `path`: corruption and
+    /// refused writes get their precise variant, anything else stays [`StoreError::Sqlite`].
+    fn at_open(path: &str, what: &str, error: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode as C;
+        match error.sqlite_error_code() {
+            Some(C::NotADatabase | C::DatabaseCorrupt) => {
+                Self::Damaged { path: path.into(), what: what.into(), source: Some(error) }
+            }
+            Some(C::ReadOnly | C::CannotOpen | C::PermissionDenied) => {
+                Self::ReadOnly { path: path.into(), what: what.into(), source: Some(Box::new(error)) }
+            }
+            _ => Self::Sqlite { path: path.into(), error },
+        }
+    }
 }
 
 /// A row of the audit log.
@@ -41,22 +82,35 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens (or creates) the store at `path` and checks it before anything relies on it: a
+    /// damaged database ([`StoreError::Damaged`], `PRAGMA quick_check`) or one that cannot be
+    /// written ([`StoreError::ReadOnly`]: the file, its -wal/-shm files or their directory) is
+    /// refused here, at start, rather than failing every later change.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let p = path.display().to_string();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|error| StoreError::Io { path: p.clone(), error })?;
         }
-        let sql = |error| StoreError::Sqlite { path: p.clone(), error };
-        let conn = rusqlite::Connection::open(path).map_err(sql)?;
+        check_files_writable(path, &p)?;
+        let conn = rusqlite::Connection::open(path).map_err(|e| StoreError::at_open(&p, "cannot open it", e))?;
         // The store holds credentials' hashes and the audit log: owner only.
         {
             use std::os::unix::fs::PermissionsExt as _;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
+        // A file SQLite could only open read-only (mode, owner, immutable flag, read-only mount).
+        if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
+            return Err(StoreError::ReadOnly {
+                path: p,
+                what: "SQLite could open it for reading only".into(),
+                source: None,
+            });
+        }
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+            .map_err(|e| StoreError::at_open(&p, "cannot read its header", e))?;
+        quick_check(&conn, &p)?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             CREATE TABLE IF NOT EXISTS objects (
+            "CREATE TABLE IF NOT EXISTS objects (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT,
                  kind TEXT NOT NULL,
                  name TEXT NOT NULL,
@@ -85,7 +139,8 @@ impl Store {
                  reason TEXT NOT NULL,
                  since TEXT NOT NULL);",
         )
-        .map_err(sql)?;
+        .map_err(|e| StoreError::at_open(&p, "cannot create its tables", e))?;
+        check_writable(&conn, &p)?;
         Ok(Self { conn, path: p })
     }
 
@@ -370,6 +425,79 @@ impl Store {
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
+}
+
+/// The store's directory accepts new files (SQLite creates the -wal and -shm files beside the
+/// database on every open, and removes them at close), and the -wal and -shm files that exist
+/// can be written. Checked before SQLite opens anything, so the error names the real cause.
+fn check_files_writable(path: &Path, p: &str) -> Result<(), StoreError> {
+    let read_only = |what: String, error: std::io::Error| StoreError::ReadOnly {
+        path: p.into(),
+        what,
+        source: Some(Box::new(error)),
+    };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map_or_else(|| "store".into(), |n| n.to_string_lossy().into_owned());
+    let probe = dir.join(format!(".{name}.write-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Left by a crashed start of this very pid (reused): the directory is writable enough.
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) => {
+            return Err(read_only(format!("cannot create files in {} for its -wal and -shm files", dir.display()), e));
+        }
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = std::path::PathBuf::from(side);
+        match std::fs::OpenOptions::new().write(true).open(&side) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(read_only(format!("cannot write {}", side.display()), e)),
+        }
+    }
+    Ok(())
+}
+
+/// `PRAGMA quick_check`: every page, cell and record of the database is well-formed (without
+/// the index contents check of `integrity_check`, which takes much longer on a large store).
+fn quick_check(conn: &rusqlite::Connection, p: &str) -> Result<(), StoreError> {
+    /// Problems quoted in the error; the rest are counted.
+    const SHOWN: usize = 3;
+    let what = "PRAGMA quick_check failed";
+    let mut stmt = conn.prepare("PRAGMA quick_check").map_err(|e| StoreError::at_open(p, what, e))?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(|e| StoreError::at_open(p, what, e))?;
+    let problems: Vec<String> = rows.collect::<Result<_, _>>().map_err(|e| StoreError::at_open(p, what, e))?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        return Ok(());
+    }
+    let mut what =
+        format!("PRAGMA quick_check: {}", problems.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; "));
+    if problems.len() > SHOWN {
+        what.push_str(&format!("; and {} more problem(s)", problems.len() - SHOWN));
+    }
+    Err(StoreError::Damaged { path: p.into(), what, source: None })
+}
+
+/// The database takes a write: a write transaction (`BEGIN IMMEDIATE`, which takes the write
+/// lock) with one row written, then rolled back, so nothing is stored.
+fn check_writable(conn: &rusqlite::Connection, p: &str) -> Result<(), StoreError> {
+    let what = "a test write was refused";
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         INSERT INTO settings (key, value) VALUES ('gatekeeper.write-check', 'null')
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value;",
+    )
+    .map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        StoreError::at_open(p, what, e)
+    })?;
+    conn.execute_batch("ROLLBACK").map_err(|e| StoreError::at_open(p, what, e))
 }
 
 /// An audit row not tied to a policy object change (pushes, settings, credentials).
