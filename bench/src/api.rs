@@ -52,6 +52,16 @@ pub struct Api {
     /// How long each of those whole-policy applies took (mean, ms).
     #[serde(default)]
     pub full_apply_ms: f64,
+    /// A policy-file reload (SIGHUP's path) restating this many assets: ms, and `GET /status`
+    /// p99 while it ran.
+    #[serde(default)]
+    pub reload_assets: usize,
+    #[serde(default)]
+    pub reload_ms: f64,
+    #[serde(default)]
+    pub status_during_reload_ms_p99: f64,
+    #[serde(default)]
+    pub status_during_reload_samples: usize,
 }
 
 const TOKEN: &str = "bench-admin-token-000000";
@@ -203,49 +213,45 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
     }
     let (s50, s99) = (pct(&mut idle, 0.50), pct(&mut idle, 0.99));
     let applies = if opts.smoke { 2 } else { 6 };
-    let done = AtomicBool::new(false);
-    let (mut during, apply_ms) = std::thread::scope(|scope| -> anyhow::Result<(Vec<f64>, f64)> {
-        let applier = scope.spawn(|| -> anyhow::Result<f64> {
-            let t = Instant::now();
-            for k in 0..applies {
-                let mut next = doc.clone();
-                if k % 2 == 0 {
-                    next.rules.push(RuleSpec {
-                        name: "bench-full-apply".into(),
-                        from: "any".into(),
-                        to: doc.segments[0].name.clone(),
-                        ..RuleSpec::default()
-                    });
-                }
-                control.lock().change(next, "bench", "apply", false)?;
+    let (mut during, apply_ms) = status_while(&|| status(&agent), || {
+        let t = Instant::now();
+        for k in 0..applies {
+            let mut next = doc.clone();
+            if k % 2 == 0 {
+                next.rules.push(RuleSpec {
+                    name: "bench-full-apply".into(),
+                    from: "any".into(),
+                    to: doc.segments[0].name.clone(),
+                    ..RuleSpec::default()
+                });
             }
-            done.store(true, Ordering::Relaxed);
-            Ok(t.elapsed().as_secs_f64() * 1e3 / f64::from(applies))
-        });
-        let mut during = Vec::new();
-        // Bounded: the applies finish, or a minute passes.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
-            match status(&agent) {
-                Ok(ms) => during.push(ms),
-                Err(e) => {
-                    done.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(2));
+            control.lock().change(next, "bench", "apply", false)?;
         }
-        let apply_ms = applier.join().map_err(|_| anyhow::anyhow!("apply thread panicked"))??;
-        Ok((during, apply_ms))
+        Ok(t.elapsed().as_secs_f64() * 1e3 / f64::from(applies))
     })?;
-    if during.is_empty() {
-        anyhow::bail!("no GET /status answered while the applies ran");
-    }
     let samples = during.len();
     let (d50, d99) = (pct(&mut during, 0.50), pct(&mut during, 0.99));
     let dmax = during.iter().copied().fold(0.0, f64::max);
     progress(&format!(
         "  GET /status: idle p50 {s50:.2} ms, p99 {s99:.2} ms; during {applies} whole-policy applies ({apply_ms:.0} ms each) p50 {d50:.2} ms, p99 {d99:.2} ms, max {dmax:.2} ms over {samples} requests"
+    ));
+
+    // A policy file that restates every asset with one tag changed, reloaded (SIGHUP's path:
+    // merged into the stored state, compiled incrementally): the merge is linear.
+    let mut file = PolicyDocument { assets: doc.assets.clone(), ..PolicyDocument::default() };
+    for a in &mut file.assets {
+        a.tags.insert("reloaded".into(), Scalar::Str("yes".into()));
+    }
+    let (mut during_reload, reload_ms) = status_while(&|| status(&agent), || {
+        let t = Instant::now();
+        control.lock().reload(&file)?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    })?;
+    let reload_samples = during_reload.len();
+    let r99 = pct(&mut during_reload, 0.99);
+    progress(&format!(
+        "  policy-file reload of {} assets: {reload_ms:.0} ms; GET /status during it p99 {r99:.2} ms over {reload_samples} requests",
+        file.assets.len()
     ));
     drop(rt);
     let _ = std::fs::remove_dir_all(&dir);
@@ -267,5 +273,53 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
         status_during_apply_ms_max: dmax,
         status_during_apply_samples: samples,
         full_apply_ms: apply_ms,
+        reload_assets: file.assets.len(),
+        reload_ms,
+        status_during_reload_ms_p99: r99,
+        status_during_reload_samples: reload_samples,
     })
+}
+
+/// Calls `status` every 2 ms while `work` runs on another thread (bounded: a minute); returns
+/// the round trips (ms) and what `work` returned.
+fn status_while(
+    status: &(dyn Fn() -> anyhow::Result<f64> + Sync),
+    work: impl FnOnce() -> anyhow::Result<f64> + Send,
+) -> anyhow::Result<(Vec<f64>, f64)> {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(|| {
+            let r = work();
+            done.store(true, Ordering::Relaxed);
+            r
+        });
+        let mut times = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut failed = None;
+        while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match status() {
+                Ok(ms) => times.push(ms),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let result = worker.join().map_err(|_| anyhow::anyhow!("work thread panicked"))??;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if times.is_empty() {
+            anyhow::bail!("no GET /status answered while the work ran");
+        }
+        Ok((times, result))
+    })
+}
+
+impl Api {
+    /// Whether the run measured a reload (results from before it did not).
+    pub fn reload_samples_ok(&self) -> bool {
+        self.reload_assets > 0
+    }
 }

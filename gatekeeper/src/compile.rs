@@ -14,7 +14,7 @@
 //! changed assets alone, without recompiling the policy: the cost of a tag change does not grow
 //! with the number of assets.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use gatekeeper_common::{
@@ -655,8 +655,10 @@ impl Compiler {
         let Some(mut base) = self.base.take() else {
             return Ok(diff(applied, &self.compile(policy, now)?));
         };
+        // One pass over the policy, not one search per changed asset: a reload may change all.
+        let wanted: HashSet<&str> = changed.iter().copied().collect();
         let assets: HashMap<&str, &crate::policy::Asset> =
-            changed.iter().filter_map(|n| policy.assets.iter().find(|a| a.name == *n).map(|a| (*n, a))).collect();
+            policy.assets.iter().filter(|a| wanted.contains(a.name.as_str())).map(|a| (a.name.as_str(), a)).collect();
         let result = self.update_base(&mut base, &assets, changed, applied);
         match result {
             Ok(delta) => {

@@ -91,6 +91,11 @@ pub struct DataplaneConfig {
     /// Detach and remove the pins when the daemon stops (default: enforcement stays).
     #[serde(default)]
     pub detach_on_exit: bool,
+    /// Enforce only while the daemon runs: nothing is pinned (`pin_dir` is not used), so the
+    /// program goes when the process stops, crashes or is killed. Without it, a daemon whose pins
+    /// would not outlive it (a private mount namespace, as under `ip netns exec`) refuses to start.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 fn default_flow_table_size() -> u32 {
@@ -205,6 +210,9 @@ mod tests {
         assert_eq!(c.policy.file.as_deref(), Some(Path::new("/etc/gatekeeper/policy.yaml")));
         assert_eq!(c.dataplane.pin_dir, Path::new("/sys/fs/bpf/gatekeeper"));
         assert!(!c.dataplane.detach_on_exit);
+        assert!(!c.dataplane.ephemeral);
+        let c = Config::parse("[dataplane]\ninterfaces = [\"eth1\"]\nephemeral = true\n", "c.toml").unwrap();
+        assert!(c.dataplane.ephemeral);
     }
 
     #[test]

@@ -9,7 +9,6 @@
 
 use std::{path::Path, time::Duration};
 
-use chrono::Utc;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -18,6 +17,7 @@ use crate::{
     control::{
         Control, Enforcer, Handle, Store,
         auth::{Tokens, token_hash},
+        expiry,
         netskope::{self, Settings},
         status,
     },
@@ -99,12 +99,19 @@ fn start(config: &Config, tokens: Option<&Tokens>) -> anyhow::Result<Handle> {
         .as_ref()
         .map_or_else(|| config.store.path.display().to_string(), |p| p.display().to_string());
     let prepared = Control::prepare(store, file.as_ref(), netskope_settings(config)?, &source)?;
+    if config.dataplane.ephemeral {
+        tracing::warn!("[dataplane] ephemeral = true: nothing is pinned; enforcement ends when this process stops");
+    }
     let options = LoadOptions {
         flow_table_size: config.dataplane.flow_table_size,
-        pin_dir: Some(config.dataplane.pin_dir.clone()),
+        // Ephemeral: unpinned links, which go with the process however it ends.
+        pin_dir: (!config.dataplane.ephemeral).then(|| config.dataplane.pin_dir.clone()),
         ..LoadOptions::default()
     };
-    let enforcer = Enforcer::with_options(options, config.dataplane.flow_timeouts.into())?;
+    // The data plane's message already names its cause (a refusal explains itself at length);
+    // as a chain it would be printed twice.
+    let enforcer =
+        Enforcer::with_options(options, config.dataplane.flow_timeouts.into()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let p = prepared.policy();
     // Large policies take seconds to compile: say what is going on.
     tracing::info!(
@@ -134,6 +141,7 @@ fn start(config: &Config, tokens: Option<&Tokens>) -> anyhow::Result<Handle> {
     control.publish();
     let counter = control.enforcer().dataplane().flow_counter()?;
     let handle = Handle::new(control);
+    expiry::spawn(&handle)?;
     if let Some(counter) = counter {
         status::spawn_flow_sampler(counter, handle.board(), FLOW_SAMPLE_EVERY)?;
     }
@@ -151,6 +159,12 @@ async fn blocking<T: Send + 'static>(handle: &Handle, f: impl FnOnce(&mut Contro
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGHUP or SIGTERM during the start must not kill the daemon with the
+    // default action. A SIGHUP that arrives meanwhile is applied once running; a SIGTERM stops
+    // it cleanly as soon as the start is done.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let tokens = api_tokens(&config)?;
     // The API's certificate and port are checked before anything is attached, so a bad file or
     // a busy port stops the daemon with the network untouched.
@@ -180,39 +194,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let router = http_router(&handle, &tokens)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(listen = %api.listen, scheme, "API listening{}", if tls.is_some() { " (https)" } else { "" });
+        // Header and idle timeouts, a connection cap below the fd limit: slow clients cannot
+        // make the API unreachable (`api::serve`).
         tokio::spawn(async move {
-            let served = match tls {
-                Some(tls) => match tls::TlsListener::new(listener, tls) {
-                    Ok(l) => axum::serve(l, router).await,
-                    Err(e) => Err(std::io::Error::other(e.to_string())),
-                },
-                None => axum::serve(listener, router).await,
-            };
-            if let Err(e) = served {
+            if let Err(e) = api::serve::serve(listener, tls, router).await {
                 tracing::error!(error = %e, "API server stopped");
             }
         });
     }
     tracing::info!(interfaces = config.dataplane.interfaces.len(), "gatekeeper running");
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    // Rule expiry has a thread of its own (`control::expiry`), woken by every change.
     loop {
-        let next_expiry = blocking(&handle, |c| c.enforcer().policy().next_expiry(Utc::now())).await;
-        let until_expiry = next_expiry
-            .map(|t| (t - Utc::now()).to_std().unwrap_or_default())
-            .unwrap_or(std::time::Duration::from_secs(3600));
         tokio::select! {
             _ = hup.recv() => {
                 let file = config.policy.file.clone();
                 blocking(&handle, move |c| reload(file.as_deref(), c)).await;
-            }
-            _ = tokio::time::sleep(until_expiry), if next_expiry.is_some() => {
-                blocking(&handle, |c| match c.refresh() {
-                    Ok(report) => log_applied("rule expiry", c, report),
-                    Err(e) => tracing::error!(error = %e, "recompiling after a rule expired failed; the previous policy stays in force"),
-                }).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -236,6 +233,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "{}",
         if detached {
             "detached; gatekeeper stopped".to_string()
+        } else if config.dataplane.ephemeral {
+            "gatekeeper stopped; enforcement ends with this process (ephemeral: nothing was pinned)".to_string()
         } else {
             format!(
                 "gatekeeper stopped; enforcement stays in place (pinned under {})",

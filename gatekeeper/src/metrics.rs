@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::{
     Router,
     extract::{Request, State},
-    http::{Method, StatusCode, header},
+    http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
@@ -15,7 +15,7 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::control::{
     Control, Handle,
-    auth::{AuthError, Credentials, Tokens},
+    auth::{self, AuthError, Credentials, Tokens},
     telemetry,
 };
 
@@ -55,7 +55,7 @@ struct MetricsState {
 
 async fn auth(State(state): State<MetricsState>, req: Request, next: Next) -> Response {
     let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match state.credentials.actor(bearer, req.method() == Method::GET) {
+    match state.credentials.actor(bearer, auth::is_read_only(req.method().as_str())) {
         Ok(_) => next.run(req).await,
         Err(e) => {
             let (status, title) = match e {

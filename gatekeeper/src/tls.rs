@@ -1,11 +1,11 @@
-//! TLS for the REST API (`[api] tls_cert`/`tls_key`): PEM loading and an axum listener that
-//! hands over only completed handshakes.
+//! TLS for the REST API (`[api] tls_cert`/`tls_key`): PEM loading and the server
+//! configuration; `api::serve` runs the handshakes (each under [`HANDSHAKE_TIMEOUT`]), and the
+//! CLI trusts a CA file with [`load_certs`].
 //!
 //! rustls runs on the ring provider, passed explicitly, so no process-wide default provider is
 //! needed and aws-lc-rs is never built.
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -15,19 +15,9 @@ use rustls::{
     ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc},
-    task::AbortHandle,
-};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 /// A client that has not finished its handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Handshakes in progress at once; connections beyond are closed at once, so a flood of idle
-/// connections costs bounded memory.
-const MAX_HANDSHAKES: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -103,88 +93,6 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         .map_err(config_error)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// A TCP listener whose [`accept`](axum::serve::Listener::accept) yields TLS streams after a
-/// completed handshake. Each handshake runs in its own task under [`HANDSHAKE_TIMEOUT`], so a
-/// slow or broken client never holds up the others; failed handshakes are logged at debug.
-pub struct TlsListener {
-    local_addr: SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    acceptor_task: AbortHandle,
-}
-
-impl TlsListener {
-    /// Starts accepting on `listener`; needs a Tokio runtime (it spawns the accept loop).
-    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<Self> {
-        let local_addr = listener.local_addr()?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
-        let (tx, ready) = mpsc::channel(64);
-        let acceptor_task = runtime.spawn(accept_loop(listener, TlsAcceptor::from(config), tx)).abort_handle();
-        Ok(Self { local_addr, ready, acceptor_task })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        // Stop accepting; the socket closes with the task.
-        self.acceptor_task.abort();
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                use std::io::ErrorKind as K;
-                if !matches!(e.kind(), K::ConnectionRefused | K::ConnectionAborted | K::ConnectionReset) {
-                    // Out of file descriptors, most likely: retrying at once would spin.
-                    tracing::error!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                continue;
-            }
-        };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "TLS handshake refused: too many handshakes in progress");
-            continue;
-        };
-        let (acceptor, ready) = (acceptor.clone(), ready.clone());
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    drop(permit);
-                    // Fails only when the listener is gone; the connection is then dropped.
-                    let _ = ready.send((stream, peer)).await;
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(conn) => conn,
-            // The accept loop never ends on its own; nothing more will come.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local_addr)
-    }
 }
 
 #[cfg(test)]

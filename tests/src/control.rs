@@ -8,7 +8,7 @@ use std::path::Path;
 
 use gatekeeper::{
     compile::Timeouts,
-    control::{Control, Enforcer, Handle, Store},
+    control::{Control, Enforcer, Handle, Store, expiry},
     dataplane::LoadOptions,
 };
 
@@ -29,10 +29,12 @@ pub fn enforcer() -> Enforcer {
 }
 
 /// The control state over the store at `store_path`: the stored state (and Netskope
-/// integration) loaded and enforced.
+/// integration) loaded and enforced, with rule expiry running as in the daemon.
 pub fn control(store_path: &Path) -> Handle {
     let store = Store::open(store_path).expect("open the store");
     let prepared = Control::prepare(store, None, None, "store").expect("the stored state is valid");
     let (control, _) = prepared.enforce(enforcer()).expect("enforce the stored state");
-    Handle::new(control)
+    let handle = Handle::new(control);
+    expiry::spawn(&handle).expect("start the expiry thread");
+    handle
 }

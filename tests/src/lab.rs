@@ -479,11 +479,91 @@ pub struct Daemon {
     pub log_path: PathBuf,
 }
 
+/// How a daemon is started in the appliance namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Launcher {
+    /// `nsenter --net=/var/run/netns/<appliance>`: only the network namespace changes.
+    #[default]
+    Nsenter,
+    /// `ip netns exec <appliance>`: also a private mount namespace with a fresh /sys.
+    IpNetnsExec,
+}
+
+/// A daemon that exited before it was running: its exit status and log.
+#[derive(Debug)]
+pub struct Exited {
+    pub status: std::process::ExitStatus,
+    pub log: String,
+}
+
+/// How [`Lab::try_start_daemon`] starts a daemon; the default is what [`Lab::start_daemon`] does,
+/// with files of its own.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonSpec<'a> {
+    /// Names the daemon's files (config, policy, store, log) in the lab's directory, so that
+    /// several daemons can exist side by side.
+    pub name: &'a str,
+    /// TOML added to `[dataplane]`.
+    pub extra: &'a str,
+    pub launcher: Launcher,
+    /// Instead of [`Lab::pin_dir`] (the caller removes it).
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Lab {
+    /// Starts a daemon as `spec` says. `Ok(Err(_))` when it exits before it is running (within
+    /// 20 s): its exit status and log.
+    pub fn try_start_daemon(
+        &self,
+        gatekeeper: &Path,
+        policy: &str,
+        spec: DaemonSpec<'_>,
+    ) -> anyhow::Result<Result<Daemon, Exited>> {
+        let name = if spec.name.is_empty() { "daemon" } else { spec.name };
+        let file = |suffix: &str| self.dir.join(format!("{name}{suffix}"));
+        let files = DaemonFiles {
+            policy: file("-policy.yaml"),
+            config: file(".toml"),
+            log: file(".log"),
+            store: file("-state.db"),
+            pin_dir: spec.pin_dir.unwrap_or_else(|| self.pin_dir()),
+        };
+        Daemon::launch(self, gatekeeper, policy, spec.extra, files, spec.launcher)
+    }
+}
+
+struct DaemonFiles {
+    policy: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    store: PathBuf,
+    pin_dir: PathBuf,
+}
+
 impl Daemon {
     fn start(lab: &Lab, gatekeeper: &Path, policy: &str, extra: &str) -> anyhow::Result<Self> {
-        let policy_path = lab.dir.join("policy.yaml");
-        let config_path = lab.dir.join("gatekeeper.toml");
-        let log_path = lab.dir.join("gatekeeper.log");
+        let files = DaemonFiles {
+            policy: lab.dir.join("policy.yaml"),
+            config: lab.dir.join("gatekeeper.toml"),
+            log: lab.dir.join("gatekeeper.log"),
+            store: lab.dir.join("state.db"),
+            pin_dir: lab.pin_dir(),
+        };
+        match Self::launch(lab, gatekeeper, policy, extra, files, Launcher::Nsenter)? {
+            Ok(d) => Ok(d),
+            Err(Exited { status, log }) => bail!("gatekeeper exited ({status}):\n{log}"),
+        }
+    }
+
+    fn launch(
+        lab: &Lab,
+        gatekeeper: &Path,
+        policy: &str,
+        extra: &str,
+        files: DaemonFiles,
+        launcher: Launcher,
+    ) -> anyhow::Result<Result<Self, Exited>> {
+        let DaemonFiles { policy: policy_path, config: config_path, log: log_path, store, pin_dir } = files;
         fs::write(&policy_path, policy)?;
         let interfaces: Vec<String> = lab.ports().iter().map(|p| format!("{p:?}")).collect();
         fs::write(
@@ -491,17 +571,27 @@ impl Daemon {
             format!(
                 "[dataplane]\ninterfaces = [{}]\nxdp_mode = \"auto\"\npin_dir = {:?}\n{extra}\n\n[store]\npath = {:?}\n\n[policy]\nfile = {:?}\n",
                 interfaces.join(", "),
-                lab.pin_dir().display().to_string(),
-                lab.dir.join("state.db").display().to_string(),
+                pin_dir.display().to_string(),
+                store.display().to_string(),
                 policy_path.display().to_string()
             ),
         )?;
         let log = fs::File::create(&log_path)?;
         // nsenter switches only the network namespace; `ip netns exec` would also remount /sys
         // and hide the bpffs at /sys/fs/bpf, where the daemon pins its maps and links.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", lab.appliance))
-            .arg("--")
+        let mut command = match launcher {
+            Launcher::Nsenter => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{}", lab.appliance)).arg("--");
+                c
+            }
+            Launcher::IpNetnsExec => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &lab.appliance]);
+                c
+            }
+        };
+        let child = command
             .arg(gatekeeper)
             .args(["run", "--config"])
             .arg(&config_path)
@@ -513,8 +603,28 @@ impl Daemon {
             .spawn()
             .context("starting gatekeeper")?;
         let mut d = Self { child: Some(child), policy_path, log_path };
-        d.wait_for_log(|l| l.contains("gatekeeper running"), 1, Duration::from_secs(20))?;
-        Ok(d)
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if d.count(&|l: &str| l.contains("gatekeeper running")) >= 1 {
+                return Ok(Ok(d));
+            }
+            if let Some(child) = d.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                d.child = None;
+                return Ok(Err(Exited { status, log: d.log() }));
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for gatekeeper; log:\n{}", d.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's process id (`nsenter` and `ip netns exec` exec it, so this is the
+    /// daemon's own).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log(&self) -> String {

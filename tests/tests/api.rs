@@ -2,6 +2,7 @@
 //! dry runs, auth, and every error path changing nothing. Runs over the XDP program as
 //! root, over the in-memory data plane otherwise (see `gatekeeper_tests::control`).
 
+use chrono::Timelike as _;
 use gatekeeper::{
     control::{Handle, Store, auth::Tokens},
     daemon::http_router,
@@ -204,4 +205,120 @@ fn refused_requests_change_nothing() {
     let (st, doc) = s.call("GET", "/openapi.json", None, "", None);
     assert_eq!(st, 200);
     assert!(doc["paths"]["/api/v1/assets/{name}"]["patch"].is_object());
+}
+
+/// One raw HTTP/1.1 request (for headers a client library would not send); returns the status.
+fn raw(s: &Server, request: &[u8]) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let addr = s.base.trim_start_matches("http://").split('/').next().unwrap().to_string();
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    c.write_all(request).unwrap();
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap();
+    let line = String::from_utf8_lossy(&buf[..n]);
+    line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn auth_scheme_head_and_content_type_follow_http() {
+    let s = Server::start("http-rules");
+    seed(&s);
+    let body = r#"{"ips": ["10.0.0.9"]}"#;
+    let req = |auth: &str, method: &str, ct: &[u8]| -> Vec<u8> {
+        let mut r = format!(
+            "{method} /api/v1/assets/x HTTP/1.1\r\nHost: gk\r\nAuthorization: {auth}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: ",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(ct);
+        r.extend_from_slice(b"\r\n\r\n");
+        r.extend_from_slice(body.as_bytes());
+        r
+    };
+    // RFC 9110: the scheme is case-insensitive.
+    assert_eq!(raw(&s, &req(&format!("bearer {ADMIN}"), "PUT", b"application/json")), 200);
+    // A reader may HEAD what it may GET, and still not write.
+    let head = format!(
+        "HEAD /api/v1/assets HTTP/1.1\r\nHost: gk\r\nAuthorization: Bearer {READER}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw(&s, head.as_bytes()), 200);
+    assert_eq!(raw(&s, &req(&format!("Bearer {READER}"), "PUT", b"application/json")), 403);
+    // A Content-Type that is not ASCII is no JSON: 415, and nothing changes.
+    let before = s.audit_len();
+    assert_eq!(raw(&s, &req(&format!("Bearer {ADMIN}"), "PUT", b"application/j\xc3\xa9son")), 415);
+    assert_eq!(s.audit_len(), before);
+}
+
+#[test]
+fn parallel_merge_patches_on_one_asset_lose_nothing() {
+    let s = Server::start("parallel-patch");
+    seed(&s);
+    let rounds = 20;
+    std::thread::scope(|scope| {
+        for t in 0..8 {
+            let s = &s;
+            scope.spawn(move || {
+                for r in 0..rounds {
+                    let patch = if t == 7 && r == rounds / 2 {
+                        // The isolation among them: it must not be undone by a stale read.
+                        json!({"tags": {"role": null}})
+                    } else {
+                        json!({"tags": {format!("t{t}"): format!("r{r}")}})
+                    };
+                    let body = patch.to_string();
+                    let (st, v) =
+                        s.call("PATCH", "/assets/plc-1", Some(ADMIN), "application/merge-patch+json", Some(&body));
+                    assert_eq!(st, 200, "{v}");
+                }
+            });
+        }
+    });
+    let (st, asset) = s.admin("GET", "/assets/plc-1", None);
+    assert_eq!(st, 200);
+    let tags = asset["tags"].as_object().unwrap();
+    assert!(!tags.contains_key("role"), "the untag was lost: {tags:?}");
+    for t in 0..8 {
+        assert_eq!(tags[&format!("t{t}")], format!("r{}", rounds - 1), "thread {t}'s last patch was lost: {tags:?}");
+    }
+    let stored = Store::open(&s.store_path).unwrap().load().unwrap();
+    assert_eq!(&stored, s.control.lock().doc(), "the store holds what is enforced");
+}
+
+#[test]
+fn a_rule_created_through_the_api_expires_at_its_second() {
+    let s = Server::start("expiry");
+    seed(&s);
+    assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 1, "eng -> plc denied");
+    // Whole seconds: `expires` is RFC 3339; the rule must stop matching within a second of it.
+    let expires = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let expires = expires.with_nanosecond(0).unwrap();
+    let rule = json!({"from": "any", "to": "plc", "protocol": "tcp", "ports": [502], "expires": expires.to_rfc3339()});
+    assert_eq!(s.admin("PUT", "/rules/temporary", Some(rule)).0, 200);
+    assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 2, "allowed while the rule lives");
+    // Bounded: the expiry plus 1.5 s.
+    let deadline = expires + chrono::Duration::milliseconds(1500);
+    let mut denied_at = None;
+    while chrono::Utc::now() < deadline {
+        if s.verdict("10.0.0.2", "10.0.0.11", 502) == 1 {
+            denied_at = Some(chrono::Utc::now());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let denied_at = denied_at.expect("the rule created through the API never expired");
+    assert!(denied_at >= expires, "denied before its expiry: {denied_at} < {expires}");
+}
+
+#[test]
+fn a_deeply_nested_document_is_refused_before_parsing() {
+    let s = Server::start("nested");
+    seed(&s);
+    let before = (s.audit_len(), s.admin("GET", "/rules", None).1);
+    // 200 KB of nesting: a parser fed this spends seconds of CPU.
+    let deep = format!("assets: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let (st, p) = s.call("POST", "/apply", Some(ADMIN), "application/yaml", Some(&deep));
+    assert_eq!(st, 400, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("nested deeper than"), "{p}");
+    assert_eq!((s.audit_len(), s.admin("GET", "/rules", None).1), before, "nothing changed");
 }

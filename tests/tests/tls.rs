@@ -8,7 +8,7 @@ use gatekeeper::{
     cli::{ClientCommand, Connection, Output, agent, run},
     control::auth::Tokens,
     daemon::http_router,
-    tls::{TlsListener, server_config},
+    tls::server_config,
 };
 
 const ADMIN: &str = "admin-token-0123456789";
@@ -37,13 +37,11 @@ impl Server {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let tokens = Tokens { admin: Some(ADMIN.into()), reader: None };
         let config = server_config(&cert, &key).expect("server config");
-        let listener = rt.block_on(async {
-            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            TlsListener::new(tcp, config).unwrap()
-        });
-        let url = format!("https://{}", axum::serve::Listener::local_addr(&listener).unwrap());
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
         let r = http_router(&control, &tokens).unwrap();
-        rt.spawn(async move { axum::serve(listener, r).await });
+        // The daemon's own server: TLS with its handshake timeout, header timeouts, the cap.
+        rt.spawn(async move { gatekeeper::api::serve::serve(listener, Some(config), r).await });
         Self { url, dir, cert, _rt: rt }
     }
 

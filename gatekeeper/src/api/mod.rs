@@ -6,6 +6,7 @@
 //! `GET /status` reads the published status without the lock.
 
 pub mod netskope;
+pub mod serve;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -13,7 +14,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{Path, Query, Request, State},
-    http::{HeaderMap, Method, StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -24,7 +25,7 @@ use serde_json::{Value, json};
 use crate::{
     control::{
         Control, ControlError, Handle,
-        auth::{AuthError, Credentials, Tokens},
+        auth::{self, AuthError, Credentials, Tokens},
         writer::{AssetEdit, AssetWriter},
     },
     policy::{AssetSpec, PolicyDocument, Problem, RuleSpec, SegmentSpec, diff::Change, selector::Selector},
@@ -91,6 +92,12 @@ impl From<AuthError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // A request the daemon could not serve is its fault, not the client's: say why.
+        match &self {
+            Self::Internal(d) => tracing::error!(cause = %d, "request not applied (500)"),
+            Self::Upstream(d) => tracing::warn!(cause = %d, "upstream failure (502)"),
+            _ => {}
+        }
         let (status, title, detail, errors) = match self {
             Self::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad request", d, vec![]),
             Self::Unauthorized => {
@@ -147,9 +154,17 @@ struct Actor(&'static str);
 
 async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
     let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let actor = state.credentials.actor(bearer, req.method() == Method::GET)?;
+    let actor = state.credentials.actor(bearer, auth::is_read_only(req.method().as_str()))?;
     req.extensions_mut().insert(Actor(actor));
     Ok(next.run(req).await)
+}
+
+/// The media type of a request body (`application/json` when none is given); a header that is
+/// not ASCII is no media type we take.
+fn content_type(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else { return Ok("application/json") };
+    let ct = v.to_str().map_err(|_| ApiError::Unsupported("the Content-Type header is not ASCII".into()))?;
+    Ok(ct.split(';').next().unwrap_or("").trim())
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -179,8 +194,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 pub(crate) fn body_json(headers: &HeaderMap, body: &Bytes, accept: &[&str]) -> Result<Value, ApiError> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
-    let ct = ct.split(';').next().unwrap_or("").trim();
+    let ct = content_type(headers)?;
     if !accept.contains(&ct) {
         return Err(ApiError::Unsupported(format!("{ct}: use {}", accept.join(" or "))));
     }
@@ -401,16 +415,23 @@ async fn apply(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
-    let ct = ct.split(';').next().unwrap_or("").trim();
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
-    let doc: PolicyDocument = match ct {
-        "application/json" => serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?,
-        "application/yaml" | "application/x-yaml" | "text/yaml" => {
-            PolicyDocument::from_yaml(text, "body").map_err(|e| ApiError::BadRequest(e.to_string()))?
-        }
+    let yaml = match content_type(&headers)? {
+        "application/json" => false,
+        "application/yaml" | "application/x-yaml" | "text/yaml" => true,
         other => return Err(ApiError::Unsupported(format!("{other}: use application/json or application/yaml"))),
     };
+    // A large document takes a while to parse: off the async workers, and without the lock.
+    let parse = move || -> Result<PolicyDocument, ApiError> {
+        let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
+        if yaml {
+            PolicyDocument::from_yaml(text, "body").map_err(|e| ApiError::BadRequest(e.to_string()))
+        } else {
+            serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+        }
+    };
+    let doc = tokio::task::spawn_blocking(parse)
+        .await
+        .map_err(|e| ApiError::Internal(format!("the request's worker failed: {e}")))??;
     let (actor, dry_run) = (actor(&ext), q.dry_run);
     let diff = s.with(move |c| c.change(doc, actor, "apply", dry_run)).await??;
     let items: Vec<Value> = diff

@@ -20,6 +20,11 @@ pub fn token_hash(token: &str) -> String {
     sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether a request with this HTTP method only reads (a reader's token may make it).
+pub fn is_read_only(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD")
+}
+
 /// Why a request is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -44,7 +49,12 @@ impl Credentials {
     /// The actor (`admin` or `reader`) of a request presenting `bearer` (the `Authorization`
     /// header's value); `read_only` requests may come from a reader.
     pub fn actor(&self, bearer: Option<&str>, read_only: bool) -> Result<&'static str, AuthError> {
-        let presented = bearer.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).ok_or(AuthError::Unauthorized)?;
+        // The scheme is case-insensitive (RFC 9110 11.1); the token is not.
+        let presented = bearer
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or(AuthError::Unauthorized)?;
         let presented = token_hash(presented);
         let is = |t: &Option<String>| t.as_deref().is_some_and(|t| same(t, &presented));
         if is(&self.admin) {
@@ -76,5 +86,18 @@ mod tests {
         assert_eq!(c.actor(Some("Bearer nope"), true), Err(AuthError::Unauthorized));
         assert_eq!(c.actor(None, true), Err(AuthError::Unauthorized));
         assert_eq!(c.actor(Some("admin-token-0123456789"), true), Err(AuthError::Unauthorized), "no Bearer prefix");
+        assert_eq!(
+            c.actor(Some("bearer admin-token-0123456789"), false),
+            Ok("admin"),
+            "the scheme is case-insensitive"
+        );
+        assert_eq!(c.actor(Some("BEARER admin-token-0123456789"), false), Ok("admin"));
+        assert_eq!(
+            c.actor(Some("Bearer ADMIN-token-0123456789"), false),
+            Err(AuthError::Unauthorized),
+            "the token is not"
+        );
+        assert_eq!(c.actor(Some("Basic admin-token-0123456789"), false), Err(AuthError::Unauthorized));
+        assert!(is_read_only("GET") && is_read_only("HEAD") && !is_read_only("POST") && !is_read_only("PATCH"));
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod enforcer;
+pub mod expiry;
 pub mod netskope;
 mod netskope_change;
 pub mod status;
@@ -66,7 +67,7 @@ pub enum ControlError {
     Conflict(String),
     /// The data plane refused the policy; the policy in force is unchanged.
     #[error(transparent)]
-    Enforce(#[from] EnforceError),
+    Enforce(EnforceError),
     /// The store refused the change; it is not applied either.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -78,6 +79,20 @@ pub enum ControlError {
     /// The failure of a batch that this request was part of.
     #[error(transparent)]
     Batch(Arc<ControlError>),
+}
+
+impl From<EnforceError> for ControlError {
+    /// A policy too large for the maps is the user's input, like any invalid policy: it names
+    /// the map, its capacity and what was asked.
+    fn from(e: EnforceError) -> Self {
+        match e {
+            EnforceError::Compile(c) => {
+                Self::Invalid(vec![Problem { entry: "policy".into(), field: "capacity", reason: c.to_string() }])
+            }
+            EnforceError::Policy(p) => p.into(),
+            e @ EnforceError::Dataplane(_) => Self::Enforce(e),
+        }
+    }
 }
 
 impl From<PolicyError> for ControlError {
@@ -103,6 +118,7 @@ pub struct Control {
     /// Wakes the Netskope worker (none until it runs).
     wake: Option<mpsc::Sender<Event>>,
     board: Arc<StatusBoard>,
+    expiry: Arc<expiry::ExpiryClock>,
 }
 
 /// The state a daemon starts from, validated but not yet enforced ([`Control::prepare`]).
@@ -138,6 +154,7 @@ impl Prepared {
             netskope,
             wake: None,
             board: Arc::new(StatusBoard::default()),
+            expiry: Arc::default(),
         };
         control.reindex();
         telemetry::netskope_apps(&control.netskope);
@@ -208,6 +225,11 @@ impl Control {
 
     pub fn board(&self) -> Arc<StatusBoard> {
         self.board.clone()
+    }
+
+    /// What wakes the expiry thread on every change.
+    pub fn expiry_clock(&self) -> Arc<expiry::ExpiryClock> {
+        self.expiry.clone()
     }
 
     fn reindex(&mut self) {
@@ -513,6 +535,8 @@ impl Control {
     /// Publishes the status (epoch, last apply, attachments, counts and map fill) for readers
     /// that must not wait for the control lock.
     pub fn publish(&self) {
+        // A change may bring a rule whose expiry comes sooner.
+        self.expiry.changed();
         let dp = self.enforcer.dataplane();
         let c = dp.applied();
         self.board.publish(StatusView {
@@ -551,6 +575,18 @@ fn validate_asset(spec: &AssetSpec, source: &str) -> Result<Option<Asset>, Contr
     Ok((PolicyDocument { assets: vec![spec.clone()], ..Default::default() }).validate(source)?.assets.pop())
 }
 
+/// A [`Handle`] that does not keep the control state alive.
+pub struct WeakHandle {
+    control: std::sync::Weak<Mutex<Control>>,
+    board: std::sync::Weak<StatusBoard>,
+}
+
+impl WeakHandle {
+    pub fn upgrade(&self) -> Option<Handle> {
+        Some(Handle { control: self.control.upgrade()?, board: self.board.upgrade()? })
+    }
+}
+
 /// The shared control state: one lock for changes, a status board for cheap reads.
 #[derive(Clone)]
 pub struct Handle {
@@ -575,6 +611,11 @@ impl Handle {
             self.control.clear_poison();
             poisoned.into_inner()
         })
+    }
+
+    /// A handle that does not keep the control state alive (threads that should end with it).
+    pub fn downgrade(&self) -> WeakHandle {
+        WeakHandle { control: Arc::downgrade(&self.control), board: Arc::downgrade(&self.board) }
     }
 
     /// The status as last published: never waits for a change in progress.
@@ -629,5 +670,35 @@ mod tests {
         assert!(matches!(gone_rx.blocking_recv().unwrap(), Err(ControlError::NotFound(_))));
         assert_eq!(c.store().load().unwrap().assets, c.doc().assets, "recorded as enforced");
         assert_eq!(c.board().get().objects, [1, 0, 0], "the status follows");
+    }
+
+    #[test]
+    fn a_policy_beyond_the_maps_is_refused_as_invalid_input() {
+        let dir = std::env::temp_dir().join(format!("gk-control-{}-capacity", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("state.db")).unwrap();
+        let options = crate::dataplane::LoadOptions { host_entries: 8, ..Default::default() };
+        let enforcer = Enforcer::new(
+            Box::new(crate::dataplane::fake::FakeDataplane::new(&options)),
+            Timeouts::default(),
+            options.capacity(),
+        );
+        let mut c = Control::prepare(store, None, None, "test").unwrap().enforce(enforcer).unwrap().0;
+        let mut doc = PolicyDocument::default();
+        for i in 0..3 {
+            doc.assets.push(
+                serde_json::from_value(
+                    json!({"name": format!("a{i}"), "ips": [format!("10.0.0.{i}")], "tags": {"r": "x"}}),
+                )
+                .unwrap(),
+            );
+        }
+        doc.segments.push(serde_json::from_value(json!({"name": "s", "selector": "r=x"})).unwrap());
+        let Err(ControlError::Invalid(problems)) = c.change(doc, "test", "apply", false) else {
+            panic!("a policy beyond the maps' capacity must be refused as invalid")
+        };
+        assert_eq!(problems[0].field, "capacity");
+        assert!(problems[0].reason.contains("IPv4 host") && problems[0].reason.contains("holds 2"), "{problems:?}");
+        assert!(c.doc().assets.is_empty(), "nothing changed");
     }
 }

@@ -12,7 +12,7 @@ use super::{
     DataplaneError, LoadOptions,
     generations::{Behind, Grace},
     io_err, map_err,
-    pin::{MAPS, compatible, ensure_bpffs, pin_version_dir},
+    pin::{MAPS, PinLock, compatible, ensure_persistent_bpffs, lock_pin_dir, pin_version_dir},
 };
 use crate::compile::Compiled;
 use std::path::PathBuf;
@@ -45,11 +45,17 @@ pub struct BpfDataplane {
     pub(super) retired_at: [u64; GENERATIONS as usize],
     pub(super) flips: u64,
     pub(super) grace: Grace,
+    /// The exclusive lock on the pin directory (pinned mode), held as long as this data plane.
+    _pin_lock: Option<PinLock>,
 }
 
 impl BpfDataplane {
     /// Loads the XDP program and creates its maps (empty: every packet passes as ungoverned),
     /// or, with a pin directory, reuses the compatible pinned maps of a running enforcement.
+    ///
+    /// With a pin directory, refuses (before touching any pin) when the pins would not outlive
+    /// this process (a bpffs private to its mount namespace, as under `ip netns exec`) or when
+    /// another process holds the pin directory's lock (a second daemon), naming its pid.
     pub fn load(options: LoadOptions) -> Result<Self, DataplaneError> {
         // Older kernels charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless elsewhere.
         let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
@@ -63,10 +69,14 @@ impl BpfDataplane {
         }
         let mut adopted = false;
         let mut map_paths = Vec::new();
+        let mut pin_lock = None;
         let pin_dir = match &options.pin_dir {
             None => None,
             Some(dir) => {
-                ensure_bpffs(dir)?;
+                // Before any pin is read or replaced: the pins must outlive this process, and no
+                // other daemon may be using them.
+                ensure_persistent_bpffs(dir)?;
+                pin_lock = Some(lock_pin_dir(dir)?);
                 let vdir = pin_version_dir(dir);
                 let maps = vdir.join("maps");
                 std::fs::create_dir_all(&maps).map_err(io_err(format!(
@@ -111,6 +121,7 @@ impl BpfDataplane {
             retired_at: [0; GENERATIONS as usize],
             flips: 0,
             grace: Grace::start(),
+            _pin_lock: pin_lock,
         };
         if adopted {
             let epoch_map: Array<_, u32> = Array::try_from(dp.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;

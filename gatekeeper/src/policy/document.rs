@@ -242,6 +242,7 @@ impl PolicyDocument {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
+        check_nesting(text).map_err(|error| PolicyError::Syntax { source_name: source_name.to_string(), error })?;
         serde_yaml::from_str(text)
             .map_err(|e| PolicyError::Syntax { source_name: source_name.to_string(), error: e.to_string() })
     }
@@ -255,6 +256,42 @@ impl PolicyDocument {
             Err(PolicyError::Invalid { source_name: source_name.to_string(), problems })
         }
     }
+}
+
+/// How deep a document may nest. A policy is a few levels deep (list, object, tag map); a
+/// parser fed thousands of levels spends seconds to minutes on them, so they are refused first.
+pub const MAX_NESTING: usize = 32;
+
+/// Refuses text nesting deeper than [`MAX_NESTING`], in flow (`[`, `{`) or block (indentation)
+/// style, in one pass and before any parsing. Quoted strings and comments do not count.
+fn check_nesting(text: &str) -> Result<(), String> {
+    let too_deep = |line: usize| Err(format!("line {line}: nested deeper than {MAX_NESTING} levels"));
+    let mut flow = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches([' ', '-']).len();
+        // A block level takes at least one column (YAML's least indentation).
+        if flow == 0 && indent > MAX_NESTING * 4 {
+            return too_deep(n + 1);
+        }
+        let mut quote: Option<char> = None;
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    if flow > MAX_NESTING {
+                        return too_deep(n + 1);
+                    }
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads, parses and validates a policy file: the document as written and its validated form.
@@ -514,6 +551,18 @@ rules:
         let got = problems("segments:\n  - {name: s, mode: audit}\n");
         assert!(got[0].contains("unknown variant `audit`"), "{got:?}");
         assert!(got[0].starts_with("t.yaml: "), "{got:?}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let e = PolicyDocument::from_yaml(&deep, "body").unwrap_err().to_string();
+        assert!(e.contains("nested deeper than 32"), "refused before the parser sees it: {e}");
+        let block: String = (0..200).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect();
+        assert!(PolicyDocument::from_yaml(&block, "body").unwrap_err().to_string().contains("nested deeper"));
+        // Brackets in strings and comments are text, and a real policy passes.
+        let fine = "assets:\n  - {name: a, ips: [10.0.0.1], description: \"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"} # [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\n";
+        assert_eq!(PolicyDocument::from_yaml(fine, "t").unwrap().assets.len(), 1);
     }
 
     #[test]
