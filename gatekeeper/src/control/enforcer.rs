@@ -20,6 +20,9 @@ pub enum EnforceError {
     Dataplane(#[from] DataplaneError),
 }
 
+/// Above one changed asset in this many, a change is compiled in full rather than incrementally.
+const INCREMENTAL_SHARE: usize = 8;
+
 /// The one path from a desired policy to the data plane: compile, then apply atomically.
 /// Whatever fails, the policy in force stays exactly as it was.
 pub struct Enforcer {
@@ -74,8 +77,11 @@ impl Enforcer {
     /// changed assets are compiled.
     pub fn apply(&mut self, policy: Policy) -> Result<ApplyReport, EnforceError> {
         let now = Utc::now();
-        let result = if self.policy.segments == policy.segments && self.policy.rules == policy.rules {
-            let changed = changed_assets(&self.policy, &policy);
+        let same_rules = self.policy.segments == policy.segments && self.policy.rules == policy.rules;
+        let changed = if same_rules { changed_assets(&self.policy, &policy) } else { vec![] };
+        // Incremental pays per changed asset, a full compile per asset in the policy: when a
+        // large share changes (a reload restating the assets), the full compile is cheaper.
+        let result = if same_rules && changed.len() <= policy.assets.len() / INCREMENTAL_SHARE {
             let names: Vec<&str> = changed.iter().map(String::as_str).collect();
             let delta = self.compiler.update_assets(&policy, &names, self.dataplane.applied(), now)?;
             self.dataplane.apply_delta(delta)

@@ -197,21 +197,26 @@ impl Store {
         let sql = |error| StoreError::Sqlite { path: path.clone(), error };
         let tx = self.conn.transaction().map_err(sql)?;
         let at = chrono::Utc::now().to_rfc3339();
+        // Cached statements: a reload may record 100k changes, and parsing each statement again
+        // would cost more than writing the row.
         for (c, actor, action) in changes {
-            match &c.new {
+            // The new object is the stored spec and the audit row's `new`: serialized once.
+            let new = c.new.as_ref().map(Value::to_string);
+            match &new {
                 Some(v) => tx
-                    .execute(
+                    .prepare_cached(
                         "INSERT INTO objects (kind, name, spec) VALUES (?1, ?2, ?3)
                          ON CONFLICT (kind, name) DO UPDATE SET spec = excluded.spec",
-                        (c.kind.as_str(), &c.name, v.to_string()),
                     )
+                    .and_then(|mut st| st.execute((c.kind.as_str(), &c.name, v)))
                     .map_err(sql)?,
                 None => tx
-                    .execute("DELETE FROM objects WHERE kind = ?1 AND name = ?2", (c.kind.as_str(), &c.name))
+                    .prepare_cached("DELETE FROM objects WHERE kind = ?1 AND name = ?2")
+                    .and_then(|mut st| st.execute((c.kind.as_str(), &c.name)))
                     .map_err(sql)?,
             };
-            audit_row(&tx, &at, actor, action, Some(c.kind.as_str()), Some(&c.name), c.old.as_ref(), c.new.as_ref())
-                .map_err(sql)?;
+            let old = c.old.as_ref().map(Value::to_string);
+            audit_row(&tx, &at, actor, action, Some(c.kind.as_str()), Some(&c.name), old, new).map_err(sql)?;
         }
         if let (true, Some((actor, action))) = (changes.is_empty(), empty) {
             audit_row(&tx, &at, actor, action, None, None, None, None).map_err(sql)?;
@@ -528,7 +533,8 @@ pub struct NetskopeCommit<'a> {
 fn insert_audit(tx: &rusqlite::Transaction<'_>, rows: &[AuditRow]) -> rusqlite::Result<()> {
     let at = chrono::Utc::now().to_rfc3339();
     for r in rows {
-        audit_row(tx, &at, &r.actor, &r.action, r.kind.as_deref(), r.name.as_deref(), r.old.as_ref(), r.new.as_ref())?;
+        let (old, new) = (r.old.as_ref().map(Value::to_string), r.new.as_ref().map(Value::to_string));
+        audit_row(tx, &at, &r.actor, &r.action, r.kind.as_deref(), r.name.as_deref(), old, new)?;
     }
     Ok(())
 }
@@ -542,14 +548,12 @@ fn audit_row(
     action: &str,
     kind: Option<&str>,
     name: Option<&str>,
-    old: Option<&Value>,
-    new: Option<&Value>,
+    old: Option<String>,
+    new: Option<String>,
 ) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        (at, actor, action, kind, name, old.map(Value::to_string), new.map(Value::to_string)),
-    )
-    .map(|_| ())
+    tx.prepare_cached("INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
+        .execute((at, actor, action, kind, name, old, new))
+        .map(|_| ())
 }
 
 #[cfg(test)]
