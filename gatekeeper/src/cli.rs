@@ -70,6 +70,12 @@ pub enum ClientCommand {
         /// Show what would change; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Delete the objects the file does not name (without it they stay).
+        #[arg(long)]
+        prune: bool,
+        /// Apply even if it leaves no enforce segment, or too many governed addresses ungoverned.
+        #[arg(long)]
+        force: bool,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -299,12 +305,13 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
                 )
             });
         }
-        ClientCommand::Apply { file, dry_run, output } => {
+        ClientCommand::Apply { file, dry_run, prune, force, output } => {
             let text =
                 std::fs::read_to_string(&file).map_err(|e| Failure::Refused(format!("{}: {e}", file.display())))?;
             let ct =
                 if file.extension().is_some_and(|e| e == "json") { "application/json" } else { "application/yaml" };
-            let path = if dry_run { "/apply?dry_run=true" } else { "/apply" };
+            let path = format!("/apply?dry_run={dry_run}&prune={prune}&force={force}");
+            let path = path.as_str();
             let v = c.send("POST", path, ct, Some(text))?;
             print(output, &v, |v| {
                 let rows: Vec<Vec<String>> = v["changes"]
@@ -315,10 +322,18 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
                     .collect();
                 let n = rows.len();
                 let verb = if dry_run { "would change" } else { "changed" };
+                let g = &v["governance"];
+                let governed = format!(
+                    "governed addresses: {} -> {} ({} newly ungoverned, {} newly governed)",
+                    s(&g["governed_before"]),
+                    s(&g["governed_after"]),
+                    s(&g["newly_ungoverned"]),
+                    s(&g["newly_governed"])
+                );
                 if n == 0 {
-                    "no changes".into()
+                    format!("no changes\n{governed}")
                 } else {
-                    format!("{}\n{n} object(s) {verb}", table(&["OP", "KIND", "NAME"], rows))
+                    format!("{}\n{n} object(s) {verb}\n{governed}", table(&["OP", "KIND", "NAME"], rows))
                 }
             });
         }

@@ -133,6 +133,9 @@ impl From<FlowTimeouts> for Timeouts {
 pub struct PolicyConfig {
     /// The policy document, re-read on SIGHUP.
     pub file: Option<PathBuf>,
+    /// The share (0 to 1) of the governed addresses an apply or reload may leave ungoverned
+    /// without `force` (default 0.1).
+    pub max_ungoverned_share: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +187,11 @@ impl Config {
                 }
                 _ => {}
             }
+        }
+        if let Some(share) = cfg.policy.max_ungoverned_share
+            && !(0.0..=1.0).contains(&share)
+        {
+            return Err(bad(format!("[policy] max_ungoverned_share: {share} is not a share between 0 and 1")));
         }
         if let Some(n) = &cfg.netskope {
             netskope::check_tenant_url(&n.tenant_url).map_err(|e| bad(format!("[netskope] tenant_url: {e}")))?;

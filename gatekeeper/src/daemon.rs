@@ -121,6 +121,9 @@ fn start(config: &Config, tokens: Option<&Tokens>) -> anyhow::Result<Handle> {
         "compiling the policy and writing the maps"
     );
     let (mut control, report) = prepared.enforce(enforcer)?;
+    if let Some(share) = config.policy.max_ungoverned_share {
+        control.set_apply_guard(share);
+    }
     log_applied("start", &control, report);
     for interface in &config.dataplane.interfaces {
         let dp = control.enforcer_mut().dataplane_mut();

@@ -123,7 +123,7 @@ fn objects_go_through_the_api_into_the_data_plane() {
     // Dry run: the diff, nothing applied.
     let doc = "assets:\n  - {name: plc-1, ips: [10.0.0.11], tags: {role: plc}}\nsegments:\n  - {name: plc, selector: role=plc}\n";
     let before = s.audit_len();
-    let (st, d) = s.call("POST", "/apply?dry_run=true", Some(ADMIN), "application/yaml", Some(doc));
+    let (st, d) = s.call("POST", "/apply?dry_run=true&prune=true", Some(ADMIN), "application/yaml", Some(doc));
     assert_eq!(st, 200, "{d}");
     let ops: Vec<(String, String)> = d["changes"]
         .as_array()
@@ -137,8 +137,8 @@ fn objects_go_through_the_api_into_the_data_plane() {
     );
     assert_eq!(s.audit_len(), before, "a dry run records nothing");
     assert_eq!(s.verdict("10.0.0.1", "10.0.0.11", 502), 2, "a dry run applies nothing");
-    // The real apply replaces the state.
-    let (st, _) = s.call("POST", "/apply", Some(ADMIN), "application/yaml", Some(doc));
+    // The real apply with prune replaces the state.
+    let (st, _) = s.call("POST", "/apply?prune=true", Some(ADMIN), "application/yaml", Some(doc));
     assert_eq!(st, 200);
     assert_eq!(s.verdict("10.0.0.1", "10.0.0.11", 502), 1, "modbus rule gone");
     assert_eq!(s.admin("GET", "/rules", None).1, json!([]));
@@ -321,4 +321,41 @@ fn a_deeply_nested_document_is_refused_before_parsing() {
     assert_eq!(st, 400, "{p}");
     assert!(p["detail"].as_str().unwrap().contains("nested deeper than"), "{p}");
     assert_eq!((s.audit_len(), s.admin("GET", "/rules", None).1), before, "nothing changed");
+}
+
+#[test]
+fn apply_never_opens_the_network_by_accident() {
+    let s = Server::start("guarded-apply");
+    seed(&s);
+    let (st, rules_before) = s.admin("GET", "/segments", None);
+    assert_eq!(st, 200);
+    let audit = s.audit_len();
+    // An empty document without prune deletes nothing.
+    let (st, d) = s.call("POST", "/apply", Some(ADMIN), "application/json", Some("{}"));
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["changes"], json!([]), "a non-pruning apply of nothing changes nothing");
+    assert_eq!(s.admin("GET", "/segments", None).1, rules_before);
+    assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 1, "still denied");
+    // With prune it would delete every segment: refused, saying how much would open.
+    let (st, p) = s.call("POST", "/apply?prune=true", Some(ADMIN), "application/json", Some("{}"));
+    assert_eq!(st, 409, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("no segment in enforce mode"), "{p}");
+    assert_eq!(s.audit_len(), audit, "refused: nothing recorded");
+    assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 1, "refused: nothing enforced");
+    // Switching the enforce segment to label is the same opening, without prune.
+    let label = r#"{"segments": [{"name": "plc", "selector": "role=plc", "mode": "label"}]}"#;
+    let (st, p) = s.call("POST", "/apply", Some(ADMIN), "application/json", Some(label));
+    assert_eq!(st, 409, "{p}");
+    // A dry run tells how governance would move.
+    let (st, d) =
+        s.call("POST", "/apply?dry_run=true&prune=true&force=true", Some(ADMIN), "application/json", Some("{}"));
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["governance"]["governed_before"], 1, "{d}");
+    assert_eq!(d["governance"]["newly_ungoverned"], 1, "{d}");
+    assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 1, "a dry run applies nothing");
+    // Forced, it is applied: the operator said so.
+    let (st, d) = s.call("POST", "/apply?prune=true&force=true", Some(ADMIN), "application/json", Some("{}"));
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(s.admin("GET", "/segments", None).1, json!([]));
+    assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 2, "ungoverned now, as forced");
 }

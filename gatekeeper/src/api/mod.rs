@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::{
     control::{
-        Control, ControlError, Handle,
+        ApplyOptions, Control, ControlError, Handle,
         auth::{self, AuthError, Credentials, Tokens},
         writer::{AssetEdit, AssetWriter},
     },
@@ -406,6 +406,12 @@ async fn delete_rule(
 struct ApplyQuery {
     #[serde(default)]
     dry_run: bool,
+    /// Delete the objects the document does not name.
+    #[serde(default)]
+    prune: bool,
+    /// Apply even what would leave the network ungoverned.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn apply(
@@ -432,13 +438,24 @@ async fn apply(
     let doc = tokio::task::spawn_blocking(parse)
         .await
         .map_err(|e| ApiError::Internal(format!("the request's worker failed: {e}")))??;
-    let (actor, dry_run) = (actor(&ext), q.dry_run);
-    let diff = s.with(move |c| c.change(doc, actor, "apply", dry_run)).await??;
-    let items: Vec<Value> = diff
+    let actor = actor(&ext);
+    let options = ApplyOptions { dry_run: q.dry_run, prune: q.prune, force: q.force };
+    let applied = s.with(move |c| c.apply(doc, actor, "apply", options)).await??;
+    let items: Vec<Value> = applied
+        .changes
         .iter()
         .map(|c| json!({"op": c.op(), "kind": c.kind, "name": c.name, "old": c.old, "new": c.new}))
         .collect();
-    Ok(Json(json!({"dry_run": q.dry_run, "changes": items})))
+    let g = applied.governance;
+    Ok(Json(json!({
+        "dry_run": q.dry_run,
+        "prune": q.prune,
+        "changes": items,
+        "governance": {
+            "governed_before": g.governed_before, "governed_after": g.governed_after,
+            "newly_ungoverned": g.newly_ungoverned, "newly_governed": g.newly_governed,
+        },
+    })))
 }
 
 /// The published status: answered without the control lock, so a long apply or a full flow

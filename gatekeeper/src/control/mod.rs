@@ -45,9 +45,9 @@ use self::{
 use crate::{
     dataplane::ApplyReport,
     policy::{
-        Asset, AssetSpec, Policy, PolicyDocument, PolicyError, Problem, RuleSpec, SegmentSpec,
+        Asset, AssetSpec, Mode, Policy, PolicyDocument, PolicyError, Problem, RuleSpec, SegmentSpec,
         diff::{Change, Kind, changes, merge_patch, merged, upsert},
-        membership::member_assets,
+        membership::{governed, member_assets},
         selector::Selector,
     },
 };
@@ -119,6 +119,37 @@ pub struct Control {
     wake: Option<mpsc::Sender<Event>>,
     board: Arc<StatusBoard>,
     expiry: Arc<expiry::ExpiryClock>,
+    /// The share of governed addresses an apply may leave ungoverned without `force`.
+    max_ungoverned_share: f64,
+}
+
+/// Default share of the governed addresses an apply may leave ungoverned without `force`.
+pub const DEFAULT_MAX_UNGOVERNED_SHARE: f64 = 0.10;
+
+/// How `POST /apply` applies a document.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyOptions {
+    pub dry_run: bool,
+    /// Delete the objects the document does not name (otherwise they stay).
+    pub prune: bool,
+    /// Apply even what would open the network (see [`Control::apply`]).
+    pub force: bool,
+}
+
+/// What an apply changed (or would change), and how governance moves.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub changes: Vec<Change>,
+    pub governance: Governance,
+}
+
+/// Addresses governed (by `enforce` or `monitor` segments) before and after a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Governance {
+    pub governed_before: usize,
+    pub governed_after: usize,
+    pub newly_ungoverned: usize,
+    pub newly_governed: usize,
 }
 
 /// The state a daemon starts from, validated but not yet enforced ([`Control::prepare`]).
@@ -155,6 +186,7 @@ impl Prepared {
             wake: None,
             board: Arc::new(StatusBoard::default()),
             expiry: Arc::default(),
+            max_ungoverned_share: DEFAULT_MAX_UNGOVERNED_SHARE,
         };
         control.reindex();
         telemetry::netskope_apps(&control.netskope);
@@ -322,10 +354,62 @@ impl Control {
         Ok(())
     }
 
-    /// The policy file read again (SIGHUP), merged into the desired state like `kubectl apply`.
+    /// How much of what is governed an apply may leave ungoverned without `force`.
+    pub fn set_apply_guard(&mut self, max_ungoverned_share: f64) {
+        self.max_ungoverned_share = max_ungoverned_share.clamp(0.0, 1.0);
+    }
+
+    /// `POST /apply`: `doc` merged into the desired state (objects it does not name stay), or,
+    /// with `prune`, replacing it. An apply that would leave no `enforce` segment where there was
+    /// one, or leave more than the allowed share of the governed addresses ungoverned, is refused
+    /// unless `force`: a typo or an empty file must not open the network.
+    pub fn apply(
+        &mut self,
+        doc: PolicyDocument,
+        actor: &str,
+        action: &str,
+        options: ApplyOptions,
+    ) -> Result<Applied, ControlError> {
+        let desired = if options.prune { doc } else { merged(&self.doc, &doc) };
+        self.check_generated_names(&desired)?;
+        let after = self.netskope.validate(&desired, "request")?;
+        let before = self.enforcer.policy();
+        let (was, will) = (governed(before), governed(&after));
+        let governance = Governance {
+            governed_before: was.len(),
+            governed_after: will.len(),
+            newly_ungoverned: was.difference(&will).count(),
+            newly_governed: will.difference(&was).count(),
+        };
+        let enforcing = |p: &Policy| p.segments.iter().any(|s| s.mode == Mode::Enforce);
+        if !options.force {
+            if enforcing(before) && !enforcing(&after) {
+                let n = before.segments.iter().filter(|s| s.mode == Mode::Enforce).count();
+                return Err(ControlError::Conflict(format!(
+                    "this apply leaves no segment in enforce mode (there are {n} now): nothing would be dropped any \
+                     more; apply it with force=true if that is meant"
+                )));
+            }
+            let share = governance.newly_ungoverned as f64 / was.len().max(1) as f64;
+            if share > self.max_ungoverned_share {
+                return Err(ControlError::Conflict(format!(
+                    "this apply leaves {} of {} governed addresses ungoverned ({:.0}%, more than the {:.0}% allowed); \
+                     apply it with force=true if that is meant",
+                    governance.newly_ungoverned,
+                    was.len(),
+                    share * 100.0,
+                    self.max_ungoverned_share * 100.0
+                )));
+            }
+        }
+        let changes = self.change(desired, actor, action, options.dry_run)?;
+        Ok(Applied { changes, governance })
+    }
+
+    /// The policy file read again (SIGHUP): applied like `POST /apply` without prune or force
+    /// (objects it does not name stay; it may not open the network by accident).
     pub fn reload(&mut self, file: &PolicyDocument) -> Result<Vec<Change>, ControlError> {
-        let desired = merged(&self.doc, file);
-        self.change(desired, "policy-file", "reload", false)
+        Ok(self.apply(file.clone(), "policy-file", "reload", ApplyOptions::default())?.changes)
     }
 
     /// Compiles the policy in force again in full (a rule expired).
@@ -670,6 +754,31 @@ mod tests {
         assert!(matches!(gone_rx.blocking_recv().unwrap(), Err(ControlError::NotFound(_))));
         assert_eq!(c.store().load().unwrap().assets, c.doc().assets, "recorded as enforced");
         assert_eq!(c.board().get().objects, [1, 0, 0], "the status follows");
+    }
+
+    #[test]
+    fn a_reload_that_would_open_the_network_is_refused() {
+        let mut c = control("reload-guard");
+        let doc: PolicyDocument = serde_json::from_value(json!({
+            "assets": [{"name": "plc-1", "ips": ["10.0.0.1"], "tags": {"role": "plc"}},
+                       {"name": "plc-2", "ips": ["10.0.0.2"], "tags": {"role": "plc"}}],
+            "segments": [{"name": "plc", "selector": "role=plc"}, {"name": "wide", "cidrs": ["10.1.0.0/16"], "mode": "monitor"}],
+        }))
+        .unwrap();
+        c.reload(&doc).unwrap();
+        // The enforce segment turned into a label: nothing would be dropped any more.
+        let label: PolicyDocument =
+            serde_json::from_value(json!({"segments": [{"name": "plc", "selector": "role=plc", "mode": "label"}]}))
+                .unwrap();
+        assert!(matches!(c.reload(&label), Err(ControlError::Conflict(m)) if m.contains("no segment in enforce mode")));
+        // One of three governed addresses (33%) leaving: more than the 10% allowed.
+        let untag: PolicyDocument =
+            serde_json::from_value(json!({"assets": [{"name": "plc-2", "ips": ["10.0.0.2"]}]})).unwrap();
+        assert!(matches!(c.reload(&untag), Err(ControlError::Conflict(m)) if m.contains("1 of 3")));
+        assert_eq!(c.doc(), &doc, "refused reloads change nothing");
+        c.set_apply_guard(0.5);
+        c.reload(&untag).unwrap();
+        assert!(c.asset("plc-2").unwrap().tags.is_empty(), "within the configured share it applies");
     }
 
     #[test]

@@ -551,9 +551,11 @@ fn audit_row(
     old: Option<String>,
     new: Option<String>,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
-        .execute((at, actor, action, kind, name, old, new))
-        .map(|_| ())
+    tx.prepare_cached(
+        "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute((at, actor, action, kind, name, old, new))
+    .map(|_| ())
 }
 
 #[cfg(test)]

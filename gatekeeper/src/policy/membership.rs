@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::IpNet;
 
-use crate::policy::{Asset, Policy, Segment};
+use crate::policy::{Asset, Mode, Policy, Segment};
 
 /// Segment indices (into `Policy::segments`), sorted.
 pub type SegmentSet = BTreeSet<usize>;
@@ -39,6 +39,19 @@ pub fn member_addresses(policy: &Policy, segment: &str) -> BTreeSet<IpNet> {
     out.extend(seg.cidrs.iter().copied());
     for a in member_assets(policy, seg) {
         out.extend(a.prefixes.iter().copied());
+    }
+    out
+}
+
+/// The prefixes a segment in `enforce` or `monitor` mode governs: its CIDRs and its members'
+/// addresses. What an apply may not silently leave ungoverned.
+pub fn governed(policy: &Policy) -> BTreeSet<IpNet> {
+    let mut out = BTreeSet::new();
+    for seg in policy.segments.iter().filter(|s| matches!(s.mode, Mode::Enforce | Mode::Monitor)) {
+        out.extend(seg.cidrs.iter().copied());
+        for a in member_assets(policy, seg) {
+            out.extend(a.prefixes.iter().copied());
+        }
     }
     out
 }
