@@ -35,10 +35,17 @@ pub struct AssetSpec {
     pub name: String,
     #[serde(default)]
     pub ips: Vec<String>,
-    #[serde(default)]
+    /// Tag values are text: `floor: 3` and `"floor": "3"` are the same tag, stored and returned
+    /// as `"3"` (numbers and booleans are read as their text).
+    #[serde(default, deserialize_with = "text_tags")]
     pub tags: BTreeMap<String, Scalar>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+}
+
+fn text_tags<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Scalar>, D::Error> {
+    let tags = BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(tags.into_iter().map(|(k, v)| (k, Scalar::Str(v.to_string()))).collect())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -368,6 +375,30 @@ fn check_names<'a>(kind: &str, names: impl Iterator<Item = &'a str>, problems: &
     }
 }
 
+/// Tags one asset may carry.
+pub const MAX_TAGS: usize = 64;
+/// Characters a description may hold.
+pub const MAX_DESCRIPTION: usize = 1024;
+
+/// A description is text for people: no control characters (they would forge log lines and
+/// terminal output), at most [`MAX_DESCRIPTION`] characters.
+fn check_description(entry: &dyn Fn() -> String, text: Option<&str>, problems: &mut Vec<Problem>) {
+    let Some(text) = text else { return };
+    if text.chars().any(char::is_control) {
+        problems.push(Problem {
+            entry: entry(),
+            field: "description",
+            reason: "control characters are not allowed".into(),
+        });
+    } else if text.chars().count() > MAX_DESCRIPTION {
+        problems.push(Problem {
+            entry: entry(),
+            field: "description",
+            reason: format!("at most {MAX_DESCRIPTION} characters"),
+        });
+    }
+}
+
 fn validate(doc: &PolicyDocument, problems: &mut Vec<Problem>) -> Policy {
     check_names("assets", doc.assets.iter().map(|a| a.name.as_str()), problems);
     check_names("segments", doc.segments.iter().map(|s| s.name.as_str()), problems);
@@ -383,6 +414,14 @@ fn validate(doc: &PolicyDocument, problems: &mut Vec<Problem>) -> Policy {
                 Err(reason) => problems.push(Problem { entry: e(), field: "ips", reason }),
             }
         }
+        if a.tags.len() > MAX_TAGS {
+            problems.push(Problem {
+                entry: e(),
+                field: "tags",
+                reason: format!("{} tags; an asset has at most {MAX_TAGS}", a.tags.len()),
+            });
+        }
+        check_description(&e, a.description.as_deref(), problems);
         let mut tags = BTreeMap::new();
         for (k, v) in &a.tags {
             let v = v.to_string();
@@ -408,6 +447,7 @@ fn validate(doc: &PolicyDocument, problems: &mut Vec<Problem>) -> Policy {
         if s.name == ANY {
             problems.push(Problem { entry: e(), field: "name", reason: "\"any\" is reserved for rules".into() });
         }
+        check_description(&e, s.description.as_deref(), problems);
         let selector = match s.selector.as_deref().map(Selector::parse) {
             None => None,
             Some(Ok(sel)) => Some(sel),
@@ -430,6 +470,7 @@ fn validate(doc: &PolicyDocument, problems: &mut Vec<Problem>) -> Policy {
 
     for (i, r) in doc.rules.iter().enumerate() {
         let e = || entry("rules", i, &r.name);
+        check_description(&e, r.description.as_deref(), problems);
         let mut endpoint = |field: &'static str, name: &str| {
             if name == ANY {
                 Endpoint::Any
@@ -551,6 +592,24 @@ rules:
         let got = problems("segments:\n  - {name: s, mode: audit}\n");
         assert!(got[0].contains("unknown variant `audit`"), "{got:?}");
         assert!(got[0].starts_with("t.yaml: "), "{got:?}");
+    }
+
+    #[test]
+    fn tags_are_text_and_descriptions_plain() {
+        let a = PolicyDocument::from_yaml("assets:\n  - {name: a, tags: {line: 1, ok: true, f: 1.5}}\n", "t").unwrap();
+        let b: PolicyDocument =
+            serde_json::from_str(r#"{"assets": [{"name": "a", "tags": {"line": "1", "ok": "true", "f": "1.5"}}]}"#)
+                .unwrap();
+        assert_eq!(a, b, "a number and its text are the same tag: never a diff");
+        assert_eq!(serde_json::to_value(&a.assets[0]).unwrap()["tags"]["line"], "1", "returned as text");
+        let p = problems(
+            "assets:\n  - {name: a, description: \"x\\ny\"}\nsegments:\n  - {name: s, cidrs: [10.0.0.0/8], description: \"\\u001b[31m\"}\n",
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p.iter().all(|m| m.contains("description: control characters")), "{p:?}");
+        let many: String = (0..65).map(|i| format!("t{i}: x, ")).collect();
+        let p = problems(&format!("assets:\n  - {{name: a, tags: {{{many}}}}}\n"));
+        assert!(p[0].contains("65 tags; an asset has at most 64"), "{p:?}");
     }
 
     #[test]
