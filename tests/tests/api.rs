@@ -209,15 +209,20 @@ fn refused_requests_change_nothing() {
 
 /// One raw HTTP/1.1 request (for headers a client library would not send); returns the status.
 fn raw(s: &Server, request: &[u8]) -> u16 {
+    raw_response(s, request).0
+}
+
+/// One raw HTTP/1.1 request (`Connection: close`); returns the status and the whole response.
+fn raw_response(s: &Server, request: &[u8]) -> (u16, String) {
     use std::io::{Read as _, Write as _};
     let addr = s.base.trim_start_matches("http://").split('/').next().unwrap().to_string();
     let mut c = std::net::TcpStream::connect(&addr).unwrap();
     c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
     c.write_all(request).unwrap();
-    let mut buf = [0u8; 64];
-    let n = c.read(&mut buf).unwrap();
-    let line = String::from_utf8_lossy(&buf[..n]);
-    line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    (text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0), text)
 }
 
 #[test]
@@ -358,4 +363,49 @@ fn apply_never_opens_the_network_by_accident() {
     assert_eq!(st, 200, "{d}");
     assert_eq!(s.admin("GET", "/segments", None).1, json!([]));
     assert_eq!(s.verdict("10.0.0.2", "10.0.0.11", 502), 2, "ungoverned now, as forced");
+}
+
+#[test]
+fn if_match_writes_only_the_version_that_was_read() {
+    let s = Server::start("if-match");
+    seed(&s);
+    let req = |method: &str, extra: &str, body: &str| -> Vec<u8> {
+        format!(
+            "{method} /api/v1/assets/plc-1 HTTP/1.1\r\nHost: gk\r\nAuthorization: Bearer {ADMIN}\r\nConnection: close\r\n{extra}Content-Type: application/merge-patch+json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let etag_of = |text: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix("etag: ").or_else(|| l.strip_prefix("ETag: ")))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_else(|| panic!("no ETag in {text}"))
+    };
+    let (st, text) = raw_response(&s, &req("GET", "", ""));
+    assert_eq!(st, 200, "{text}");
+    let read = etag_of(&text);
+    // Someone else changes the asset after we read it.
+    let (st, text) = raw_response(&s, &req("PATCH", "", r#"{"tags": {"site": "a"}}"#));
+    assert_eq!(st, 200, "{text}");
+    let now = etag_of(&text);
+    assert_ne!(read, now, "the version tag follows the asset");
+    // Our write, made against what we read, is refused and changes nothing.
+    let before = s.audit_len();
+    let stale = format!("If-Match: {read}\r\n");
+    let (st, text) = raw_response(&s, &req("PATCH", &stale, r#"{"tags": {"role": null}}"#));
+    assert_eq!(st, 412, "{text}");
+    assert_eq!(s.audit_len(), before, "refused: nothing recorded");
+    assert_eq!(s.admin("GET", "/assets/plc-1", None).1["tags"]["role"], "plc");
+    // Against the current version it applies.
+    let fresh = format!("If-Match: {now}\r\n");
+    assert_eq!(raw_response(&s, &req("PATCH", &fresh, r#"{"tags": {"role": null}}"#)).0, 200);
+    assert!(s.admin("GET", "/assets/plc-1", None).1["tags"].get("role").is_none());
+    // `*` matches any existing asset, and none that does not exist.
+    let any = "If-Match: *\r\n";
+    let missing = format!(
+        "DELETE /api/v1/assets/nope HTTP/1.1\r\nHost: gk\r\nAuthorization: Bearer {ADMIN}\r\nConnection: close\r\n{any}\r\n"
+    );
+    assert_eq!(raw(&s, missing.as_bytes()), 412);
+    assert_eq!(raw_response(&s, &req("PATCH", any, r#"{"tags": {"x": "y"}}"#)).0, 200);
 }

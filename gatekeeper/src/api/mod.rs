@@ -26,7 +26,7 @@ use crate::{
     control::{
         ApplyOptions, Control, ControlError, Handle,
         auth::{self, AuthError, Credentials, Tokens},
-        writer::{AssetEdit, AssetWriter},
+        writer::{AssetEdit, AssetWriter, etag},
     },
     policy::{AssetSpec, PolicyDocument, Problem, RuleSpec, SegmentSpec, diff::Change, selector::Selector},
 };
@@ -39,6 +39,8 @@ pub enum ApiError {
     Forbidden,
     NotFound(String),
     Conflict(String),
+    /// `If-Match` did not match.
+    Precondition(String),
     Unsupported(String),
     Invalid(Vec<Problem>),
     Internal(String),
@@ -52,6 +54,7 @@ impl std::fmt::Display for ApiError {
             Self::BadRequest(d)
             | Self::NotFound(d)
             | Self::Conflict(d)
+            | Self::Precondition(d)
             | Self::Unsupported(d)
             | Self::Internal(d)
             | Self::Upstream(d) => f.write_str(d),
@@ -69,6 +72,7 @@ impl From<ControlError> for ApiError {
             ControlError::Policy(e) => Self::BadRequest(e.to_string()),
             ControlError::NotFound(d) => Self::NotFound(d),
             ControlError::Conflict(d) => Self::Conflict(d),
+            ControlError::Precondition(d) => Self::Precondition(d),
             ControlError::Batch(e) => match Arc::try_unwrap(e) {
                 Ok(e) => e.into(),
                 Err(shared) => Self::Internal(shared.to_string()),
@@ -106,6 +110,7 @@ impl IntoResponse for ApiError {
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "this token may only read".into(), vec![]),
             Self::NotFound(d) => (StatusCode::NOT_FOUND, "not found", d, vec![]),
             Self::Conflict(d) => (StatusCode::CONFLICT, "conflict", d, vec![]),
+            Self::Precondition(d) => (StatusCode::PRECONDITION_FAILED, "precondition failed", d, vec![]),
             Self::Unsupported(d) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type", d, vec![]),
             Self::Invalid(problems) => {
                 let errors =
@@ -243,8 +248,24 @@ async fn stored_asset(s: &ApiState, name: &str) -> Result<AssetSpec, ApiError> {
     s.with(move |c| c.asset(&n).cloned()).await?.ok_or_else(|| ApiError::NotFound(format!("no asset {name:?}")))
 }
 
-async fn get_asset(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<AssetSpec>, ApiError> {
-    stored_asset(&s, &name).await.map(Json)
+/// The asset with its version in `ETag`, for `If-Match` on the next write.
+fn with_etag(spec: Option<AssetSpec>) -> Response {
+    match spec {
+        Some(a) => ([(header::ETAG, etag(&a))], Json(a)).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+/// `If-Match` of a request (`None`: none given).
+fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get(header::IF_MATCH)
+        .map(|v| v.to_str().map(String::from).map_err(|_| ApiError::BadRequest("If-Match is not ASCII".into())))
+        .transpose()
+}
+
+async fn get_asset(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    stored_asset(&s, &name).await.map(|a| with_etag(Some(a)))
 }
 
 async fn put_asset(
@@ -255,8 +276,8 @@ async fn put_asset(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let spec: AssetSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    s.writer.write(&name, AssetEdit::Put(spec.clone()), actor(&ext), "put asset").await?;
-    Ok(Json(spec).into_response())
+    let written = s.writer.write(&name, AssetEdit::Put(spec), if_match(&headers)?, actor(&ext), "put asset").await?;
+    Ok(with_etag(written))
 }
 
 async fn patch_asset(
@@ -268,16 +289,17 @@ async fn patch_asset(
 ) -> Result<Response, ApiError> {
     let patch = body_json(&headers, &body, &["application/merge-patch+json", "application/json"])?;
     // Merged in the writer, against the latest version: concurrent patches lose nothing.
-    let spec = s.writer.write(&name, AssetEdit::Patch(patch), actor(&ext), "patch asset").await?;
-    Ok(Json(spec).into_response())
+    let written = s.writer.write(&name, AssetEdit::Patch(patch), if_match(&headers)?, actor(&ext), "patch asset");
+    Ok(with_etag(written.await?))
 }
 
 async fn delete_asset(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     ext: axum::http::Extensions,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    s.writer.write(&name, AssetEdit::Delete, actor(&ext), "delete asset").await?;
+    s.writer.write(&name, AssetEdit::Delete, if_match(&headers)?, actor(&ext), "delete asset").await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -65,6 +65,9 @@ pub enum ControlError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// `If-Match` named another version than the one stored.
+    #[error("{0}")]
+    Precondition(String),
     /// The data plane refused the policy; the policy in force is unchanged.
     #[error(transparent)]
     Enforce(EnforceError),
@@ -492,10 +495,13 @@ impl Control {
                 self.apply_batch(std::mem::take(&mut batch));
                 names.clear();
             }
-            let resolved = self.resolve(&w.name, &w.edit).and_then(|spec| {
-                let asset = spec.as_ref().map(|s| validate_asset(s, "request")).transpose()?.flatten();
-                Ok((spec, asset))
-            });
+            let resolved = self
+                .precondition(&w.name, w.if_match.as_deref())
+                .and_then(|()| self.resolve(&w.name, &w.edit))
+                .and_then(|spec| {
+                    let asset = spec.as_ref().map(|s| validate_asset(s, "request")).transpose()?.flatten();
+                    Ok((spec, asset))
+                });
             match resolved {
                 Ok((spec, asset)) => {
                     names.insert(w.name.clone());
@@ -507,6 +513,25 @@ impl Control {
             }
         }
         self.apply_batch(batch);
+    }
+
+    /// `If-Match`: the write applies only to the version the client read.
+    fn precondition(&self, name: &str, if_match: Option<&str>) -> Result<(), ControlError> {
+        let Some(wanted) = if_match else { return Ok(()) };
+        let current = self.asset(name);
+        let matches = match current {
+            None => false,
+            Some(_) if wanted.trim() == "*" => true,
+            Some(a) => wanted.split(',').any(|t| t.trim() == writer::etag(a)),
+        };
+        if matches {
+            Ok(())
+        } else {
+            Err(ControlError::Precondition(match current {
+                None => format!("no asset {name:?} to match {wanted}"),
+                Some(a) => format!("asset {name:?} changed since it was read: it is now {}", writer::etag(a)),
+            }))
+        }
     }
 
     /// What `edit` makes of asset `name` now: the new asset, or `None` to delete it.
@@ -731,7 +756,7 @@ mod tests {
 
     fn write(name: &str, edit: AssetEdit) -> (AssetWrite, Reply) {
         let (reply, rx) = oneshot::channel();
-        (AssetWrite { name: name.into(), edit, actor: "test", action: "test", reply }, rx)
+        (AssetWrite { name: name.into(), edit, if_match: None, actor: "test", action: "test", reply }, rx)
     }
 
     #[test]

@@ -22,10 +22,21 @@ pub enum AssetEdit {
     Delete,
 }
 
+/// The version tag of an asset (an HTTP entity tag, quoted): changes whenever the asset does.
+pub fn etag(spec: &AssetSpec) -> String {
+    use sha2::Digest as _;
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    let digest = sha2::Sha256::digest(&json);
+    format!("\"{}\"", digest.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>())
+}
+
 /// One asset write waiting for the writer.
 pub struct AssetWrite {
     pub name: String,
     pub edit: AssetEdit,
+    /// Apply only if the asset's current [`etag`] is this one (`*`: only if it exists), as
+    /// HTTP's `If-Match`: a client that read the asset first loses nothing written since.
+    pub if_match: Option<String>,
     pub actor: &'static str,
     pub action: &'static str,
     /// The asset as written (`None`: deleted), or why not.
@@ -75,11 +86,12 @@ impl AssetWriter {
         &self,
         name: &str,
         edit: AssetEdit,
+        if_match: Option<String>,
         actor: &'static str,
         action: &'static str,
     ) -> Result<Option<AssetSpec>, ControlError> {
         let (reply, rx) = oneshot::channel();
-        let w = AssetWrite { name: name.to_string(), edit, actor, action, reply };
+        let w = AssetWrite { name: name.to_string(), edit, if_match, actor, action, reply };
         self.tx.send(w).await.map_err(|_| ControlError::Unavailable("the asset writer stopped"))?;
         rx.await.map_err(|_| ControlError::Unavailable("the asset writer stopped"))?
     }
