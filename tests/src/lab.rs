@@ -224,6 +224,20 @@ impl Servers {
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Hosts, bridge and (optionally) the daemon. Everything is removed on drop.
+/// The lab's usual policy: the HMI may reach the PLC's Modbus port, nothing else reaches the
+/// PLC (the engineering workstation is tagged but in no segment).
+pub const HMI_PLC_POLICY: &str = r#"
+assets:
+  - {name: hmi-1, ips: [10.0.0.1], tags: {role: hmi}}
+  - {name: eng-ws, ips: [10.0.0.2], tags: {role: eng}}
+  - {name: plc-1, ips: [10.0.0.11], tags: {role: plc}}
+segments:
+  - {name: hmi, selector: role=hmi, mode: label}
+  - {name: plc, selector: role=plc, mode: enforce}
+rules:
+  - {name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502]}
+"#;
+
 pub struct Lab {
     pub id: String,
     pub appliance: String,

@@ -13,17 +13,7 @@ const LONG: Duration = Duration::from_secs(3);
 const ADMIN: &str = "admin-secret-token-0002";
 const NS_TOKEN: &str = "nsk-lab-secret-token-77a1c3";
 
-const POLICY: &str = r#"
-assets:
-  - {name: hmi-1, ips: [10.0.0.1], tags: {role: hmi}}
-  - {name: eng-ws, ips: [10.0.0.2], tags: {role: eng}}
-  - {name: plc-1, ips: [10.0.0.11], tags: {role: plc}}
-segments:
-  - {name: hmi, selector: role=hmi, mode: label}
-  - {name: plc, selector: role=plc, mode: enforce}
-rules:
-  - {name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502]}
-"#;
+const POLICY: &str = gatekeeper_tests::lab::HMI_PLC_POLICY;
 
 /// A request to the daemon's API, made from inside the appliance namespace.
 fn api(lab: &Lab, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {

@@ -304,17 +304,7 @@ fn a_store_on_a_read_only_mount_is_refused() {
 const SHORT: Duration = Duration::from_millis(700);
 const LONG: Duration = Duration::from_secs(3);
 
-const LAB_POLICY: &str = r#"
-assets:
-  - {name: hmi-1, ips: [10.0.0.1], tags: {role: hmi}}
-  - {name: eng-ws, ips: [10.0.0.2], tags: {role: eng}}
-  - {name: plc-1, ips: [10.0.0.11], tags: {role: plc}}
-segments:
-  - {name: hmi, selector: role=hmi, mode: label}
-  - {name: plc, selector: role=plc, mode: enforce}
-rules:
-  - {name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502]}
-"#;
+const LAB_POLICY: &str = gatekeeper_tests::lab::HMI_PLC_POLICY;
 
 #[test]
 fn the_daemon_refuses_to_start_on_a_corrupt_store_before_attaching_anything() {
