@@ -46,11 +46,13 @@ pub fn member_addresses(policy: &Policy, segment: &str) -> BTreeSet<IpNet> {
 /// The prefixes a segment in `enforce` or `monitor` mode governs: its CIDRs and its members'
 /// addresses. What an apply may not silently leave ungoverned.
 pub fn governed(policy: &Policy) -> BTreeSet<IpNet> {
-    let mut out = BTreeSet::new();
-    for seg in policy.segments.iter().filter(|s| matches!(s.mode, Mode::Enforce | Mode::Monitor)) {
-        out.extend(seg.cidrs.iter().copied());
-        for a in member_assets(policy, seg) {
-            out.extend(a.prefixes.iter().copied());
+    let governs = |s: &Segment| matches!(s.mode, Mode::Enforce | Mode::Monitor);
+    let mut out: BTreeSet<IpNet> =
+        policy.segments.iter().filter(|s| governs(s)).flat_map(|s| s.cidrs.iter().copied()).collect();
+    // Through the tag index: one pass over the assets, not one per segment.
+    for (asset, segments) in policy.assets.iter().zip(segments_by_asset(policy)) {
+        if segments.iter().any(|&i| governs(&policy.segments[i])) {
+            out.extend(asset.prefixes.iter().copied());
         }
     }
     out
@@ -173,6 +175,25 @@ segments:
                 .unwrap_or_default();
             assert_eq!(lpm, segments_of(&p, addr), "{addr}");
         }
+    }
+
+    #[test]
+    fn governed_addresses_are_those_of_enforce_and_monitor_segments() {
+        let p = policy(
+            r#"
+assets:
+  - {name: a, ips: [10.0.0.1], tags: {role: plc}}
+  - {name: b, ips: [10.0.0.2], tags: {role: hmi}}
+  - {name: c, ips: [10.0.0.3], tags: {role: scada}}
+segments:
+  - {name: plc, selector: role=plc}
+  - {name: hmi, selector: role=hmi, mode: label}
+  - {name: scada, selector: "role in (scada)", mode: monitor}
+  - {name: lab, cidrs: [10.9.0.0/16], mode: monitor}
+"#,
+        );
+        let got: Vec<String> = governed(&p).iter().map(ToString::to_string).collect();
+        assert_eq!(got, ["10.0.0.1/32", "10.0.0.3/32", "10.9.0.0/16"]);
     }
 
     #[test]
