@@ -26,6 +26,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::policy::{Action, Endpoint, Mode, Policy, Protocol, Segment, membership};
 
+/// Up to this many changed assets are looked up one by one in [`Compiler::update_assets`].
+const FEW_CHANGES: usize = 8;
+
 /// Flow-table idle timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -655,10 +658,14 @@ impl Compiler {
         let Some(mut base) = self.base.take() else {
             return Ok(diff(applied, &self.compile(policy, now)?));
         };
-        // One pass over the policy, not one search per changed asset: a reload may change all.
-        let wanted: HashSet<&str> = changed.iter().copied().collect();
-        let assets: HashMap<&str, &crate::policy::Asset> =
-            policy.assets.iter().filter(|a| wanted.contains(a.name.as_str())).map(|a| (a.name.as_str(), a)).collect();
+        // A few changes: a search each (it stops at the asset). Many (a reload): one pass over
+        // the policy, not one search per changed asset.
+        let assets: HashMap<&str, &crate::policy::Asset> = if changed.len() <= FEW_CHANGES {
+            changed.iter().filter_map(|n| policy.assets.iter().find(|a| a.name == *n).map(|a| (*n, a))).collect()
+        } else {
+            let wanted: HashSet<&str> = changed.iter().copied().collect();
+            policy.assets.iter().filter(|a| wanted.contains(a.name.as_str())).map(|a| (a.name.as_str(), a)).collect()
+        };
         let result = self.update_base(&mut base, &assets, changed, applied);
         match result {
             Ok(delta) => {
