@@ -7,7 +7,7 @@
 //! 2. [`compile`]: policy to map contents, with stable numbering and small deltas.
 //! 3. [`dataplane`]: loading, pinning and attaching the XDP program, atomic generations, map
 //!    writes, counters, test runs; an in-memory fake behind the same trait.
-//! 4. [`control`]: the one change path (validate, enforce, commit, audit, roll back), the store,
+//! 4. [`control`]: the one change path (validate, compile, commit with its audit, then enforce), the store,
 //!    the Netskope integration's state and generated objects, credentials, telemetry. [`tls`]
 //!    (certificates, the TLS listener) sits beside it for the edges.
 //! 5. Edges, which never import each other: [`api`] (REST, with its Netskope routes), [`cli`],

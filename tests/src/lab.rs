@@ -522,6 +522,8 @@ pub struct DaemonSpec<'a> {
     pub launcher: Launcher,
     /// Instead of [`Lab::pin_dir`] (the caller removes it).
     pub pin_dir: Option<PathBuf>,
+    /// The store's path instead of one in the lab's directory (the caller removes it).
+    pub store: Option<PathBuf>,
 }
 
 impl Lab {
@@ -539,7 +541,7 @@ impl Lab {
             policy: file("-policy.yaml"),
             config: file(".toml"),
             log: file(".log"),
-            store: file("-state.db"),
+            store: spec.store.unwrap_or_else(|| file("-state.db")),
             pin_dir: spec.pin_dir.unwrap_or_else(|| self.pin_dir()),
         };
         Daemon::launch(self, gatekeeper, policy, spec.extra, files, spec.launcher)

@@ -1,11 +1,13 @@
 //! The one path from a validated policy to the data plane: compile (incrementally when only
-//! assets change), then apply atomically. Whatever fails, the policy in force stays exactly as
-//! it was.
+//! assets change), then apply atomically. Staging and publishing are separate steps so that the
+//! control layer can make a change durable between them: compiling touches no map, so a change
+//! the store refuses is never seen by a packet. Whatever fails, the policy in force stays
+//! exactly as it was.
 
 use chrono::Utc;
 
 use crate::{
-    compile::{Capacity, CompileError, Compiler, Timeouts},
+    compile::{Capacity, CompileError, Compiled, Compiler, Delta, Timeouts},
     dataplane::{ApplyReport, BpfDataplane, Dataplane, DataplaneError, LoadOptions, fake::FakeDataplane},
     policy::{Asset, Policy, PolicyError, diff::changed_assets},
 };
@@ -22,6 +24,26 @@ pub enum EnforceError {
 
 /// Above one changed asset in this many, a change is compiled in full rather than incrementally.
 const INCREMENTAL_SHARE: usize = 8;
+
+/// A change compiled for the data plane and not yet written into it ([`Enforcer::stage`]).
+#[must_use = "a staged change is published or aborted"]
+pub struct Staged {
+    step: Step,
+    next: Next,
+}
+
+enum Step {
+    Full(Compiled),
+    Delta(Delta),
+    Moves(Delta),
+}
+
+/// What the enforcer's policy becomes once published: the staged policy, or (assets staged in
+/// place) the assets to put back on an abort.
+enum Next {
+    Policy(Policy),
+    Assets { undo: Vec<(String, Option<Asset>)> },
+}
 
 /// The one path from a desired policy to the data plane: compile, then apply atomically.
 /// Whatever fails, the policy in force stays exactly as it was.
@@ -73,40 +95,41 @@ impl Enforcer {
         self.dataplane.as_mut()
     }
 
-    /// Puts `policy` in force. When only assets differ from the policy in force, only the
-    /// changed assets are compiled.
+    /// Puts `policy` in force ([`Enforcer::stage`], then [`Enforcer::publish`]).
     pub fn apply(&mut self, policy: Policy) -> Result<ApplyReport, EnforceError> {
+        let staged = self.stage(policy)?;
+        self.publish(staged)
+    }
+
+    /// Compiles `policy` (only the changed assets when only assets differ from the policy in
+    /// force) without touching the data plane: no packet sees it until it is published, so the
+    /// caller can make the change durable first and [`Enforcer::abort`] it if that fails.
+    pub fn stage(&mut self, policy: Policy) -> Result<Staged, EnforceError> {
         let now = Utc::now();
         let same_rules = self.policy.segments == policy.segments && self.policy.rules == policy.rules;
         let changed = if same_rules { changed_assets(&self.policy, &policy) } else { vec![] };
         // Incremental pays per changed asset, a full compile per asset in the policy: when a
         // large share changes (a reload restating the assets), the full compile is cheaper.
-        let result = if same_rules && changed.len() <= policy.assets.len() / INCREMENTAL_SHARE {
+        let step = if same_rules && changed.len() <= policy.assets.len() / INCREMENTAL_SHARE {
             let names: Vec<&str> = changed.iter().map(String::as_str).collect();
-            let delta = self.compiler.update_assets(&policy, &names, self.dataplane.applied(), now)?;
-            self.dataplane.apply_delta(delta)
+            Step::Delta(self.compiler.update_assets(&policy, &names, self.dataplane.applied(), now)?)
         } else {
-            let compiled = self.compiler.compile(&policy, now)?;
-            self.dataplane.apply(compiled)
+            Step::Full(self.compiler.compile(&policy, now)?)
         };
-        match result {
-            Ok(report) => {
-                self.policy = policy;
-                self.reindex();
-                Ok(report)
-            }
-            Err(e) => {
-                // The compiler moved ahead of the maps: compile the next change in full.
-                self.compiler.reset();
-                Err(e.into())
-            }
-        }
+        Ok(Staged { step, next: Next::Policy(policy) })
     }
 
-    /// Replaces (or with `None` removes) assets of the policy in force, by name (each at most
-    /// once), and compiles only those changes: the path of tag edits. On error the policy in
-    /// force is unchanged.
+    /// Replaces (or with `None` removes) assets of the policy in force ([`Enforcer::stage_assets`],
+    /// then [`Enforcer::publish`]).
     pub fn apply_assets(&mut self, changes: Vec<(String, Option<Asset>)>) -> Result<ApplyReport, EnforceError> {
+        let staged = self.stage_assets(changes)?;
+        self.publish(staged)
+    }
+
+    /// Like [`Enforcer::stage`] for replacing (or with `None` removing) assets by name (each at
+    /// most once), compiling only those changes: the path of tag edits. Until the staged change
+    /// is published or aborted, [`Enforcer::policy`] already shows it; the data plane does not.
+    pub fn stage_assets(&mut self, changes: Vec<(String, Option<Asset>)>) -> Result<Staged, EnforceError> {
         // Only the changed assets are saved for a rollback: cloning the whole list would make
         // a tag edit cost as much as the policy is large.
         let mut undo: Vec<(String, Option<Asset>)> = Vec::with_capacity(changes.len());
@@ -117,20 +140,52 @@ impl Enforcer {
         }
         let given: Vec<(&str, Option<&Asset>)> =
             changes.iter().map(|(n, _)| (n.as_str(), self.index.get(n).map(|&i| &self.policy.assets[i]))).collect();
-        let result = self
-            .compiler
-            .update_assets_given(&self.policy, &given, self.dataplane.applied(), Utc::now())
-            .map_err(EnforceError::from)
+        match self.compiler.update_assets_given(&self.policy, &given, self.dataplane.applied(), Utc::now()) {
             // Each change is one request's asset: the moves may be written in place.
-            .and_then(|delta| self.dataplane.apply_moves(delta).map_err(EnforceError::from));
-        if result.is_err() {
-            // Put the assets back as they were; the compiler starts over from a full compile.
+            Ok(delta) => Ok(Staged { step: Step::Moves(delta), next: Next::Assets { undo } }),
+            Err(e) => {
+                self.unstage(Next::Assets { undo });
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Writes a staged change into the data plane, atomically for traffic. On error the policy
+    /// in force is unchanged.
+    pub fn publish(&mut self, staged: Staged) -> Result<ApplyReport, EnforceError> {
+        let result = match staged.step {
+            Step::Full(compiled) => self.dataplane.apply(compiled),
+            Step::Delta(delta) => self.dataplane.apply_delta(delta),
+            Step::Moves(delta) => self.dataplane.apply_moves(delta),
+        };
+        match result {
+            Ok(report) => {
+                if let Next::Policy(policy) = staged.next {
+                    self.policy = policy;
+                    self.reindex();
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                self.unstage(staged.next);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Drops a staged change (the store refused it): the data plane never saw it.
+    pub fn abort(&mut self, staged: Staged) {
+        self.unstage(staged.next);
+    }
+
+    fn unstage(&mut self, next: Next) {
+        if let Next::Assets { undo } = next {
             for (name, previous) in undo.into_iter().rev() {
                 self.put_asset(&name, previous);
             }
-            self.compiler.reset();
         }
-        result
+        // The compiler moved ahead of the maps: compile the next change in full.
+        self.compiler.reset();
     }
 
     /// Sets, adds or (with `None`) removes one asset. Order does not matter to the compiler,

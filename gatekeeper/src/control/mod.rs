@@ -2,9 +2,10 @@
 //!
 //! Every change, whoever makes it (the REST API, the policy file at start and on SIGHUP, the
 //! Netskope integration), takes the same steps in [`Control`]: validate the whole new document
-//! (with the objects the integration generates), enforce it ([`Enforcer`]), record it and its
-//! audit rows in one store transaction, and publish the status. If the store refuses, the
-//! previous policy is put back into the data plane: a refused or failed change changes nothing.
+//! (with the objects the integration generates), compile it ([`Enforcer::stage`]: no map is
+//! touched), record it and its audit rows in one store transaction, only then write it into the
+//! data plane, and publish the status. A change the store refuses never reaches a packet; one the
+//! data plane refuses is undone in the store: a refused or failed change changes nothing.
 //!
 //! * [`Handle`]: the shared control state behind one lock; blocking work (compiles, map writes,
 //!   fsync, grace periods) runs on threads that take it, never on async workers. Status reads
@@ -33,7 +34,7 @@ use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 
 pub use self::{
-    enforcer::{EnforceError, Enforcer},
+    enforcer::{EnforceError, Enforcer, Staged},
     status::{StatusBoard, StatusView},
     store::{Store, StoreError},
 };
@@ -46,7 +47,7 @@ use crate::{
     dataplane::ApplyReport,
     policy::{
         Asset, AssetSpec, Mode, Policy, PolicyDocument, PolicyError, Problem, RuleSpec, SegmentSpec,
-        diff::{Change, Kind, changes, merge_patch, merged, upsert},
+        diff::{Change, Kind, changes, inverse, merge_patch, merged, upsert},
         membership::{governed, member_assets},
         selector::Selector,
     },
@@ -126,6 +127,9 @@ pub struct Control {
     max_ungoverned_share: f64,
 }
 
+/// The audit action of a recorded change put back because the data plane refused it.
+const UNDONE: &str = "undone: the data plane refused the change";
+
 /// Default share of the governed addresses an apply may leave ungoverned without `force`.
 pub const DEFAULT_MAX_UNGOVERNED_SHARE: f64 = 0.10;
 
@@ -155,6 +159,45 @@ pub struct Governance {
     pub newly_governed: usize,
 }
 
+/// The one commit step of every change, durable before it is enforced: `stage` compiles the
+/// change (no packet can see it yet), `record` commits it to the store, and only then is it
+/// written into the data plane. A change the store refuses (a full disk, an I/O error) is
+/// dropped before any map is touched, so a refused request changes nothing at any instant. If
+/// the data plane then refuses the write (it never saw the change), `revert` records the
+/// previous state again, so the store does not claim what is not enforced. Returns the apply
+/// report when something was staged.
+fn commit_step(
+    enforcer: &mut Enforcer,
+    store: &mut Store,
+    stage: impl FnOnce(&mut Enforcer) -> Result<Option<Staged>, EnforceError>,
+    record: impl FnOnce(&mut Store) -> Result<(), StoreError>,
+    revert: impl FnOnce(&mut Store) -> Result<(), StoreError>,
+) -> Result<Option<ApplyReport>, ControlError> {
+    let staged = stage(enforcer)?;
+    if let Err(e) = record(store) {
+        if let Some(staged) = staged {
+            enforcer.abort(staged);
+        }
+        return Err(e.into());
+    }
+    let Some(staged) = staged else { return Ok(None) };
+    match enforcer.publish(staged) {
+        Ok(report) => Ok(Some(report)),
+        Err(e) => {
+            if let Err(back) = revert(store) {
+                // The store now holds a change that is not enforced; the previous policy is
+                // still in force. A restart would enforce the store's state.
+                tracing::error!(
+                    error = %e, revert_error = %back,
+                    "the data plane refused a recorded change and the store could not be reverted: the store \
+                     holds a change that is not enforced until the next start"
+                );
+            }
+            Err(e.into())
+        }
+    }
+}
+
 /// The state a daemon starts from, validated but not yet enforced ([`Control::prepare`]).
 pub struct Prepared {
     store: Store,
@@ -174,11 +217,16 @@ impl Prepared {
     pub fn enforce(self, mut enforcer: Enforcer) -> Result<(Control, ApplyReport), ControlError> {
         let Self { mut store, stored, desired, policy, netskope } = self;
         let started = Instant::now();
-        let report = enforcer.apply(policy)?;
         let diff = changes(&stored, &desired);
-        if !diff.is_empty() {
-            store.commit(&diff, "policy-file", "start")?;
-        }
+        let undo = inverse(&diff);
+        let report = commit_step(
+            &mut enforcer,
+            &mut store,
+            |e| e.stage(policy).map(Some),
+            |s| if diff.is_empty() { Ok(()) } else { s.commit(&diff, "policy-file", "start") },
+            |s| if undo.is_empty() { Ok(()) } else { s.commit(&undo, "policy-file", UNDONE) },
+        )?
+        .expect("a staged policy is applied or refused");
         let mut control = Control {
             enforcer,
             store,
@@ -422,7 +470,7 @@ impl Control {
         Ok(report)
     }
 
-    /// Makes `new` the desired state: validate, enforce, record. Returns the changes.
+    /// Makes `new` the desired state: validate, compile, record, enforce. Returns the changes.
     pub fn change(
         &mut self,
         new: PolicyDocument,
@@ -436,11 +484,11 @@ impl Control {
         if dry_run || diff.is_empty() {
             return Ok(diff);
         }
-        let previous = self.enforcer.policy().clone();
+        let undo = inverse(&diff);
         self.commit(
-            |e| e.apply(policy).map(Some),
+            |e| e.stage(policy).map(Some),
             |s| s.commit(&diff, actor, action),
-            |e| e.apply(previous).map(|_| ()),
+            |s| s.commit(&undo, actor, UNDONE),
         )?;
         self.doc = new;
         self.reindex();
@@ -455,27 +503,15 @@ impl Control {
         Ok(diff)
     }
 
-    /// The one commit step of every change: `enforce` puts the new policy in force (returning
-    /// its report when it applied one), then `record` writes the change to the store. If the
-    /// store refuses, the change is not recorded and so must not stay applied: `undo` puts the
-    /// previous policy back. The caller publishes the status once its state is updated.
+    /// The one commit step of every change (see [`commit_step`]); records when it last applied.
     fn commit(
         &mut self,
-        enforce: impl FnOnce(&mut Enforcer) -> Result<Option<ApplyReport>, EnforceError>,
+        stage: impl FnOnce(&mut Enforcer) -> Result<Option<Staged>, EnforceError>,
         record: impl FnOnce(&mut Store) -> Result<(), StoreError>,
-        undo: impl FnOnce(&mut Enforcer) -> Result<(), EnforceError>,
+        revert: impl FnOnce(&mut Store) -> Result<(), StoreError>,
     ) -> Result<(), ControlError> {
         let started = Instant::now();
-        let applied = enforce(&mut self.enforcer)?;
-        if let Err(e) = record(&mut self.store) {
-            if applied.is_some()
-                && let Err(back) = undo(&mut self.enforcer)
-            {
-                tracing::error!(error = %back, "could not restore the previous policy after a store failure");
-            }
-            return Err(e.into());
-        }
-        if applied.is_some() {
+        if commit_step(&mut self.enforcer, &mut self.store, stage, record, revert)?.is_some() {
             self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
         }
         Ok(())
@@ -587,19 +623,12 @@ impl Control {
             return;
         }
         let apply: Vec<(String, Option<Asset>)> = work.iter().map(|(w, _, a, _)| (w.name.clone(), a.clone())).collect();
-        // Only the changed assets are put back on an undo: cloning the policy would make a tag
-        // edit cost as much as the policy is large.
-        let back = || -> Vec<(String, Option<Asset>)> {
-            work.iter()
-                .map(|(w, _, _, old)| {
-                    (w.name.clone(), old.as_ref().and_then(|o| validate_asset(o, "store").ok().flatten()))
-                })
-                .collect()
-        };
+        let undo: Vec<(Change, &str, &str)> =
+            recorded.iter().rev().map(|(c, actor, _)| (c.inverse(), *actor, UNDONE)).collect();
         let result = self.commit(
-            |e| e.apply_assets(apply).map(Some),
+            |e| e.stage_assets(apply).map(Some),
             |s| s.commit_each(&recorded, None),
-            |e| e.apply_assets(back()).map(|_| ()),
+            |s| s.commit_each(&undo, None),
         );
         if let Err(e) = result {
             let e = Arc::new(e);
@@ -834,5 +863,62 @@ mod tests {
         assert_eq!(problems[0].field, "capacity");
         assert!(problems[0].reason.contains("IPv4 host") && problems[0].reason.contains("holds 2"), "{problems:?}");
         assert!(c.doc().assets.is_empty(), "nothing changed");
+    }
+
+    /// A control over the in-memory data plane with a handle that makes its writes fail.
+    fn refusing(name: &str) -> (Control, Arc<std::sync::atomic::AtomicUsize>) {
+        let dir = std::env::temp_dir().join(format!("gk-control-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("state.db")).unwrap();
+        let options = crate::dataplane::LoadOptions::default();
+        let fake = crate::dataplane::fake::FakeDataplane::new(&options);
+        let refuse = fake.refusals();
+        let enforcer = Enforcer::new(Box::new(fake), Timeouts::default(), options.capacity());
+        (Control::prepare(store, None, None, "test").unwrap().enforce(enforcer).unwrap().0, refuse)
+    }
+
+    #[test]
+    fn a_change_the_data_plane_refuses_is_undone_in_the_store() {
+        use std::sync::atomic::Ordering;
+        let (mut c, refuse) = refusing("refused");
+        let doc: PolicyDocument = serde_json::from_value(json!({
+            "assets": [{"name": "plc-1", "ips": ["10.0.0.1"], "tags": {"role": "plc"}},
+                       {"name": "hmi-1", "ips": ["10.0.0.2"], "tags": {"role": "hmi"}}],
+            "segments": [{"name": "plc", "selector": "role=plc"}, {"name": "hmi", "selector": "role=hmi", "mode": "label"}],
+        }))
+        .unwrap();
+        c.change(doc.clone(), "test", "apply", false).unwrap();
+        let epoch = c.enforcer.dataplane().epoch();
+        let audit = c.store().audit(1000).unwrap().len();
+
+        // A rule (a full compile) and a tag edit (in place), each refused by the data plane.
+        refuse.store(1, Ordering::SeqCst);
+        let rule: RuleSpec =
+            serde_json::from_value(json!({"name": "r", "from": "hmi", "to": "plc", "protocol": "tcp", "ports": [502]}))
+                .unwrap();
+        assert!(matches!(c.put_rule("test", rule.clone()), Err(ControlError::Enforce(_))));
+        refuse.store(1, Ordering::SeqCst);
+        let (w, rx) = write("hmi-1", AssetEdit::Patch(json!({"tags": {"role": "plc"}})));
+        c.change_assets(vec![w]);
+        assert!(rx.blocking_recv().unwrap().is_err(), "the refused tag edit is answered with an error");
+
+        assert_eq!(c.doc(), &doc, "the desired state is as before");
+        assert_eq!(c.store().load().unwrap(), doc, "the store is as before");
+        assert_eq!(c.enforcer.policy().assets.len(), 2);
+        assert_eq!(c.asset("hmi-1").unwrap().tags, doc.assets[1].tags, "the refused tag is not kept");
+        assert_eq!(c.enforcer.dataplane().epoch(), epoch, "nothing was written into the data plane");
+        let rows = c.store().audit(1000).unwrap();
+        let undone = rows.iter().filter(|r| r.action == UNDONE).count();
+        assert_eq!(rows.len(), audit + 4, "each refused change is recorded and then undone: {rows:?}");
+        assert_eq!(undone, 2, "{rows:?}");
+
+        // The next writes apply (from a full compile: the compiler forgot what it staged).
+        c.put_rule("test", rule).unwrap();
+        let (w, rx) = write("hmi-1", AssetEdit::Patch(json!({"tags": {"site": "a"}})));
+        c.change_assets(vec![w]);
+        rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(c.store().load().unwrap(), *c.doc());
+        assert_eq!(c.doc().rules.len(), 1);
+        assert!(c.enforcer.dataplane().epoch() > epoch);
     }
 }

@@ -107,14 +107,48 @@ impl Control {
             let text = self.netskope.settings.as_ref().and_then(|s| serde_json::to_string(s).ok());
             settings.push((netskope::KEY_SETTINGS, text));
         }
-        let previous = policy.as_ref().map(|_| self.enforcer.policy().clone());
         // Records, pending marks, settings and audit rows: one transaction.
-        let commit =
-            NetskopeCommit { records: &changed, pending: &pending, pushed: &[], audit: &audit, settings: &settings };
+        let commit = NetskopeCommit {
+            records: &changed,
+            removed: &[],
+            pending: &pending,
+            pushed: &[],
+            audit: &audit,
+            settings: &settings,
+        };
+        // If the data plane refuses the generated objects, the records and settings go back
+        // as they were (a pending mark stays: a push that finds nothing to change costs no
+        // request).
+        let previous: Vec<AppRecord> = changed.iter().filter_map(|a| before_apps.get(&a.remote.id).cloned()).collect();
+        let added: Vec<u64> = changed.iter().map(|a| a.remote.id).filter(|id| !before_apps.contains_key(id)).collect();
+        let mut previous_settings = Vec::new();
+        for (key, _) in &settings {
+            let text = if *key == netskope::KEY_PUBLISHERS {
+                serde_json::to_string(&before_pubs).ok()
+            } else {
+                before_settings.as_ref().and_then(|s| serde_json::to_string(s).ok())
+            };
+            previous_settings.push((*key, text));
+        }
+        let undone = [AuditRow {
+            actor: actor.into(),
+            action: super::UNDONE.into(),
+            kind: Some("netskope".into()),
+            name: Some(action.into()),
+            old: None,
+            new: None,
+        }];
+        let revert = NetskopeCommit {
+            records: &previous,
+            removed: &added,
+            audit: &undone,
+            settings: &previous_settings,
+            ..NetskopeCommit::default()
+        };
         let result = self.commit(
-            |e| policy.map(|p| e.apply(p)).transpose(),
+            |e| policy.map(|p| e.stage(p)).transpose(),
             |s| s.netskope_commit(commit),
-            |e| previous.map_or(Ok(()), |p| e.apply(p).map(|_| ())),
+            |s| s.netskope_commit(revert),
         );
         if let Err(e) = result {
             restore(&mut self.netskope);

@@ -352,7 +352,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes app records (and removes `delete`), marks `pending` apps for a push (the change
+    /// Writes app records (and removes `removed`), marks `pending` apps for a push (the change
     /// that made them pending commits with them, so it cannot be lost) and clears pushed ones,
     /// with `audit` rows: one transaction.
     pub fn netskope_commit(&mut self, c: NetskopeCommit<'_>) -> Result<(), StoreError> {
@@ -366,6 +366,9 @@ impl Store {
                 (r.remote.id as i64, serde_json::to_string(r).unwrap_or_default()),
             )
             .map_err(sql)?;
+        }
+        for id in c.removed {
+            tx.execute("DELETE FROM netskope_apps WHERE app_id = ?1", [*id as i64]).map_err(sql)?;
         }
         let at = chrono::Utc::now().to_rfc3339();
         for (id, reason) in c.pending {
@@ -520,6 +523,8 @@ pub struct AuditRow {
 #[derive(Default)]
 pub struct NetskopeCommit<'a> {
     pub records: &'a [AppRecord],
+    /// Apps whose records are removed.
+    pub removed: &'a [u64],
     /// Apps to push, with why: `change` (membership or mapping), `sync` or `start` (always read
     /// the app, to correct drift).
     pub pending: &'a [(u64, &'a str)],

@@ -10,7 +10,10 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Instant,
 };
 
@@ -55,6 +58,8 @@ pub struct FakeDataplane {
     attachments: Vec<(String, &'static str)>,
     /// Behind a lock because [`Dataplane::test_run`] counts through `&self`.
     counters: Mutex<Counters>,
+    /// How many of the next policy writes to refuse (see [`FakeDataplane::refusals`]).
+    refuse: Arc<AtomicUsize>,
 }
 
 impl FakeDataplane {
@@ -69,6 +74,25 @@ impl FakeDataplane {
                 by_outcome: vec![Counter::default(); STATS_ENTRIES as usize],
                 by_rule: BTreeMap::new(),
             }),
+            refuse: Arc::default(),
+        }
+    }
+
+    /// A handle that makes the next `n` policy writes fail (set it to `n`) as a kernel refusing
+    /// a map update would: the tests of what a refused write leaves behind.
+    pub fn refusals(&self) -> Arc<AtomicUsize> {
+        self.refuse.clone()
+    }
+
+    /// Whether this write is one to refuse.
+    fn refused(&self) -> Result<(), DataplaneError> {
+        let take = self.refuse.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match take {
+            Ok(_) => Err(DataplaneError::Io {
+                what: "writing the policy maps (refused as the test asked)".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            }),
+            Err(_) => Ok(()),
         }
     }
 
@@ -240,21 +264,24 @@ impl Dataplane for FakeDataplane {
         self.epoch
     }
 
-    /// Never fails.
+    /// Fails only when [`FakeDataplane::refusals`] asks.
     fn apply(&mut self, new: Compiled) -> Result<ApplyReport, DataplaneError> {
+        self.refused()?;
         let started = Instant::now();
         let delta = diff(&self.applied, &new);
         Ok(self.apply_now(delta, started))
     }
 
-    /// Never fails.
+    /// Fails only when [`FakeDataplane::refusals`] asks.
     fn apply_delta(&mut self, delta: Delta) -> Result<ApplyReport, DataplaneError> {
+        self.refused()?;
         Ok(self.apply_now(delta, Instant::now()))
     }
 
     /// Like [`Dataplane::apply_delta`]: with a single copy of the maps, writing "in place" is
     /// no different, so the epoch moves by one here too.
     fn apply_moves(&mut self, delta: Delta) -> Result<ApplyReport, DataplaneError> {
+        self.refused()?;
         Ok(self.apply_now(delta, Instant::now()))
     }
 

@@ -46,6 +46,16 @@ impl Change {
             _ => "update",
         }
     }
+
+    /// The change that puts the object back as it was.
+    pub fn inverse(&self) -> Change {
+        Change { kind: self.kind, name: self.name.clone(), old: self.new.clone(), new: self.old.clone() }
+    }
+}
+
+/// The changes that undo `changes`, last first.
+pub fn inverse(changes: &[Change]) -> Vec<Change> {
+    changes.iter().rev().map(Change::inverse).collect()
 }
 
 /// Every object change between two documents, in document order.
