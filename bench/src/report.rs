@@ -192,9 +192,10 @@ pub fn markdown(r: &Results) -> String {
         if a.reload_samples_ok() {
             let _ = writeln!(
                 s,
-                "A policy-file reload (SIGHUP's path) restating all {} assets with a tag changed takes {:.0} ms; `GET /status` answered {} requests meanwhile, p99 {:.2} ms.\n",
+                "A policy-file reload (SIGHUP's path) restating all {} assets with a tag changed takes {:.0} ms from reading the YAML file to the reply ({:.0} ms of it reading and checking the file, without the control lock); `GET /status` answered {} requests meanwhile, p99 {:.2} ms.\n",
                 size(a.reload_assets),
                 a.reload_ms,
+                a.reload_read_ms,
                 a.status_during_reload_samples,
                 a.status_during_reload_ms_p99
             );

@@ -143,6 +143,12 @@ impl Delta {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether applying this delta changes nothing a packet could see: no map entry and no rule
+    /// counter to zero (only bookkeeping, if anything).
+    pub fn writes_nothing(&self) -> bool {
+        self.is_empty() && self.new_slots.is_empty()
+    }
 }
 
 impl Compiled {

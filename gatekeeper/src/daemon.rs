@@ -212,7 +212,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 let file = config.policy.file.clone();
-                blocking(&handle, move |c| reload(file.as_deref(), c)).await;
+                // Read and checked without the control lock: a large file's parse does not hold
+                // up the API's writes.
+                let started = std::time::Instant::now();
+                let read = tokio::task::spawn_blocking(move || read_policy_file(file.as_deref())).await;
+                if let Ok(Some(doc)) = read {
+                    blocking(&handle, move |c| reload(doc, started, c)).await;
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -248,21 +254,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP: the policy file read again and applied through the change path.
-fn reload(file: Option<&Path>, control: &mut Control) {
+/// SIGHUP, first step: the policy file read and checked on its own (errors name its objects as
+/// the file has them). `None` when there is nothing to apply; the reason is logged.
+fn read_policy_file(file: Option<&Path>) -> Option<PolicyDocument> {
     let Some(path) = file else {
         tracing::info!("SIGHUP: no policy file configured; nothing to reload");
-        return;
+        return None;
     };
-    let started = std::time::Instant::now();
-    let doc = match file_document(path) {
-        Ok(d) => d,
+    match file_document(path) {
+        Ok(d) => Some(d),
         Err(e) => {
             tracing::error!("policy reload rejected; the policy in force is unchanged: {e}");
-            return;
+            None
         }
-    };
-    match control.reload(&doc) {
+    }
+}
+
+/// SIGHUP, second step: the file applied through the change path (under the control lock).
+fn reload(doc: PolicyDocument, started: std::time::Instant, control: &mut Control) {
+    match control.reload(doc) {
         Ok(diff) => tracing::info!(
             reason = "reload",
             changes = diff.len(),

@@ -138,6 +138,7 @@ fn objects_go_through_the_api_into_the_data_plane() {
     assert_eq!(s.audit_len(), before, "a dry run records nothing");
     assert_eq!(s.verdict("10.0.0.1", "10.0.0.11", 502), 2, "a dry run applies nothing");
     // The real apply with prune replaces the state.
+    let epoch_before = s.admin("GET", "/status", None).1["epoch"].as_u64().unwrap();
     let (st, _) = s.call("POST", "/apply?prune=true", Some(ADMIN), "application/yaml", Some(doc));
     assert_eq!(st, 200);
     assert_eq!(s.verdict("10.0.0.1", "10.0.0.11", 502), 1, "modbus rule gone");
@@ -146,7 +147,9 @@ fn objects_go_through_the_api_into_the_data_plane() {
     let (st, status) = s.admin("GET", "/status", None);
     assert_eq!(st, 200);
     assert_eq!(status["objects"], json!({"assets": 1, "segments": 1, "rules": 0}));
-    assert!(status["epoch"].as_u64().unwrap() >= 8, "{status}");
+    // The apply changed what packets see, so the epoch moved (a change that writes no map entry
+    // leaves it where it is).
+    assert!(status["epoch"].as_u64().unwrap() > epoch_before, "{status}");
     let audit = s.admin("GET", "/audit", None).1;
     assert_eq!(audit[0]["actor"], "admin");
     assert_eq!(audit[0]["action"], "apply");

@@ -87,6 +87,26 @@ fn a_failed_apply_changes_nothing() {
     assert_enforces(&dp, &c, slots_c, "policy C");
 }
 
+#[test]
+fn a_change_no_packet_can_see_writes_nothing_and_keeps_the_epoch() {
+    let mut dp = Dataplane::load(LoadOptions::default()).unwrap();
+    let mut compiler = Compiler::new(Timeouts::default(), Capacity::default());
+    let a = policy(SMALL_A);
+    let ca = compiler.compile(&a, Utc::now()).unwrap();
+    let slots = ca.rule_slots.clone();
+    dp.apply(ca).unwrap();
+    let epoch = dp.epoch();
+    // A tag no selector uses and a description: the same maps.
+    let restated = policy(&SMALL_A.replace("tags: {r: x}", "tags: {r: x, site: plant-2}, description: moved"));
+    let report = dp.apply(compiler.compile(&restated, Utc::now()).unwrap()).unwrap();
+    assert_eq!((report.entries, report.epoch, dp.epoch()), (0, epoch, epoch), "nothing written, no flip");
+    assert_enforces(&dp, &restated, slots.clone(), "the restated policy");
+    // A change packets can see still flips.
+    let moved = policy(&SMALL_A.replace("tags: {r: x}", "tags: {r: y}"));
+    let report = dp.apply(compiler.compile(&moved, Utc::now()).unwrap()).unwrap();
+    assert!(report.entries > 0 && dp.epoch() == epoch + 1, "{report:?}");
+}
+
 /// Runs the program on `frame` in batches of 500 on its own thread until `stop`; returns the
 /// packet count.
 fn run_until(stop: Arc<AtomicBool>, prog: std::os::fd::OwnedFd, frame: Vec<u8>) -> std::thread::JoinHandle<u64> {

@@ -47,7 +47,7 @@ use crate::{
     dataplane::ApplyReport,
     policy::{
         Asset, AssetSpec, Mode, Policy, PolicyDocument, PolicyError, Problem, RuleSpec, SegmentSpec,
-        diff::{Change, Kind, changes, inverse, merge_patch, merged, upsert},
+        diff::{Change, Kind, Spec, changes, inverse, merge_patch, merged, upsert},
         membership::{governed, member_assets},
         selector::Selector,
     },
@@ -127,6 +127,9 @@ pub struct Control {
     max_ungoverned_share: f64,
 }
 
+/// Object changes logged one by one; beyond them, one line says how many more.
+const LOGGED_CHANGES: usize = 20;
+
 /// The audit action of a recorded change put back because the data plane refused it.
 const UNDONE: &str = "undone: the data plane refused the change";
 
@@ -166,15 +169,40 @@ pub struct Governance {
 /// the data plane then refuses the write (it never saw the change), `revert` records the
 /// previous state again, so the store does not claim what is not enforced. Returns the apply
 /// report when something was staged.
+///
+/// A `large` change (a reload restating 100k assets) writes its rows on a second thread while
+/// it compiles, and its transaction commits only once the compile succeeded: the two costs
+/// overlap instead of adding up, and the order above holds.
 fn commit_step(
     enforcer: &mut Enforcer,
     store: &mut Store,
+    large: bool,
     stage: impl FnOnce(&mut Enforcer) -> Result<Option<Staged>, EnforceError>,
-    record: impl FnOnce(&mut Store) -> Result<(), StoreError>,
+    record: impl FnOnce(&mut Store) -> Result<(), StoreError> + Send,
     revert: impl FnOnce(&mut Store) -> Result<(), StoreError>,
 ) -> Result<Option<ApplyReport>, ControlError> {
-    let staged = stage(enforcer)?;
-    if let Err(e) = record(store) {
+    let (staged, recorded) = if large {
+        let (compiled, gate) = std::sync::mpsc::channel();
+        store.gate_next_commit(gate);
+        let (staged, recorded) = std::thread::scope(|scope| {
+            let recording =
+                std::thread::Builder::new().name("gk-record".into()).spawn_scoped(scope, || record(&mut *store));
+            let staged = stage(enforcer);
+            let _ = compiled.send(staged.is_ok());
+            let recorded = match recording {
+                Ok(thread) => thread.join().unwrap_or_else(|_| Err(StoreError::Cancelled)),
+                Err(e) => Err(StoreError::Io { path: "a thread to record the change".into(), error: e }),
+            };
+            (staged, recorded)
+        });
+        // A record that committed nothing (an empty change) left the gate unused.
+        store.clear_gate();
+        (staged?, recorded)
+    } else {
+        let staged = stage(enforcer)?;
+        (staged, record(store))
+    };
+    if let Err(e) = recorded {
         if let Some(staged) = staged {
             enforcer.abort(staged);
         }
@@ -198,6 +226,9 @@ fn commit_step(
     }
 }
 
+/// Changes of at least this many objects record while they compile ([`commit_step`]).
+const LARGE_CHANGE: usize = 1000;
+
 /// The state a daemon starts from, validated but not yet enforced ([`Control::prepare`]).
 pub struct Prepared {
     store: Store,
@@ -218,13 +249,13 @@ impl Prepared {
         let Self { mut store, stored, desired, policy, netskope } = self;
         let started = Instant::now();
         let diff = changes(&stored, &desired);
-        let undo = inverse(&diff);
         let report = commit_step(
             &mut enforcer,
             &mut store,
+            diff.len() >= LARGE_CHANGE,
             |e| e.stage(policy).map(Some),
             |s| if diff.is_empty() { Ok(()) } else { s.commit(&diff, "policy-file", "start") },
-            |s| if undo.is_empty() { Ok(()) } else { s.commit(&undo, "policy-file", UNDONE) },
+            |s| if diff.is_empty() { Ok(()) } else { s.commit(&inverse(&diff), "policy-file", UNDONE) },
         )?
         .expect("a staged policy is applied or refused");
         let mut control = Control {
@@ -453,14 +484,14 @@ impl Control {
                 )));
             }
         }
-        let changes = self.change(desired, actor, action, options.dry_run)?;
+        let changes = self.change_validated(desired, after, actor, action, options.dry_run)?;
         Ok(Applied { changes, governance })
     }
 
     /// The policy file read again (SIGHUP): applied like `POST /apply` without prune or force
     /// (objects it does not name stay; it may not open the network by accident).
-    pub fn reload(&mut self, file: &PolicyDocument) -> Result<Vec<Change>, ControlError> {
-        Ok(self.apply(file.clone(), "policy-file", "reload", ApplyOptions::default())?.changes)
+    pub fn reload(&mut self, file: PolicyDocument) -> Result<Vec<Change>, ControlError> {
+        Ok(self.apply(file, "policy-file", "reload", ApplyOptions::default())?.changes)
     }
 
     /// Compiles the policy in force again in full (a rule expired).
@@ -480,21 +511,39 @@ impl Control {
     ) -> Result<Vec<Change>, ControlError> {
         self.check_generated_names(&new)?;
         let policy = self.netskope.validate(&new, "request")?;
+        self.change_validated(new, policy, actor, action, dry_run)
+    }
+
+    /// [`Control::change`] of a document already checked and validated into `policy`.
+    fn change_validated(
+        &mut self,
+        new: PolicyDocument,
+        policy: Policy,
+        actor: &str,
+        action: &str,
+        dry_run: bool,
+    ) -> Result<Vec<Change>, ControlError> {
         let diff = changes(&self.doc, &new);
         if dry_run || diff.is_empty() {
             return Ok(diff);
         }
-        let undo = inverse(&diff);
         self.commit(
+            diff.len() >= LARGE_CHANGE,
             |e| e.stage(policy).map(Some),
             |s| s.commit(&diff, actor, action),
-            |s| s.commit(&undo, actor, UNDONE),
+            |s| s.commit(&inverse(&diff), actor, UNDONE),
         )?;
         self.doc = new;
         self.reindex();
         self.publish();
-        for c in &diff {
-            tracing::info!(actor, action, kind = c.kind.as_str(), name = %c.name, "changed");
+        // Each object in the log, up to a point: a reload of 100k objects is one line more (the
+        // audit log has every object).
+        for c in diff.iter().take(LOGGED_CHANGES) {
+            tracing::info!(actor, action, kind = c.kind.as_str(), name = %c.name, op = c.op(), "changed");
+        }
+        if diff.len() > LOGGED_CHANGES {
+            let more = diff.len() - LOGGED_CHANGES;
+            tracing::info!(actor, action, more, "changed, and more objects: see the audit log");
         }
         // Any object may move members in or out of a mapped segment; a push that finds
         // nothing to change costs no request.
@@ -506,12 +555,13 @@ impl Control {
     /// The one commit step of every change (see [`commit_step`]); records when it last applied.
     fn commit(
         &mut self,
+        large: bool,
         stage: impl FnOnce(&mut Enforcer) -> Result<Option<Staged>, EnforceError>,
-        record: impl FnOnce(&mut Store) -> Result<(), StoreError>,
+        record: impl FnOnce(&mut Store) -> Result<(), StoreError> + Send,
         revert: impl FnOnce(&mut Store) -> Result<(), StoreError>,
     ) -> Result<(), ControlError> {
         let started = Instant::now();
-        if commit_step(&mut self.enforcer, &mut self.store, stage, record, revert)?.is_some() {
+        if commit_step(&mut self.enforcer, &mut self.store, large, stage, record, revert)?.is_some() {
             self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
         }
         Ok(())
@@ -611,8 +661,8 @@ impl Control {
                 Change {
                     kind: Kind::Asset,
                     name: w.name.clone(),
-                    old: old.as_ref().and_then(|o| serde_json::to_value(o).ok()),
-                    new: spec.as_ref().and_then(|n| serde_json::to_value(n).ok()),
+                    old: old.as_ref().and_then(Spec::of),
+                    new: spec.as_ref().and_then(Spec::of),
                 },
                 w.actor,
                 w.action,
@@ -623,12 +673,15 @@ impl Control {
             return;
         }
         let apply: Vec<(String, Option<Asset>)> = work.iter().map(|(w, _, a, _)| (w.name.clone(), a.clone())).collect();
-        let undo: Vec<(Change, &str, &str)> =
-            recorded.iter().rev().map(|(c, actor, _)| (c.inverse(), *actor, UNDONE)).collect();
+        let undo = || -> Vec<(Change, &str, &str)> {
+            recorded.iter().rev().map(|(c, actor, _)| (c.inverse(), *actor, UNDONE)).collect()
+        };
+        // Tag edits stay on this thread: a thread would cost more than their rows.
         let result = self.commit(
+            false,
             |e| e.stage_assets(apply).map(Some),
             |s| s.commit_each(&recorded, None),
-            |s| s.commit_each(&undo, None),
+            |s| s.commit_each(&undo(), None),
         );
         if let Err(e) = result {
             let e = Arc::new(e);
@@ -768,7 +821,7 @@ impl Handle {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
     use tokio::sync::oneshot;
 
     use super::*;
@@ -819,19 +872,19 @@ mod tests {
             "segments": [{"name": "plc", "selector": "role=plc"}, {"name": "wide", "cidrs": ["10.1.0.0/16"], "mode": "monitor"}],
         }))
         .unwrap();
-        c.reload(&doc).unwrap();
+        c.reload(doc.clone()).unwrap();
         // The enforce segment turned into a label: nothing would be dropped any more.
         let label: PolicyDocument =
             serde_json::from_value(json!({"segments": [{"name": "plc", "selector": "role=plc", "mode": "label"}]}))
                 .unwrap();
-        assert!(matches!(c.reload(&label), Err(ControlError::Conflict(m)) if m.contains("no segment in enforce mode")));
+        assert!(matches!(c.reload(label), Err(ControlError::Conflict(m)) if m.contains("no segment in enforce mode")));
         // One of three governed addresses (33%) leaving: more than the 10% allowed.
         let untag: PolicyDocument =
             serde_json::from_value(json!({"assets": [{"name": "plc-2", "ips": ["10.0.0.2"]}]})).unwrap();
-        assert!(matches!(c.reload(&untag), Err(ControlError::Conflict(m)) if m.contains("1 of 3")));
+        assert!(matches!(c.reload(untag.clone()), Err(ControlError::Conflict(m)) if m.contains("1 of 3")));
         assert_eq!(c.doc(), &doc, "refused reloads change nothing");
         c.set_apply_guard(0.5);
-        c.reload(&untag).unwrap();
+        c.reload(untag.clone()).unwrap();
         assert!(c.asset("plc-2").unwrap().tags.is_empty(), "within the configured share it applies");
     }
 
@@ -920,5 +973,53 @@ mod tests {
         assert_eq!(c.store().load().unwrap(), *c.doc());
         assert_eq!(c.doc().rules.len(), 1);
         assert!(c.enforcer.dataplane().epoch() > epoch);
+    }
+
+    /// `n` assets `a0..` with one tag each, in one segment.
+    fn many(n: usize, tag: &str) -> PolicyDocument {
+        let assets: Vec<Value> = (0..n)
+            .map(|i| json!({"name": format!("a{i}"), "ips": [format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)], "tags": {"r": tag}}))
+            .collect();
+        serde_json::from_value(json!({"assets": assets, "segments": [{"name": "s", "selector": "r=x"}]})).unwrap()
+    }
+
+    #[test]
+    fn a_large_change_records_while_it_compiles_and_commits_only_what_compiled() {
+        let dir = std::env::temp_dir().join(format!("gk-control-{}-large", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("state.db")).unwrap();
+        // Four generations: 1.5 × LARGE_CHANGE hosts each.
+        let options = crate::dataplane::LoadOptions { host_entries: (6 * LARGE_CHANGE) as u32, ..Default::default() };
+        let fake = crate::dataplane::fake::FakeDataplane::new(&options);
+        let refuse = fake.refusals();
+        let enforcer = Enforcer::new(Box::new(fake), Timeouts::default(), options.capacity());
+        let mut c = Control::prepare(store, None, None, "test").unwrap().enforce(enforcer).unwrap().0;
+
+        // Large, and it fits: recorded on the second thread, committed, enforced.
+        let fits = many(LARGE_CHANGE, "x");
+        assert_eq!(c.change(fits.clone(), "test", "apply", false).unwrap().len(), LARGE_CHANGE + 1);
+        assert_eq!(c.store().load().unwrap(), fits);
+        assert_eq!(c.enforcer.policy().assets.len(), LARGE_CHANGE);
+        let audit = c.store().audit(10 * LARGE_CHANGE).unwrap().len();
+
+        // Large, and beyond the maps: its rows were written meanwhile, and rolled back.
+        let beyond = many(2 * LARGE_CHANGE, "x");
+        assert!(matches!(c.change(beyond, "test", "apply", false), Err(ControlError::Invalid(_))));
+        assert_eq!(c.store().load().unwrap(), fits, "nothing of the refused change was committed");
+        assert_eq!(c.store().audit(10 * LARGE_CHANGE).unwrap().len(), audit, "no audit row either");
+
+        // Large, compiled and recorded, refused by the data plane: undone in the store.
+        refuse.store(1, std::sync::atomic::Ordering::SeqCst);
+        let retag = many(LARGE_CHANGE, "y");
+        assert!(matches!(c.change(retag, "test", "apply", false), Err(ControlError::Enforce(_))));
+        assert_eq!(c.store().load().unwrap(), fits, "undone");
+        assert_eq!(c.doc(), &fits);
+
+        // The store takes the next change as usual (no gate left behind).
+        let small = many(LARGE_CHANGE, "x");
+        let mut small = small;
+        small.assets.truncate(LARGE_CHANGE - 1);
+        c.change(small.clone(), "test", "apply", false).unwrap();
+        assert_eq!(c.store().load().unwrap(), small);
     }
 }

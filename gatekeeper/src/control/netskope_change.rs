@@ -146,6 +146,7 @@ impl Control {
             ..NetskopeCommit::default()
         };
         let result = self.commit(
+            false,
             |e| policy.map(|p| e.stage(p)).transpose(),
             |s| s.netskope_commit(commit),
             |s| s.netskope_commit(revert),

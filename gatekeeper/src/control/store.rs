@@ -2,7 +2,7 @@
 //! credentials' hashes, the Netskope integration's state (apps, mappings, pending pushes) and the
 //! audit log. Every change is one transaction with its audit rows: it is recorded whole or not at all.
 
-use std::path::Path;
+use std::{path::Path, sync::mpsc::Receiver};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -10,7 +10,10 @@ use serde_json::Value;
 use super::netskope::{
     AppRecord, Integration, KEY_LAST_SUCCESS, KEY_LAST_SYNC, KEY_PUBLISHERS, KEY_SETTINGS, Settings, TOKEN_FILE,
 };
-use crate::policy::{PolicyDocument, diff::Change};
+use crate::policy::{
+    PolicyDocument,
+    diff::{Change, Spec},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -18,6 +21,9 @@ pub enum StoreError {
     Sqlite { path: String, error: rusqlite::Error },
     #[error("store {path}: {error}")]
     Io { path: String, error: std::io::Error },
+    /// A gated transaction ([`Store::gate_next_commit`]) told not to commit.
+    #[error("store: the change was not committed, as it was not enforced")]
+    Cancelled,
     #[error("store: object {kind}/{name} is corrupt: {error}")]
     Corrupt { kind: String, name: String, error: String },
     /// Found at [`Store::open`]: the file is not an SQLite database, or `PRAGMA quick_check`
@@ -79,6 +85,8 @@ pub struct AuditEntry {
 pub struct Store {
     conn: rusqlite::Connection,
     path: String,
+    /// Decides whether the next change transaction commits ([`Store::gate_next_commit`]).
+    gate: Option<Receiver<bool>>,
 }
 
 impl Store {
@@ -141,7 +149,21 @@ impl Store {
         )
         .map_err(|e| StoreError::at_open(&p, "cannot create its tables", e))?;
         check_writable(&conn, &p)?;
-        Ok(Self { conn, path: p })
+        Ok(Self { conn, path: p, gate: None })
+    }
+
+    /// Makes the next change transaction ([`Store::commit_each`], [`Store::netskope_commit`])
+    /// wait, once its rows are written, for `gate`: it commits on `true` and is rolled back
+    /// ([`StoreError::Cancelled`]) on `false` or when the sender is gone. The control layer
+    /// writes a large change's rows while it compiles the change on another thread, and
+    /// commits only what compiled.
+    pub fn gate_next_commit(&mut self, gate: Receiver<bool>) {
+        self.gate = Some(gate);
+    }
+
+    /// Forgets a gate no transaction used.
+    pub fn clear_gate(&mut self) {
+        self.gate = None;
     }
 
     /// The directory holding the store (and secrets kept beside it).
@@ -201,7 +223,7 @@ impl Store {
         // would cost more than writing the row.
         for (c, actor, action) in changes {
             // The new object is the stored spec and the audit row's `new`: serialized once.
-            let new = c.new.as_ref().map(Value::to_string);
+            let new = c.new.as_ref().map(Spec::as_str);
             match &new {
                 Some(v) => tx
                     .prepare_cached(
@@ -215,13 +237,13 @@ impl Store {
                     .and_then(|mut st| st.execute((c.kind.as_str(), &c.name)))
                     .map_err(sql)?,
             };
-            let old = c.old.as_ref().map(Value::to_string);
+            let old = c.old.as_ref().map(Spec::as_str);
             audit_row(&tx, &at, actor, action, Some(c.kind.as_str()), Some(&c.name), old, new).map_err(sql)?;
         }
         if let (true, Some((actor, action))) = (changes.is_empty(), empty) {
             audit_row(&tx, &at, actor, action, None, None, None, None).map_err(sql)?;
         }
-        tx.commit().map_err(sql)
+        finish(tx, &mut self.gate, sql)
     }
 
     /// The one text column `sql` selects for `key`, or `None` when no row matches.
@@ -396,7 +418,7 @@ impl Store {
                 .map_err(sql)?;
         }
         insert_audit(&tx, c.audit).map_err(sql)?;
-        tx.commit().map_err(sql)
+        finish(tx, &mut self.gate, sql)
     }
 
     /// Apps waiting for a push: (app id, sequence, reason), oldest first.
@@ -539,9 +561,24 @@ fn insert_audit(tx: &rusqlite::Transaction<'_>, rows: &[AuditRow]) -> rusqlite::
     let at = chrono::Utc::now().to_rfc3339();
     for r in rows {
         let (old, new) = (r.old.as_ref().map(Value::to_string), r.new.as_ref().map(Value::to_string));
-        audit_row(tx, &at, &r.actor, &r.action, r.kind.as_deref(), r.name.as_deref(), old, new)?;
+        audit_row(tx, &at, &r.actor, &r.action, r.kind.as_deref(), r.name.as_deref(), old.as_deref(), new.as_deref())?;
     }
     Ok(())
+}
+
+/// Commits `tx`, unless a gate ([`Store::gate_next_commit`]) says not to.
+fn finish(
+    tx: rusqlite::Transaction<'_>,
+    gate: &mut Option<Receiver<bool>>,
+    sql: impl FnOnce(rusqlite::Error) -> StoreError,
+) -> Result<(), StoreError> {
+    if let Some(g) = gate.take()
+        && !g.recv().unwrap_or(false)
+    {
+        // Dropping the transaction rolls it back.
+        return Err(StoreError::Cancelled);
+    }
+    tx.commit().map_err(sql)
 }
 
 /// The one statement that writes the audit log.
@@ -553,8 +590,8 @@ fn audit_row(
     action: &str,
     kind: Option<&str>,
     name: Option<&str>,
-    old: Option<String>,
-    new: Option<String>,
+    old: Option<&str>,
+    new: Option<&str>,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",

@@ -133,7 +133,7 @@ impl BpfDataplane {
     pub fn apply_moves(&mut self, delta: Delta) -> Result<ApplyReport, DataplaneError> {
         let started = std::time::Instant::now();
         let active = (self.epoch % GENERATIONS) as usize;
-        if !self.adopted && !self.dirty[active] && in_place(&delta) {
+        if !self.adopted && !self.dirty[active] && !delta.writes_nothing() && in_place(&delta) {
             return self.apply_in_place(delta, started);
         }
         self.apply_delta_from(delta, started)
@@ -142,6 +142,13 @@ impl BpfDataplane {
     fn apply_delta_from(&mut self, delta: Delta, started: std::time::Instant) -> Result<ApplyReport, DataplaneError> {
         if self.adopted {
             return self.apply_adopted(delta, started);
+        }
+        if delta.writes_nothing() {
+            // Nothing for packets to see (a reload restating the policy with new descriptions
+            // or unselected tags): no map write, no flip, flows keep their verdicts.
+            self.applied.apply(&delta);
+            let total = started.elapsed();
+            return Ok(ApplyReport { epoch: self.epoch, entries: 0, enforced_after: total, total });
         }
         let gens = GENERATIONS as usize;
         let active = (self.epoch % GENERATIONS) as usize;

@@ -20,6 +20,8 @@
 //! the request path unless applies come faster than grace periods end. The epoch also tags every
 //! flow, so established flows are judged again under the new policy on their next packet. If a
 //! write fails, the epoch never moves and that generation is rebuilt in full next time.
+//! A change that writes no entry (a policy restated, a tag no selector uses) writes nothing and
+//! leaves the epoch where it is.
 //!
 //! Tag changes that only move host addresses between existing identities are written into the
 //! generation in force instead (`generations::apply_in_place`): one atomic replacement per

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 
 use super::{Asset, AssetSpec, Policy, PolicyDocument, RuleSpec, SegmentSpec};
 
@@ -33,8 +33,36 @@ impl Kind {
 pub struct Change {
     pub kind: Kind,
     pub name: String,
-    pub old: Option<Value>,
-    pub new: Option<Value>,
+    pub old: Option<Spec>,
+    pub new: Option<Spec>,
+}
+
+/// An object's JSON text, serialized once: the store keeps it, the audit log records it and a
+/// response embeds it as is (a reload of 100k assets must not serialize each object thrice).
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct Spec(Box<RawValue>);
+
+impl Spec {
+    /// `x` as JSON (`None` only if it cannot be serialized, which our objects always can).
+    pub fn of<T: Serialize>(x: &T) -> Option<Self> {
+        serde_json::value::to_raw_value(x).ok().map(Self)
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// As a JSON value, to read fields from.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+}
+
+impl PartialEq for Spec {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
 }
 
 impl Change {
@@ -72,18 +100,13 @@ pub fn changes(old: &PolicyDocument, new: &PolicyDocument) -> Vec<Change> {
         for n in new {
             match old_by.get(name(n)) {
                 Some(o) if *o == n => {}
-                Some(o) => out.push(Change {
-                    kind,
-                    name: name(n).into(),
-                    old: serde_json::to_value(o).ok(),
-                    new: serde_json::to_value(n).ok(),
-                }),
-                None => out.push(Change { kind, name: name(n).into(), old: None, new: serde_json::to_value(n).ok() }),
+                Some(o) => out.push(Change { kind, name: name(n).into(), old: Spec::of(o), new: Spec::of(n) }),
+                None => out.push(Change { kind, name: name(n).into(), old: None, new: Spec::of(n) }),
             }
         }
         for o in old {
             if !new_names.contains(name(o)) {
-                out.push(Change { kind, name: name(o).into(), old: serde_json::to_value(o).ok(), new: None });
+                out.push(Change { kind, name: name(o).into(), old: Spec::of(o), new: None });
             }
         }
         out
