@@ -311,8 +311,7 @@ fn run_inner(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
             let ct =
                 if file.extension().is_some_and(|e| e == "json") { "application/json" } else { "application/yaml" };
             let path = format!("/apply?dry_run={dry_run}&prune={prune}&force={force}");
-            let path = path.as_str();
-            let v = c.send("POST", path, ct, Some(text))?;
+            let v = c.send("POST", &path, ct, Some(text))?;
             print(output, &v, |v| {
                 let rows: Vec<Vec<String>> = v["changes"]
                     .as_array()

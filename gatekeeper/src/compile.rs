@@ -661,26 +661,21 @@ impl Compiler {
         applied: &Compiled,
         now: DateTime<Utc>,
     ) -> Result<Delta, CompileError> {
-        let Some(mut base) = self.base.take() else {
-            return Ok(diff(applied, &self.compile(policy, now)?));
-        };
         // A few changes: a search each (it stops at the asset). Many (a reload): one pass over
         // the policy, not one search per changed asset.
-        let assets: HashMap<&str, &crate::policy::Asset> = if changed.len() <= FEW_CHANGES {
-            changed.iter().filter_map(|n| policy.assets.iter().find(|a| a.name == *n).map(|a| (*n, a))).collect()
+        let given: Vec<(&str, Option<&crate::policy::Asset>)> = if changed.len() <= FEW_CHANGES {
+            changed.iter().map(|n| (*n, policy.assets.iter().find(|a| a.name == *n))).collect()
         } else {
             let wanted: HashSet<&str> = changed.iter().copied().collect();
-            policy.assets.iter().filter(|a| wanted.contains(a.name.as_str())).map(|a| (a.name.as_str(), a)).collect()
+            let found: HashMap<&str, &crate::policy::Asset> = policy
+                .assets
+                .iter()
+                .filter(|a| wanted.contains(a.name.as_str()))
+                .map(|a| (a.name.as_str(), a))
+                .collect();
+            changed.iter().map(|n| (*n, found.get(n).copied())).collect()
         };
-        let result = self.update_base(&mut base, &assets, changed, applied);
-        match result {
-            Ok(delta) => {
-                self.base = Some(base);
-                Ok(delta)
-            }
-            // The base may be half-updated: the next change is compiled in full.
-            Err(e) => Err(e),
-        }
+        self.update_assets_given(policy, &given, applied, now)
     }
 
     /// Like [`Compiler::update_assets`], with the changed assets given (`None`: removed), so
@@ -699,6 +694,8 @@ impl Compiler {
         let assets: HashMap<&str, &crate::policy::Asset> =
             changed.iter().filter_map(|(n, a)| a.map(|a| (*n, a))).collect();
         let result = self.update_base(&mut base, &assets, &names, applied);
+        // On error the base may be half-updated: it is dropped, and the next change is compiled
+        // in full.
         if result.is_ok() {
             self.base = Some(base);
         }

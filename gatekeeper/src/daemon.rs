@@ -153,8 +153,7 @@ fn start(config: &Config, tokens: Option<&Tokens>) -> anyhow::Result<Handle> {
 
 /// Runs `f` on the control state on a blocking thread.
 async fn blocking<T: Send + 'static>(handle: &Handle, f: impl FnOnce(&mut Control) -> T + Send + 'static) -> T {
-    let handle = handle.clone();
-    match tokio::task::spawn_blocking(move || f(&mut handle.lock())).await {
+    match handle.run_blocking(f).await {
         Ok(t) => t,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
@@ -196,7 +195,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let (Some(api), Some(tokens), Some((listener, tls))) = (&config.api, tokens, api_listener) {
         let router = http_router(&handle, &tokens)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tracing::info!(listen = %api.listen, scheme, "API listening{}", if tls.is_some() { " (https)" } else { "" });
+        tracing::info!(listen = %api.listen, scheme, "API listening");
         // Header and idle timeouts, a connection cap below the fd limit: slow clients cannot
         // make the API unreachable (`api::serve`).
         tokio::spawn(async move {

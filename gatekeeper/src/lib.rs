@@ -9,7 +9,7 @@
 //!    writes, counters, test runs; an in-memory fake behind the same trait.
 //! 4. [`control`]: the one change path (validate, compile, commit with its audit, then enforce), the store,
 //!    the Netskope integration's state and generated objects, credentials, telemetry. [`tls`]
-//!    (certificates, the TLS listener) sits beside it for the edges.
+//!    (certificates, the server configuration) sits beside it for the edges.
 //! 5. Edges, which never import each other: [`api`] (REST, with its Netskope routes), [`cli`],
 //!    [`metrics`], [`netskope_sync`] (the worker talking to Netskope).
 //! 6. The daemon wiring: [`daemon`] and its [`config`], the only modules that read the

@@ -72,8 +72,7 @@ async fn auth(State(state): State<MetricsState>, req: Request, next: Next) -> Re
 
 /// Reading the data-plane counters takes the control lock: off the async workers.
 async fn metrics(State(s): State<MetricsState>) -> Response {
-    let control = s.control.clone();
-    match tokio::task::spawn_blocking(move || render(&control.lock())).await {
+    match s.control.run_blocking(|c| render(c)).await {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }

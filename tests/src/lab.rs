@@ -223,7 +223,6 @@ impl Servers {
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Hosts, bridge and (optionally) the daemon. Everything is removed on drop.
 /// The lab's usual policy: the HMI may reach the PLC's Modbus port, nothing else reaches the
 /// PLC (the engineering workstation is tagged but in no segment).
 pub const HMI_PLC_POLICY: &str = r#"
@@ -238,6 +237,7 @@ rules:
   - {name: hmi-modbus, from: hmi, to: plc, protocol: tcp, ports: [502]}
 "#;
 
+/// Hosts, bridge and (optionally) the daemon. Everything is removed on drop.
 pub struct Lab {
     pub id: String,
     pub appliance: String,

@@ -140,16 +140,12 @@ impl ApiState {
         Ok(Self { control, credentials: Arc::new(Credentials::new(tokens)), writer })
     }
 
-    /// Runs `f` on the control state on a blocking thread: it may wait for a change in progress,
-    /// and a change may take seconds (compile, map writes, fsync).
+    /// Runs `f` on the control state on a blocking thread ([`Handle::run_blocking`]).
     pub(crate) async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Control) -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        let control = self.control.clone();
-        tokio::task::spawn_blocking(move || f(&mut control.lock()))
-            .await
-            .map_err(|e| ApiError::Internal(format!("the request's worker failed: {e}")))
+        self.control.run_blocking(f).await.map_err(|e| ApiError::Internal(format!("the request's worker failed: {e}")))
     }
 }
 

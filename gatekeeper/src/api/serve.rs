@@ -114,8 +114,9 @@ pub fn raise_fd_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// Serves `router` on `listener` (over TLS with `tls`) with the [default limits](Limits);
-/// returns only if accepting fails for good.
+/// Serves `router` on `listener` (over TLS with `tls`) with the [default limits](Limits) until
+/// the task is dropped: accept errors (a full fd table, an aborted connection) are retried, so
+/// it does not return in practice.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,

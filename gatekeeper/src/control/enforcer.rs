@@ -95,12 +95,6 @@ impl Enforcer {
         self.dataplane.as_mut()
     }
 
-    /// Puts `policy` in force ([`Enforcer::stage`], then [`Enforcer::publish`]).
-    pub fn apply(&mut self, policy: Policy) -> Result<ApplyReport, EnforceError> {
-        let staged = self.stage(policy)?;
-        self.publish(staged)
-    }
-
     /// Compiles `policy` (only the changed assets when only assets differ from the policy in
     /// force) without touching the data plane: no packet sees it until it is published, so the
     /// caller can make the change durable first and [`Enforcer::abort`] it if that fails.
@@ -119,13 +113,6 @@ impl Enforcer {
         Ok(Staged { step, next: Next::Policy(policy) })
     }
 
-    /// Replaces (or with `None` removes) assets of the policy in force ([`Enforcer::stage_assets`],
-    /// then [`Enforcer::publish`]).
-    pub fn apply_assets(&mut self, changes: Vec<(String, Option<Asset>)>) -> Result<ApplyReport, EnforceError> {
-        let staged = self.stage_assets(changes)?;
-        self.publish(staged)
-    }
-
     /// Like [`Enforcer::stage`] for replacing (or with `None` removing) assets by name (each at
     /// most once), compiling only those changes: the path of tag edits. Until the staged change
     /// is published or aborted, [`Enforcer::policy`] already shows it; the data plane does not.
@@ -133,13 +120,13 @@ impl Enforcer {
         // Only the changed assets are saved for a rollback: cloning the whole list would make
         // a tag edit cost as much as the policy is large.
         let mut undo: Vec<(String, Option<Asset>)> = Vec::with_capacity(changes.len());
-        for (name, asset) in &changes {
-            let previous = self.index.get(name).map(|&i| self.policy.assets[i].clone());
-            undo.push((name.clone(), previous));
-            self.put_asset(name, asset.clone());
+        for (name, asset) in changes {
+            let previous = self.index.get(&name).map(|&i| self.policy.assets[i].clone());
+            self.put_asset(&name, asset);
+            undo.push((name, previous));
         }
         let given: Vec<(&str, Option<&Asset>)> =
-            changes.iter().map(|(n, _)| (n.as_str(), self.index.get(n).map(|&i| &self.policy.assets[i]))).collect();
+            undo.iter().map(|(n, _)| (n.as_str(), self.index.get(n).map(|&i| &self.policy.assets[i]))).collect();
         match self.compiler.update_assets_given(&self.policy, &given, self.dataplane.applied(), Utc::now()) {
             // Each change is one request's asset: the moves may be written in place.
             Ok(delta) => Ok(Staged { step: Step::Moves(delta), next: Next::Assets { undo } }),

@@ -2,7 +2,8 @@
 //!
 //! Every change, whoever makes it (the REST API, the policy file at start and on SIGHUP, the
 //! Netskope integration), takes the same steps in [`Control`]: validate the whole new document
-//! (with the objects the integration generates), compile it ([`Enforcer::stage`]: no map is
+//! (with the objects the integration generates; a single-asset write validates that asset),
+//! compile it ([`Enforcer::stage`]: no map is
 //! touched), record it and its audit rows in one store transaction, only then write it into the
 //! data plane, and publish the status. A change the store refuses never reaches a packet; one the
 //! data plane refuses is undone in the store: a refused or failed change changes nothing.
@@ -195,7 +196,7 @@ fn commit_step(
             };
             (staged, recorded)
         });
-        // A record that committed nothing (an empty change) left the gate unused.
+        // A record that failed before its commit left the gate unused.
         store.clear_gate();
         (staged?, recorded)
     } else {
@@ -312,7 +313,7 @@ impl Control {
             integration.settings = Some(settings);
             integration.regenerate();
         }
-        let desired = file.map_or_else(|| stored.clone(), |f| merged(&stored, f));
+        let desired = file.map_or_else(|| stored.clone(), |f| merged(&stored, f.clone()));
         let policy = integration.validate(&desired, source)?;
         Ok(Prepared { store, stored, desired, policy, netskope: integration })
     }
@@ -395,12 +396,12 @@ impl Control {
 
     /// Creates or replaces a segment.
     pub fn put_segment(&mut self, actor: &str, spec: SegmentSpec) -> Result<Vec<Change>, ControlError> {
-        self.edit(actor, "put segment", |d| upsert(&mut d.segments, std::slice::from_ref(&spec), |x| &x.name))
+        self.edit(actor, "put segment", |d| upsert(&mut d.segments, [spec], |x| &x.name))
     }
 
     /// Creates or replaces a rule.
     pub fn put_rule(&mut self, actor: &str, spec: RuleSpec) -> Result<Vec<Change>, ControlError> {
-        self.edit(actor, "put rule", |d| upsert(&mut d.rules, std::slice::from_ref(&spec), |x| &x.name))
+        self.edit(actor, "put rule", |d| upsert(&mut d.rules, [spec], |x| &x.name))
     }
 
     /// Deletes a segment no rule uses (a generated or mapped segment cannot be deleted).
@@ -452,7 +453,7 @@ impl Control {
         action: &str,
         options: ApplyOptions,
     ) -> Result<Applied, ControlError> {
-        let desired = if options.prune { doc } else { merged(&self.doc, &doc) };
+        let desired = if options.prune { doc } else { merged(&self.doc, doc) };
         self.check_generated_names(&desired)?;
         let after = self.netskope.validate(&desired, "request")?;
         let before = self.enforcer.policy();
@@ -672,7 +673,8 @@ impl Control {
         if work.is_empty() {
             return;
         }
-        let apply: Vec<(String, Option<Asset>)> = work.iter().map(|(w, _, a, _)| (w.name.clone(), a.clone())).collect();
+        let apply: Vec<(String, Option<Asset>)> =
+            work.iter_mut().map(|(w, _, a, _)| (w.name.clone(), a.take())).collect();
         let undo = || -> Vec<(Change, &str, &str)> {
             recorded.iter().rev().map(|(c, actor, _)| (c.inverse(), *actor, UNDONE)).collect()
         };
@@ -680,8 +682,8 @@ impl Control {
         let result = self.commit(
             false,
             |e| e.stage_assets(apply).map(Some),
-            |s| s.commit_each(&recorded, None),
-            |s| s.commit_each(&undo(), None),
+            |s| s.commit_each(&recorded),
+            |s| s.commit_each(&undo()),
         );
         if let Err(e) = result {
             let e = Arc::new(e);
@@ -690,7 +692,6 @@ impl Control {
             }
             return;
         }
-        let mut removed = false;
         for (w, spec, _, _) in &work {
             // The document keeps its order (it is what users read back), so a removal shifts
             // positions; removals are rare next to tag edits.
@@ -698,18 +699,13 @@ impl Control {
                 (Some(i), Some(s)) => self.doc.assets[i] = s.clone(),
                 (Some(i), None) => {
                     self.doc.assets.remove(i);
-                    self.index.remove(&w.name);
-                    removed = true;
+                    self.reindex();
                 }
                 (None, Some(s)) => {
                     self.index.insert(w.name.clone(), self.doc.assets.len());
                     self.doc.assets.push(s.clone());
                 }
                 (None, None) => {}
-            }
-            if removed {
-                self.reindex();
-                removed = false;
             }
         }
         self.publish();
@@ -789,6 +785,16 @@ impl Handle {
     pub fn new(control: Control) -> Self {
         let board = control.board();
         Self { control: Arc::new(Mutex::new(control)), board }
+    }
+
+    /// Runs `f` on the control state on a blocking thread, for async callers: taking the lock may
+    /// wait for a change in progress, and a change may take seconds (compile, map writes, fsync).
+    pub async fn run_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Control) -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let handle = self.clone();
+        tokio::task::spawn_blocking(move || f(&mut handle.lock())).await
     }
 
     /// The control state, once free. Blocks (a change may take seconds): call it on a thread of

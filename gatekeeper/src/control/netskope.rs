@@ -475,9 +475,8 @@ pub enum Event {
     Push,
     /// Sync now; the reply (if any) gets the result, or the message of why it failed.
     Sync(Option<std::sync::mpsc::Sender<Result<SyncStatus, String>>>),
-    /// The settings changed: new client, sync now.
+    /// The settings changed: new client, sync now. (The worker stops when the channel closes.)
     Settings,
-    Stop,
 }
 
 /// Where a token set through the API is kept: a 0600 file beside the store, so copies of the

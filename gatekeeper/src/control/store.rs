@@ -201,19 +201,19 @@ impl Store {
 
     /// Records `changes` and their audit rows in one transaction.
     pub fn commit(&mut self, changes: &[Change], actor: &str, action: &str) -> Result<(), StoreError> {
-        if changes.is_empty() {
-            return self.commit_each(&[], Some((actor, action)));
-        }
-        let each: Vec<(Change, &str, &str)> = changes.iter().map(|c| (c.clone(), actor, action)).collect();
-        self.commit_each(&each, None)
+        self.write_changes(changes.iter().map(|c| (c, actor, action)))
     }
 
     /// Records changes made by different requests, each with its own actor and action, in one
-    /// transaction (group commit). With no change, `empty` is recorded as an audit row alone.
-    pub fn commit_each(
+    /// transaction (group commit).
+    pub fn commit_each(&mut self, changes: &[(Change, &str, &str)]) -> Result<(), StoreError> {
+        self.write_changes(changes.iter().map(|(c, actor, action)| (c, *actor, *action)))
+    }
+
+    /// The objects of `changes` and their audit rows, in one transaction.
+    fn write_changes<'a>(
         &mut self,
-        changes: &[(Change, &str, &str)],
-        empty: Option<(&str, &str)>,
+        changes: impl Iterator<Item = (&'a Change, &'a str, &'a str)>,
     ) -> Result<(), StoreError> {
         let path = self.path.clone();
         let sql = |error| StoreError::Sqlite { path: path.clone(), error };
@@ -239,9 +239,6 @@ impl Store {
             };
             let old = c.old.as_ref().map(Spec::as_str);
             audit_row(&tx, &at, actor, action, Some(c.kind.as_str()), Some(&c.name), old, new).map_err(sql)?;
-        }
-        if let (true, Some((actor, action))) = (changes.is_empty(), empty) {
-            audit_row(&tx, &at, actor, action, None, None, None, None).map_err(sql)?;
         }
         finish(tx, &mut self.gate, sql)
     }

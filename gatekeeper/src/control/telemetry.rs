@@ -53,7 +53,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
             Opts::new("gatekeeper_packets", "Packets judged by the data plane since the maps were created, by outcome"),
             &["outcome"],
         )?,
-        epoch: IntGauge::new("gatekeeper_policy_epoch", "Policy epoch in force (flips once per apply)")?,
+        epoch: IntGauge::new("gatekeeper_policy_epoch", "Policy epoch in force (moves when an apply writes the maps)")?,
         registry,
     };
     m.registry.register(Box::new(m.netskope_syncs.clone()))?;

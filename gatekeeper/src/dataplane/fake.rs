@@ -282,7 +282,8 @@ impl Dataplane for FakeDataplane {
     }
 
     /// Like [`Dataplane::apply_delta`]: with a single copy of the maps, writing "in place" is
-    /// no different, so the epoch moves by one here too.
+    /// no different, so the epoch moves by one (the real in-place write moves it by
+    /// `GENERATIONS`), and not at all when nothing is written.
     fn apply_moves(&mut self, delta: Delta) -> Result<ApplyReport, DataplaneError> {
         self.refused()?;
         Ok(self.apply_now(delta, Instant::now()))

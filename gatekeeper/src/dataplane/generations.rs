@@ -133,7 +133,7 @@ impl BpfDataplane {
     pub fn apply_moves(&mut self, delta: Delta) -> Result<ApplyReport, DataplaneError> {
         let started = std::time::Instant::now();
         let active = (self.epoch % GENERATIONS) as usize;
-        if !self.adopted && !self.dirty[active] && !delta.writes_nothing() && in_place(&delta) {
+        if !self.adopted && !self.dirty[active] && in_place(&delta) {
             return self.apply_in_place(delta, started);
         }
         self.apply_delta_from(delta, started)

@@ -131,11 +131,6 @@ impl BpfDataplane {
         Ok(dp)
     }
 
-    /// Whether the maps were adopted from pins of a running enforcement.
-    pub fn adopted(&self) -> bool {
-        self.adopted
-    }
-
     /// Whether this data plane took over a running enforcement's pinned maps (even after its
     /// first apply): removing the pins would then open the network.
     pub fn took_over(&self) -> bool {

@@ -74,7 +74,9 @@ pub trait Dataplane: Send {
     fn applied(&self) -> &Compiled;
     /// The policy epoch in force.
     fn epoch(&self) -> u32;
-    /// Makes `new` the policy in force, atomically for traffic. On error nothing changed.
+    /// Makes `new` the policy in force, atomically for traffic. On error nothing changed. This
+    /// and the other applies write nothing and keep the epoch when no entry changes
+    /// ([`Delta::writes_nothing`]).
     fn apply(&mut self, new: Compiled) -> Result<ApplyReport, DataplaneError>;
     /// Applies `delta` to what the maps hold, atomically for traffic. On error nothing changed.
     fn apply_delta(&mut self, delta: Delta) -> Result<ApplyReport, DataplaneError>;
@@ -251,8 +253,9 @@ pub struct ApplyReport {
     pub epoch: u32,
     /// Entries written per generation.
     pub entries: usize,
-    /// From the start of the apply to the epoch flip: when packets start seeing the new policy.
+    /// From the start of the apply to when packets start seeing the new policy (the epoch flip,
+    /// or the last in-place write).
     pub enforced_after: std::time::Duration,
-    /// The whole apply, including the wait for in-flight packets and the standby update.
+    /// The whole apply (after adopting pins, including the standby generation's update).
     pub total: std::time::Duration,
 }

@@ -117,7 +117,7 @@ impl Worker {
                     self.pushed.clear();
                     next_sync = now;
                 }
-                Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             let now = Instant::now();

@@ -52,11 +52,6 @@ impl Spec {
     pub fn as_str(&self) -> &str {
         self.0.get()
     }
-
-    /// As a JSON value, to read fields from.
-    pub fn to_value(&self) -> Value {
-        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
-    }
 }
 
 impl PartialEq for Spec {
@@ -119,26 +114,26 @@ pub fn changes(old: &PolicyDocument, new: &PolicyDocument) -> Vec<Change> {
 
 /// Replaces the items of `list` named like those of `items`, appends the others. Linear in
 /// both lengths: a policy file restating 100k assets merges in one pass.
-pub fn upsert<T: Clone>(list: &mut Vec<T>, items: &[T], name: impl Fn(&T) -> &str) {
+pub fn upsert<T>(list: &mut Vec<T>, items: impl IntoIterator<Item = T>, name: impl Fn(&T) -> &str) {
     let mut at: HashMap<String, usize> = list.iter().enumerate().map(|(i, x)| (name(x).to_string(), i)).collect();
     for item in items {
-        match at.get(name(item)) {
-            Some(&i) => list[i] = item.clone(),
+        match at.get(name(&item)).copied() {
+            Some(i) => list[i] = item,
             None => {
-                at.insert(name(item).to_string(), list.len());
-                list.push(item.clone());
+                at.insert(name(&item).to_string(), list.len());
+                list.push(item);
             }
         }
     }
 }
 
 /// `file` merged into `base`, like `kubectl apply`: objects `file` names replace those of the
-/// same kind and name; other objects of `base` stay.
-pub fn merged(base: &PolicyDocument, file: &PolicyDocument) -> PolicyDocument {
+/// same kind and name; other objects of `base` stay. `file`'s objects are moved, not copied.
+pub fn merged(base: &PolicyDocument, file: PolicyDocument) -> PolicyDocument {
     let mut out = base.clone();
-    upsert(&mut out.assets, &file.assets, |a| &a.name);
-    upsert(&mut out.segments, &file.segments, |s| &s.name);
-    upsert(&mut out.rules, &file.rules, |r| &r.name);
+    upsert(&mut out.assets, file.assets, |a| &a.name);
+    upsert(&mut out.segments, file.segments, |s| &s.name);
+    upsert(&mut out.rules, file.rules, |r| &r.name);
     out
 }
 
@@ -188,7 +183,7 @@ mod tests {
         let file = doc(
             "assets:\n  - {name: b, ips: [10.0.0.9]}\n  - {name: d, ips: [10.0.0.4]}\n  - {name: d, ips: [10.0.0.5]}\n",
         );
-        let m = merged(&base, &file);
+        let m = merged(&base, file);
         let got: Vec<(&str, &str)> = m.assets.iter().map(|a| (a.name.as_str(), a.ips[0].as_str())).collect();
         // The file's last word on a name wins, as it always did.
         assert_eq!(got, [("a", "10.0.0.1"), ("b", "10.0.0.9"), ("c", "10.0.0.3"), ("d", "10.0.0.5")]);
