@@ -137,7 +137,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let base = format!("http://{}/api/v1", listener.local_addr()?);
-    let r = http_router(&control, &Tokens { admin: Some(TOKEN.into()), reader: None })?;
+    let r =
+        http_router(&control, &Tokens::admin_reader(Some(TOKEN), None), gatekeeper::config::DEFAULT_MAX_BODY_BYTES)?;
     rt.spawn(async move { axum::serve(listener, r).await });
 
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();

@@ -4,7 +4,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::{compile::Timeouts, control::netskope, dataplane::XdpAttachMode};
+use crate::{
+    compile::Timeouts,
+    control::{auth::Role, netskope},
+    dataplane::XdpAttachMode,
+};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -63,11 +67,39 @@ pub struct ApiConfig {
     pub admin_token_file: Option<PathBuf>,
     /// File holding the read-only bearer token (0600).
     pub reader_token_file: Option<PathBuf>,
+    /// More tokens, each with its own name (recorded in the audit log for every write made
+    /// with it), role and 0600 file: `[[api.tokens]] name = "alice", role = "admin", file = ...`.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// The largest request body taken, in bytes (a larger one is refused with 413). The default,
+    /// 64 MiB, takes a 100k-asset policy document.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
     /// PEM certificate chain (leaf first): with `tls_key`, the API is served over HTTPS only.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert` (0600).
     pub tls_key: Option<PathBuf>,
 }
+
+/// A named bearer token.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub role: Role,
+    /// File holding the token (0600).
+    pub file: PathBuf,
+}
+
+/// The default of `[api] max_body_bytes`.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 << 20;
+
+fn default_max_body_bytes() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+/// Names the daemon records its own changes under: no token may take one.
+pub const RESERVED_ACTORS: [&str; 5] = ["daemon", "policy-file", "netskope", "expiry", "unknown"];
 
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
@@ -186,6 +218,40 @@ impl Config {
                     return Err(bad("[api] tls_key is set but tls_cert is not; set both or neither".into()));
                 }
                 _ => {}
+            }
+            if api.max_body_bytes < 1024 {
+                return Err(bad(format!("[api] max_body_bytes: {} is too small (at least 1024)", api.max_body_bytes)));
+            }
+            let mut names: Vec<&str> = Vec::new();
+            if api.admin_token_file.is_some() {
+                names.push("admin");
+            }
+            if api.reader_token_file.is_some() {
+                names.push("reader");
+            }
+            for (i, t) in api.tokens.iter().enumerate() {
+                let ok = !t.name.is_empty()
+                    && t.name.len() <= 64
+                    && t.name.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+                if !ok {
+                    return Err(bad(format!(
+                        "[[api.tokens]] {i}: name {:?} must be 1 to 64 letters, digits, '.', '_', '@' or '-'",
+                        t.name
+                    )));
+                }
+                if RESERVED_ACTORS.contains(&t.name.as_str()) {
+                    return Err(bad(format!(
+                        "[[api.tokens]] {i}: name {:?} is what the daemon records its own changes as; choose another",
+                        t.name
+                    )));
+                }
+                if names.contains(&t.name.as_str()) {
+                    return Err(bad(format!(
+                        "[[api.tokens]] {i}: name {:?} is used twice (admin_token_file is \"admin\", reader_token_file is \"reader\")",
+                        t.name
+                    )));
+                }
+                names.push(&t.name);
             }
         }
         if let Some(share) = cfg.policy.max_ungoverned_share

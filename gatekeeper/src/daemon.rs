@@ -16,7 +16,7 @@ use crate::{
     config::Config,
     control::{
         Control, Enforcer, Handle, Store,
-        auth::{Tokens, token_hash},
+        auth::{Role, Token, Tokens, token_hash},
         expiry,
         netskope::{self, Settings},
         status,
@@ -30,9 +30,16 @@ use crate::{
 /// How often the flow tables are counted for `GET /status`.
 const FLOW_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
-/// The daemon's HTTP surface: the REST API under `/api/v1`, and `/metrics`.
-pub fn http_router(control: &Handle, tokens: &Tokens) -> std::io::Result<axum::Router> {
-    Ok(api::router(ApiState::new(control.clone(), tokens)?).merge(metrics::router(control.clone(), tokens)))
+/// The daemon's HTTP surface: the REST API under `/api/v1`, `/metrics`, and the OpenAPI
+/// document of both; every error `application/problem+json`, bodies up to `max_body_bytes`.
+pub fn http_router(control: &Handle, tokens: &Tokens, max_body_bytes: usize) -> std::io::Result<axum::Router> {
+    let (api_routes, mut doc) = api::router(ApiState::new(control.clone(), tokens)?);
+    doc.merge(metrics::openapi());
+    Ok(api_routes
+        .merge(metrics::router(control.clone(), tokens))
+        .merge(api::document(&doc))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(api::problem::normalize)))
 }
 
 /// Reads and validates the policy file (errors name the file and its entries).
@@ -66,13 +73,32 @@ fn netskope_settings(config: &Config) -> anyhow::Result<Option<Settings>> {
     Ok(Some(Settings { tenant_url, token, sync_interval_secs }))
 }
 
-/// The API's tokens from their files (`None` without an `[api]` section).
+/// The API's tokens from their files (`None` without an `[api]` section): `admin_token_file`
+/// is the token named `admin`, `reader_token_file` the one named `reader`, then `[[api.tokens]]`.
 fn api_tokens(config: &Config) -> anyhow::Result<Option<Tokens>> {
     let Some(api) = &config.api else { return Ok(None) };
-    Ok(Some(Tokens {
-        admin: api.admin_token_file.as_deref().map(|p| read_secret(p, "[api] admin_token_file")).transpose()?,
-        reader: api.reader_token_file.as_deref().map(|p| read_secret(p, "[api] reader_token_file")).transpose()?,
-    }))
+    let mut tokens = Vec::new();
+    let roles = [(&api.admin_token_file, "admin", Role::Admin), (&api.reader_token_file, "reader", Role::Reader)];
+    for (file, name, role) in roles {
+        if let Some(path) = file {
+            let secret = read_secret(path, &format!("[api] {name}_token_file"))?;
+            tokens.push(Token { name: name.into(), role, secret, source: path.display().to_string() });
+        }
+    }
+    for t in &api.tokens {
+        let secret = read_secret(&t.file, &format!("[[api.tokens]] {}: file", t.name))?;
+        tokens.push(Token { name: t.name.clone(), role: t.role, secret, source: t.file.display().to_string() });
+    }
+    for (i, t) in tokens.iter().enumerate() {
+        if let Some(other) = tokens[..i].iter().find(|o| o.secret == t.secret) {
+            anyhow::bail!(
+                "[api] tokens {:?} and {:?} are the same token: the audit log could not tell them apart",
+                other.name,
+                t.name
+            );
+        }
+    }
+    Ok(Some(Tokens(tokens)))
 }
 
 /// Opens the store, enforces the desired state and attaches: the blocking part of the start.
@@ -80,19 +106,13 @@ fn api_tokens(config: &Config) -> anyhow::Result<Option<Tokens>> {
 fn start(config: &Config, tokens: Option<&Tokens>) -> anyhow::Result<Handle> {
     let file = config.policy.file.as_deref().map(file_document).transpose()?;
     let mut store = Store::open(&config.store.path)?;
-    // The store keeps the tokens' hashes (and audits rotations), never the tokens.
-    let files = config.api.as_ref().map(|a| (a.admin_token_file.as_ref(), a.reader_token_file.as_ref()));
-    for (role, token, file) in [
-        ("admin", tokens.and_then(|t| t.admin.as_deref()), files.and_then(|f| f.0)),
-        ("reader", tokens.and_then(|t| t.reader.as_deref()), files.and_then(|f| f.1)),
-    ] {
-        match (token, file) {
-            (Some(t), Some(f)) => {
-                store.set_credential(role, &token_hash(t), &f.display().to_string())?;
-            }
-            _ => store.remove_credential(role)?,
-        }
+    // The store keeps the tokens' hashes (and audits additions, rotations and removals), never
+    // the tokens.
+    let tokens = tokens.map_or(&[][..], |t| &t.0[..]);
+    for t in tokens {
+        store.set_credential(&t.name, t.role.as_str(), &token_hash(&t.secret), &t.source)?;
     }
+    store.retain_credentials(&tokens.iter().map(|t| t.name.as_str()).collect::<Vec<_>>())?;
     let source = config
         .policy
         .file
@@ -193,7 +213,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Idle until the integration is configured (here or through the API).
     netskope_sync::spawn(handle.clone())?;
     if let (Some(api), Some(tokens), Some((listener, tls))) = (&config.api, tokens, api_listener) {
-        let router = http_router(&handle, &tokens)?;
+        let router = http_router(&handle, &tokens, api.max_body_bytes)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(listen = %api.listen, scheme, "API listening");
         // Header and idle timeouts, a connection cap below the fd limit: slow clients cannot

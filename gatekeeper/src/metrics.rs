@@ -53,24 +53,40 @@ struct MetricsState {
     credentials: Arc<Credentials>,
 }
 
+/// A refused scrape is a plain status and reason: the daemon's HTTP surface turns every error
+/// into `application/problem+json`.
 async fn auth(State(state): State<MetricsState>, req: Request, next: Next) -> Response {
     let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match state.credentials.actor(bearer, auth::is_read_only(req.method().as_str())) {
         Ok(_) => next.run(req).await,
         Err(e) => {
-            let (status, title) = match e {
-                AuthError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-                AuthError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            let status = match e {
+                AuthError::Unauthorized => StatusCode::UNAUTHORIZED,
+                AuthError::Forbidden => StatusCode::FORBIDDEN,
             };
-            let body = serde_json::json!({
-                "type": "about:blank", "title": title, "status": status.as_u16(), "detail": e.to_string(), "errors": [],
-            });
-            (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+            (status, e.to_string()).into_response()
         }
     }
 }
 
-/// Reading the data-plane counters takes the control lock: off the async workers.
+/// The OpenAPI description of `/metrics`, for the daemon's document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    #[derive(utoipa::OpenApi)]
+    #[openapi(paths(metrics))]
+    struct Doc;
+    <Doc as utoipa::OpenApi>::openapi()
+}
+
+/// The Prometheus text exposition of gatekeeper's counters and gauges (a reader's token is
+/// enough).
+#[utoipa::path(
+    get, path = "/metrics", operation_id = "getMetrics", tag = "metrics",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain; version=0.0.4", body = String),
+        (status = 401, description = "No valid bearer token", content_type = "application/problem+json", body = Object),
+        (status = 500, description = "The counters could not be read", content_type = "application/problem+json", body = Object),
+    )
+)]
 async fn metrics(State(s): State<MetricsState>) -> Response {
     match s.control.run_blocking(|c| render(c)).await {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),

@@ -6,3 +6,4 @@ pub mod control;
 pub mod lab;
 pub mod netskope_fake;
 pub mod packet;
+pub mod python;

@@ -30,8 +30,8 @@ impl Server {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
-        let tokens = Tokens { admin: Some(ADMIN.into()), reader: Some(READER.into()) };
-        let r = http_router(&control, &tokens).unwrap();
+        let tokens = Tokens::admin_reader(Some(ADMIN), Some(READER));
+        let r = http_router(&control, &tokens, gatekeeper::config::DEFAULT_MAX_BODY_BYTES).unwrap();
         rt.spawn(async move { axum::serve(listener, r).await });
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         Self { base, control, agent, store_path, _rt: rt }

@@ -94,7 +94,9 @@ impl Server {
             (server_config(&cert, &key).unwrap(), cert)
         });
         let control = gatekeeper_tests::control::control(&dir.join("state.db"));
-        let router = http_router(&control, &Tokens { admin: Some(ADMIN.into()), reader: None }).unwrap();
+        let router =
+            http_router(&control, &Tokens::admin_reader(Some(ADMIN), None), gatekeeper::config::DEFAULT_MAX_BODY_BYTES)
+                .unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();

@@ -75,7 +75,7 @@ fn policy(n: usize) -> PolicyDocument {
 fn populated(path: &Path) -> PolicyDocument {
     let doc = policy(ASSETS);
     let mut store = Store::open(path).expect("a new store opens");
-    store.commit(&changes(&PolicyDocument::default(), &doc), "test", "apply").unwrap();
+    store.commit(&changes(&PolicyDocument::default(), &doc), &"test".into(), "apply").unwrap();
     drop(store);
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");

@@ -35,11 +35,11 @@ impl Server {
 
         let control = gatekeeper_tests::control::control(&dir.join("state.db"));
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let tokens = Tokens { admin: Some(ADMIN.into()), reader: None };
+        let tokens = Tokens::admin_reader(Some(ADMIN), None);
         let config = server_config(&cert, &key).expect("server config");
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());
-        let r = http_router(&control, &tokens).unwrap();
+        let r = http_router(&control, &tokens, gatekeeper::config::DEFAULT_MAX_BODY_BYTES).unwrap();
         // The daemon's own server: TLS with its handshake timeout, header timeouts, the cap.
         rt.spawn(async move { gatekeeper::api::serve::serve(listener, Some(config), r).await });
         Self { url, dir, cert, _rt: rt }

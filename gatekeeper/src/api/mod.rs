@@ -1,4 +1,5 @@
-//! The REST API under `/api/v1` (axum, JSON, `application/problem+json` errors, bearer tokens).
+//! The REST API under `/api/v1` (axum, JSON, `application/problem+json` errors, bearer tokens),
+//! and its OpenAPI document, generated from the handlers and types here ([`utoipa`]).
 //!
 //! An edge over the control layer: every write goes through the one change path
 //! ([`crate::control::Control`]), single-asset edits through its batching writer. Handlers never
@@ -6,35 +7,52 @@
 //! `GET /status` reads the published status without the lock.
 
 pub mod netskope;
+mod objects;
+mod policy;
+pub mod problem;
 pub mod serve;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
-    Json, Router,
+    Router,
     body::Bytes,
-    extract::{Path, Query, Request, State},
-    http::{HeaderMap, StatusCode, header},
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderMap, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::get,
 };
-use serde::{Deserialize, de::DeserializeOwned};
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::{
+    Modify, OpenApi,
+    openapi::{
+        self, RefOr,
+        schema::{ObjectBuilder, Schema},
+        security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+    },
+};
+use utoipa_axum::router::OpenApiRouter;
+
+pub use problem::{Kind, Problem};
 
 use crate::{
     control::{
-        ApplyOptions, Control, ControlError, Handle,
-        auth::{self, AuthError, Credentials, Tokens},
-        writer::{AssetEdit, AssetWriter, etag},
+        Control, ControlError, Handle,
+        auth::{self, Actor, AuthError, Credentials, Tokens},
+        writer::AssetWriter,
     },
-    policy::{AssetSpec, PolicyDocument, Problem, RuleSpec, SegmentSpec, diff::Change, selector::Selector},
+    policy::Problem as PolicyProblem,
 };
 
 /// Why a request was refused.
 #[derive(Debug)]
 pub enum ApiError {
     BadRequest(String),
+    /// A query string that is not what the operation takes.
+    Query(String),
+    /// A body that is not the JSON (or YAML) it claims, or not the object the operation takes.
+    Body(String),
     Unauthorized,
     Forbidden,
     NotFound(String),
@@ -42,34 +60,17 @@ pub enum ApiError {
     /// `If-Match` did not match.
     Precondition(String),
     Unsupported(String),
-    Invalid(Vec<Problem>),
+    Invalid(Vec<PolicyProblem>),
     Internal(String),
     /// An upstream service (Netskope) failed.
     Upstream(String),
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::BadRequest(d)
-            | Self::NotFound(d)
-            | Self::Conflict(d)
-            | Self::Precondition(d)
-            | Self::Unsupported(d)
-            | Self::Internal(d)
-            | Self::Upstream(d) => f.write_str(d),
-            Self::Unauthorized => f.write_str("unauthorized"),
-            Self::Forbidden => f.write_str("forbidden"),
-            Self::Invalid(p) => f.write_str(&p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
-        }
-    }
 }
 
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         match e {
             ControlError::Invalid(problems) => Self::Invalid(problems),
-            ControlError::Policy(e) => Self::BadRequest(e.to_string()),
+            ControlError::Policy(e) => Self::Body(e.to_string()),
             ControlError::NotFound(d) => Self::NotFound(d),
             ControlError::Conflict(d) => Self::Conflict(d),
             ControlError::Precondition(d) => Self::Precondition(d),
@@ -94,6 +95,33 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl ApiError {
+    fn problem(self) -> Problem {
+        match self {
+            Self::BadRequest(d) => Problem::new(Kind::BadRequest, d),
+            Self::Query(d) => Problem::new(Kind::InvalidQuery, d),
+            Self::Body(d) => Problem::new(Kind::InvalidBody, d),
+            Self::Unauthorized => Problem::new(Kind::Unauthorized, "a valid bearer token is required"),
+            Self::Forbidden => Problem::new(Kind::Forbidden, "this token may only read"),
+            Self::NotFound(d) => Problem::new(Kind::NotFound, d),
+            Self::Conflict(d) => Problem::new(Kind::Conflict, d),
+            Self::Precondition(d) => Problem::new(Kind::PreconditionFailed, d),
+            Self::Unsupported(d) => Problem::new(Kind::UnsupportedMediaType, d),
+            Self::Invalid(problems) => {
+                let detail = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                let mut p = Problem::new(Kind::InvalidPolicy, detail);
+                p.errors = problems
+                    .into_iter()
+                    .map(|p| problem::FieldProblem { entry: p.entry, field: p.field.into(), reason: p.reason })
+                    .collect();
+                p
+            }
+            Self::Internal(d) => Problem::new(Kind::NotApplied, d),
+            Self::Upstream(d) => Problem::new(Kind::Upstream, d),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // A request the daemon could not serve is its fault, not the client's: say why.
@@ -102,27 +130,7 @@ impl IntoResponse for ApiError {
             Self::Upstream(d) => tracing::warn!(cause = %d, "upstream failure (502)"),
             _ => {}
         }
-        let (status, title, detail, errors) = match self {
-            Self::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad request", d, vec![]),
-            Self::Unauthorized => {
-                (StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required".into(), vec![])
-            }
-            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "this token may only read".into(), vec![]),
-            Self::NotFound(d) => (StatusCode::NOT_FOUND, "not found", d, vec![]),
-            Self::Conflict(d) => (StatusCode::CONFLICT, "conflict", d, vec![]),
-            Self::Precondition(d) => (StatusCode::PRECONDITION_FAILED, "precondition failed", d, vec![]),
-            Self::Unsupported(d) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type", d, vec![]),
-            Self::Invalid(problems) => {
-                let errors =
-                    problems.iter().map(|p| json!({"entry": p.entry, "field": p.field, "reason": p.reason})).collect();
-                let detail = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-                (StatusCode::UNPROCESSABLE_ENTITY, "invalid policy", detail, errors)
-            }
-            Self::Internal(d) => (StatusCode::INTERNAL_SERVER_ERROR, "not applied", d, vec![]),
-            Self::Upstream(d) => (StatusCode::BAD_GATEWAY, "upstream failure", d, vec![]),
-        };
-        let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail, "errors": errors});
-        (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+        self.problem().response()
     }
 }
 
@@ -149,15 +157,34 @@ impl ApiState {
     }
 }
 
-/// Who made a request, for the audit log.
-#[derive(Clone)]
-struct Actor(&'static str);
-
+/// Checks the bearer token and records who is asking (the token's name and the client's
+/// address) for the audit log.
 async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
     let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let actor = state.credentials.actor(bearer, auth::is_read_only(req.method().as_str()))?;
-    req.extensions_mut().insert(Actor(actor));
+    let name = state.credentials.actor(bearer, auth::is_read_only(req.method().as_str()))?;
+    let address = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let actor = Actor { name: name.to_string(), address };
+    req.extensions_mut().insert(actor);
     Ok(next.run(req).await)
+}
+
+/// A query string, refused as an [`ApiError::Query`] problem (axum's own rejection is plain
+/// text).
+pub struct Query<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de).map(Query).map_err(|e| ApiError::Query(format!("query string: {e}")))
+    }
+}
+
+/// Who made a request (set by [`auth`]).
+pub(crate) fn actor(ext: &axum::http::Extensions) -> Actor {
+    ext.get::<Actor>().cloned().unwrap_or_else(|| Actor::named("unknown"))
 }
 
 /// The media type of a request body (`application/json` when none is given); a header that is
@@ -168,347 +195,136 @@ fn content_type(headers: &HeaderMap) -> Result<&str, ApiError> {
     Ok(ct.split(';').next().unwrap_or("").trim())
 }
 
-pub fn router(state: ApiState) -> Router {
-    let api = Router::new()
-        .route("/assets", get(list_assets))
-        .route("/assets/{name}", get(get_asset).put(put_asset).delete(delete_asset).patch(patch_asset))
-        .route("/segments", get(list_segments))
-        .route("/segments/{name}", get(get_segment).put(put_segment).delete(delete_segment))
-        .route("/segments/{name}/members", get(segment_members))
-        .route("/rules", get(list_rules))
-        .route("/rules/{name}", get(get_rule).put(put_rule).delete(delete_rule))
-        .route("/apply", post(apply))
-        .route("/status", get(status))
-        .route("/audit", get(audit))
-        .route(
-            "/integrations/netskope",
-            get(netskope::get_integration).put(netskope::put_integration).delete(netskope::delete_integration),
-        )
-        .route("/integrations/netskope/sync", post(netskope::sync))
-        .route("/integrations/netskope/apps", get(netskope::list_apps))
-        .route("/integrations/netskope/apps/{id}", get(netskope::get_app).put(netskope::put_app))
-        .route("/integrations/netskope/apps/{id}/suggestions", get(netskope::suggestions))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
-        .route("/openapi.json", get(openapi))
-        .with_state(state);
-    Router::new().nest("/api/v1", api)
-}
-
 pub(crate) fn body_json(headers: &HeaderMap, body: &Bytes, accept: &[&str]) -> Result<Value, ApiError> {
     let ct = content_type(headers)?;
-    if !accept.contains(&ct) {
+    if !accept.iter().any(|a| a.eq_ignore_ascii_case(ct)) {
         return Err(ApiError::Unsupported(format!("{ct}: use {}", accept.join(" or "))));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::Body(format!("body: {e}")))
 }
 
-/// The object named `name` from a request body (the name comes from the path).
-fn object<T: serde::de::DeserializeOwned>(name: &str, mut v: Value) -> Result<T, ApiError> {
-    let Value::Object(map) = &mut v else { return Err(ApiError::BadRequest("body: expected a JSON object".into())) };
-    match map.get("name") {
-        Some(Value::String(n)) if n != name => {
-            return Err(ApiError::BadRequest(format!("body: name {n:?} differs from the path's {name:?}")));
-        }
-        _ => {}
+/// The API's routes, and the OpenAPI document describing them (without `/openapi.json`'s
+/// content: the daemon adds the other edges' paths, then serves it with [`document`]).
+pub fn router(state: ApiState) -> (Router, openapi::OpenApi) {
+    let api = OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(objects::list_assets))
+        .routes(utoipa_axum::routes!(
+            objects::get_asset,
+            objects::put_asset,
+            objects::patch_asset,
+            objects::delete_asset
+        ))
+        .routes(utoipa_axum::routes!(objects::list_segments))
+        .routes(utoipa_axum::routes!(objects::get_segment, objects::put_segment, objects::delete_segment))
+        .routes(utoipa_axum::routes!(objects::segment_members))
+        .routes(utoipa_axum::routes!(objects::list_rules))
+        .routes(utoipa_axum::routes!(objects::get_rule, objects::put_rule, objects::delete_rule))
+        .routes(utoipa_axum::routes!(policy::apply))
+        .routes(utoipa_axum::routes!(policy::status))
+        .routes(utoipa_axum::routes!(policy::audit))
+        .routes(utoipa_axum::routes!(
+            netskope::get_integration,
+            netskope::put_integration,
+            netskope::delete_integration
+        ))
+        .routes(utoipa_axum::routes!(netskope::sync))
+        .routes(utoipa_axum::routes!(netskope::list_apps))
+        .routes(utoipa_axum::routes!(netskope::get_app, netskope::put_app))
+        .routes(utoipa_axum::routes!(netskope::suggestions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state);
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).nest("/api/v1", api).split_for_parts()
+}
+
+/// `GET /api/v1/openapi.json`: `doc`, the whole HTTP surface's document, serialized once.
+pub fn document(doc: &openapi::OpenApi) -> Router {
+    let text: Arc<str> = doc.to_json().unwrap_or_default().into();
+    Router::new().route(
+        "/api/v1/openapi.json",
+        get(move || {
+            let text = text.clone();
+            async move { ([(header::CONTENT_TYPE, "application/json")], text.to_string()) }
+        }),
+    )
+}
+
+/// This document (OpenAPI 3.1), generated from the code.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    operation_id = "getOpenApiDocument",
+    tag = "meta",
+    security(()),
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+)]
+#[allow(dead_code)] // Served by `document`; this only describes it.
+async fn openapi_document() {}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "gatekeeper",
+        description = "Agentless microsegmentation gatekeeper for OT networks: assets, tag-selected segments and rules, \
+                       compiled into the XDP data plane. Every error is `application/problem+json` (RFC 9457); \
+                       its `type` names the problem (see docs/problems.md).",
+        license(name = "MIT OR Apache-2.0", identifier = "MIT OR Apache-2.0"),
+    ),
+    paths(openapi_document),
+    components(schemas(Problem, problem::FieldProblem)),
+    modifiers(&Security, &Listed),
+    security(("bearer" = [])),
+    tags(
+        (name = "assets", description = "Devices, their addresses and tags"),
+        (name = "segments", description = "Sets of addresses selected by tags or CIDRs"),
+        (name = "rules", description = "Allowed and denied traffic between segments"),
+        (name = "policy", description = "The whole policy at once, status and audit"),
+        (name = "netskope", description = "Netskope One private apps kept in step with segments"),
+        (name = "meta", description = "This document"),
+    )
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, doc: &mut openapi::OpenApi) {
+        let bearer = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some("An admin token may do anything; a reader token only GET and HEAD."))
+            .build();
+        doc.components.get_or_insert_with(Default::default).add_security_scheme("bearer", SecurityScheme::Http(bearer));
     }
-    map.insert("name".into(), Value::String(name.into()));
-    serde_json::from_value(v).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
 }
 
-pub(crate) fn actor(headers: &axum::http::Extensions) -> &'static str {
-    headers.get::<Actor>().map_or("unknown", |a| a.0)
-}
+/// `SegmentListed` and `RuleListed`: what a listing returns, the object as written plus, for
+/// generated ones, where it comes from (its own schema refuses unknown properties).
+struct Listed;
 
-#[derive(Deserialize)]
-struct ListQuery {
-    selector: Option<String>,
-}
-
-async fn list_assets(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Result<Json<Vec<AssetSpec>>, ApiError> {
-    let selector = q
-        .selector
-        .map(|text| Selector::parse(&text).map_err(|e| ApiError::BadRequest(format!("selector: {e}"))))
-        .transpose()?;
-    let assets = s
-        .with(move |c| match selector {
-            None => c.doc().assets.clone(),
-            Some(sel) => c.assets_matching(&sel),
-        })
-        .await?;
-    Ok(Json(assets))
-}
-
-/// The stored asset `name`, or a 404.
-async fn stored_asset(s: &ApiState, name: &str) -> Result<AssetSpec, ApiError> {
-    let n = name.to_string();
-    s.with(move |c| c.asset(&n).cloned()).await?.ok_or_else(|| ApiError::NotFound(format!("no asset {name:?}")))
-}
-
-/// The asset with its version in `ETag`, for `If-Match` on the next write.
-fn with_etag(spec: Option<AssetSpec>) -> Response {
-    match spec {
-        Some(a) => ([(header::ETAG, etag(&a))], Json(a)).into_response(),
-        None => StatusCode::NO_CONTENT.into_response(),
-    }
-}
-
-/// `If-Match` of a request (`None`: none given).
-fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    headers
-        .get(header::IF_MATCH)
-        .map(|v| v.to_str().map(String::from).map_err(|_| ApiError::BadRequest("If-Match is not ASCII".into())))
-        .transpose()
-}
-
-async fn get_asset(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    stored_asset(&s, &name).await.map(|a| with_etag(Some(a)))
-}
-
-async fn put_asset(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    ext: axum::http::Extensions,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let spec: AssetSpec = object(&name, body_json(&headers, &body, &["application/json"])?)?;
-    let written = s.writer.write(&name, AssetEdit::Put(spec), if_match(&headers)?, actor(&ext), "put asset").await?;
-    Ok(with_etag(written))
-}
-
-async fn patch_asset(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    ext: axum::http::Extensions,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let patch = body_json(&headers, &body, &["application/merge-patch+json", "application/json"])?;
-    // Merged in the writer, against the latest version: concurrent patches lose nothing.
-    let written = s.writer.write(&name, AssetEdit::Patch(patch), if_match(&headers)?, actor(&ext), "patch asset");
-    Ok(with_etag(written.await?))
-}
-
-async fn delete_asset(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    ext: axum::http::Extensions,
-    headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
-    s.writer.write(&name, AssetEdit::Delete, if_match(&headers)?, actor(&ext), "delete asset").await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-/// User objects, then generated ones marked with where they come from.
-fn listing<'a, T: serde::Serialize + 'a>(user: &[T], generated: impl Iterator<Item = (&'a T, Value)>) -> Vec<Value> {
-    let user = user.iter().map(|x| serde_json::to_value(x).unwrap_or_default());
-    let generated = generated.map(|(x, by)| {
-        let mut v = serde_json::to_value(x).unwrap_or_default();
-        v["generated"] = by;
-        v
-    });
-    user.chain(generated).collect()
-}
-
-fn segments_json(c: &Control) -> Vec<Value> {
-    listing(&c.doc().segments, c.netskope().segments.iter().map(|x| (x, json!({"by": "netskope"}))))
-}
-
-fn rules_json(c: &Control) -> Vec<Value> {
-    listing(&c.doc().rules, c.netskope().rules.iter().map(|g| (&g.rule, json!({"by": "netskope", "app_id": g.app_id}))))
-}
-
-fn named(list: Vec<Value>, name: &str, kind: &str) -> Result<Json<Value>, ApiError> {
-    list.into_iter()
-        .find(|v| v["name"] == name)
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no {kind} {name:?}")))
-}
-
-async fn list_segments(State(s): State<ApiState>) -> Result<Json<Vec<Value>>, ApiError> {
-    Ok(Json(s.with(|c| segments_json(c)).await?))
-}
-
-async fn get_segment(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    named(s.with(|c| segments_json(c)).await?, &name, "segment")
-}
-
-/// The control path's write of one object kind, and its deletion.
-type Put<T> = fn(&mut Control, &str, T) -> Result<Vec<Change>, ControlError>;
-type Delete = fn(&mut Control, &str, &str) -> Result<(), ControlError>;
-
-/// A segment or rule from a PUT body, stored through the one change path.
-async fn put_object<T: DeserializeOwned + serde::Serialize + Clone + Send + 'static>(
-    s: &ApiState,
-    name: &str,
-    ext: &axum::http::Extensions,
-    (headers, body): (&HeaderMap, &Bytes),
-    put: Put<T>,
-) -> Result<Response, ApiError> {
-    let spec: T = object(name, body_json(headers, body, &["application/json"])?)?;
-    let (actor, written) = (actor(ext), spec.clone());
-    s.with(move |c| put(c, actor, written)).await??;
-    Ok(Json(spec).into_response())
-}
-
-async fn delete_object(
-    s: &ApiState,
-    name: String,
-    ext: &axum::http::Extensions,
-    delete: Delete,
-) -> Result<StatusCode, ApiError> {
-    let actor = actor(ext);
-    s.with(move |c| delete(c, actor, &name)).await??;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn put_segment(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    ext: axum::http::Extensions,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    put_object::<SegmentSpec>(&s, &name, &ext, (&headers, &body), Control::put_segment).await
-}
-
-async fn delete_segment(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    ext: axum::http::Extensions,
-) -> Result<StatusCode, ApiError> {
-    delete_object(&s, name, &ext, Control::delete_segment).await
-}
-
-async fn segment_members(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let members = s.with({
-        let name = name.clone();
-        move |c| c.segment_members(&name)
-    });
-    let (assets, cidrs) = members.await??;
-    let assets: Vec<Value> = assets
-        .into_iter()
-        .map(|(a, ips)| json!({"name": a, "ips": ips.iter().map(ToString::to_string).collect::<Vec<_>>()}))
-        .collect();
-    let cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
-    Ok(Json(json!({"segment": name, "assets": assets, "cidrs": cidrs})))
-}
-
-async fn list_rules(State(s): State<ApiState>) -> Result<Json<Vec<Value>>, ApiError> {
-    Ok(Json(s.with(|c| rules_json(c)).await?))
-}
-
-async fn get_rule(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    named(s.with(|c| rules_json(c)).await?, &name, "rule")
-}
-
-async fn put_rule(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    ext: axum::http::Extensions,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    put_object::<RuleSpec>(&s, &name, &ext, (&headers, &body), Control::put_rule).await
-}
-
-async fn delete_rule(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    ext: axum::http::Extensions,
-) -> Result<StatusCode, ApiError> {
-    delete_object(&s, name, &ext, Control::delete_rule).await
-}
-
-#[derive(Deserialize)]
-struct ApplyQuery {
-    #[serde(default)]
-    dry_run: bool,
-    /// Delete the objects the document does not name.
-    #[serde(default)]
-    prune: bool,
-    /// Apply even what would leave the network ungoverned.
-    #[serde(default)]
-    force: bool,
-}
-
-async fn apply(
-    State(s): State<ApiState>,
-    Query(q): Query<ApplyQuery>,
-    ext: axum::http::Extensions,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let yaml = match content_type(&headers)? {
-        "application/json" => false,
-        "application/yaml" | "application/x-yaml" | "text/yaml" => true,
-        other => return Err(ApiError::Unsupported(format!("{other}: use application/json or application/yaml"))),
-    };
-    // A large document takes a while to parse: off the async workers, and without the lock.
-    let parse = move || -> Result<PolicyDocument, ApiError> {
-        let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
-        if yaml {
-            PolicyDocument::from_yaml(text, "body").map_err(|e| ApiError::BadRequest(e.to_string()))
-        } else {
-            serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+impl Modify for Listed {
+    fn modify(&self, doc: &mut openapi::OpenApi) {
+        let Some(components) = doc.components.as_mut() else { return };
+        for kind in ["Segment", "Rule"] {
+            let Some(RefOr::T(Schema::Object(object))) = components.schemas.get(kind) else { continue };
+            let mut listed = object.clone();
+            listed.description = Some(format!(
+                "A {} as written, with `generated` set when the Netskope integration made it",
+                kind.to_lowercase()
+            ));
+            listed.properties.insert("generated".into(), RefOr::Ref(openapi::Ref::from_schema_name("Generated")));
+            components.schemas.insert(format!("{kind}Listed"), RefOr::T(Schema::Object(listed)));
         }
-    };
-    let doc = tokio::task::spawn_blocking(parse)
-        .await
-        .map_err(|e| ApiError::Internal(format!("the request's worker failed: {e}")))??;
-    let actor = actor(&ext);
-    let options = ApplyOptions { dry_run: q.dry_run, prune: q.prune, force: q.force };
-    let applied = s.with(move |c| c.apply(doc, actor, "apply", options)).await??;
-    let items: Vec<Value> = applied
-        .changes
-        .iter()
-        .map(|c| json!({"op": c.op(), "kind": c.kind, "name": c.name, "old": c.old, "new": c.new}))
-        .collect();
-    let g = applied.governance;
-    Ok(Json(json!({
-        "dry_run": q.dry_run,
-        "prune": q.prune,
-        "changes": items,
-        "governance": {
-            "governed_before": g.governed_before, "governed_after": g.governed_after,
-            "newly_ungoverned": g.newly_ungoverned, "newly_governed": g.newly_governed,
-        },
-    })))
-}
-
-/// The published status: answered without the control lock, so a long apply or a full flow
-/// table never delays it.
-async fn status(State(s): State<ApiState>) -> Json<Value> {
-    let v = s.control.status();
-    let cap = v.capacity;
-    let fill = |used: usize, max: usize| json!({"used": used, "capacity": max});
-    let interfaces: BTreeMap<String, &str> = v.interfaces.into_iter().collect();
-    let [h4, n4, h6, n6] = v.prefixes;
-    Json(json!({
-        "epoch": v.epoch,
-        "last_apply": v.last_apply.map(|(t, ms)| json!({"at": t.to_rfc3339(), "duration_ms": ms})),
-        "interfaces": interfaces,
-        "objects": {"assets": v.objects[0], "segments": v.objects[1], "rules": v.objects[2]},
-        "maps": {
-            "hosts_v4": fill(h4, cap.hosts_v4), "prefixes_v4": fill(n4, cap.prefixes_v4),
-            "hosts_v6": fill(h6, cap.hosts_v6), "prefixes_v6": fill(n6, cap.prefixes_v6),
-            "policy": fill(v.policy_entries, cap.policy), "rules": fill(v.rules, cap.rules),
-            "flows": v.flows.unwrap_or(0),
-        },
-    }))
-}
-
-#[derive(Deserialize)]
-struct AuditQuery {
-    limit: Option<usize>,
-}
-
-async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let rows = s.with(move |c| c.audit(limit)).await??;
-    Ok(Json(json!(rows)))
-}
-
-async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
+        let generated = ObjectBuilder::new()
+            .description(Some("Where a generated object comes from"))
+            .property("by", ObjectBuilder::new().schema_type(openapi::Type::String).enum_values(Some(["netskope"])))
+            .required("by")
+            .property(
+                "app_id",
+                ObjectBuilder::new()
+                    .schema_type(openapi::Type::Integer)
+                    .format(Some(openapi::SchemaFormat::KnownFormat(openapi::KnownFormat::Int64)))
+                    .description(Some("The Netskope private app a generated rule serves")),
+            )
+            .additional_properties(Some(openapi::schema::AdditionalProperties::FreeForm(false)));
+        components.schemas.insert("Generated".into(), RefOr::T(Schema::Object(generated.build())));
+    }
 }

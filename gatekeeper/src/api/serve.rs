@@ -221,10 +221,10 @@ impl Server {
         let evicted = conn.evict.clone();
         let served = async {
             match &self.tls {
-                None => self.http(tcp, &conn).await,
+                None => self.http(tcp, peer, &conn).await,
                 Some(acceptor) => match tokio::time::timeout(self.limits.handshake_timeout, acceptor.accept(tcp)).await
                 {
-                    Ok(Ok(stream)) => self.http(stream, &conn).await,
+                    Ok(Ok(stream)) => self.http(stream, peer, &conn).await,
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 },
@@ -237,7 +237,12 @@ impl Server {
     }
 
     /// HTTP/1.1 on an established (and, over TLS, handshaken) connection.
-    async fn http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(&self, stream: S, conn: &Arc<Conn>) {
+    async fn http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        conn: &Arc<Conn>,
+    ) {
         let io = TokioIo::new(WriteStall::new(stream, self.limits.write_stall_timeout));
         let inner = TowerToHyperService::new(self.router.clone());
         let body_idle = self.limits.body_idle_timeout;
@@ -245,7 +250,9 @@ impl Server {
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             // Not idle, so never closed for room, until the response is handed over.
             let busy = tracker.busy(&conn);
-            let req = req.map(|body| Body::new(IdleBody::new(body, body_idle)));
+            let mut req = req.map(|body| Body::new(IdleBody::new(body, body_idle)));
+            // The client's address, for the audit log.
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             let response = hyper::service::Service::call(&inner, req);
             async move {
                 let response = response.await;

@@ -1,16 +1,103 @@
-//! Bearer tokens: who a request comes from. The tokens are hashed once read; requests are
-//! compared by hash in constant time, and the store keeps only the hashes.
+//! Bearer tokens, and who a request comes from. Each token has a name (what the audit log
+//! records) and a role; the tokens are hashed once read, requests are compared by hash in
+//! constant time, and the store keeps only the hashes.
 
-/// Bearer tokens read from the files named in the configuration.
-#[derive(Clone, Default)]
-pub struct Tokens {
-    pub admin: Option<String>,
-    pub reader: Option<String>,
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq as _;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Only reads (GET, HEAD).
+    Reader,
 }
 
-impl std::fmt::Debug for Tokens {
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Reader => "reader",
+        }
+    }
+}
+
+/// A bearer token read from its file.
+#[derive(Clone)]
+pub struct Token {
+    /// Who holds it: recorded in the audit log for each write made with it.
+    pub name: String,
+    pub role: Role,
+    pub secret: String,
+    /// Where it was read from (for the audit log of credential changes).
+    pub source: String,
+}
+
+impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokens").field("admin", &self.admin.is_some()).field("reader", &self.reader.is_some()).finish()
+        f.debug_struct("Token").field("name", &self.name).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+/// The API's tokens (their secrets are never logged: `Debug` shows names and roles).
+#[derive(Clone, Debug, Default)]
+pub struct Tokens(pub Vec<Token>);
+
+impl Tokens {
+    /// An admin token named `admin` and a reader token named `reader`, where given.
+    pub fn admin_reader(admin: Option<&str>, reader: Option<&str>) -> Self {
+        let token = |name: &str, role, secret: &str| Token {
+            name: name.into(),
+            role,
+            secret: secret.into(),
+            source: "given".into(),
+        };
+        Self(
+            [admin.map(|s| token("admin", Role::Admin, s)), reader.map(|s| token("reader", Role::Reader, s))]
+                .into_iter()
+                .flatten()
+                .collect(),
+        )
+    }
+}
+
+/// Who made a change: a token's name and the client's address for API requests, or a part of
+/// the daemon (`daemon`, `netskope`, `expiry`) for its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub name: String,
+    pub address: Option<IpAddr>,
+}
+
+impl Actor {
+    /// An actor with no address: the daemon itself, or a caller outside the API.
+    pub fn named(name: &str) -> Self {
+        Self { name: name.into(), address: None }
+    }
+}
+
+impl From<&str> for Actor {
+    fn from(name: &str) -> Self {
+        Self::named(name)
+    }
+}
+
+impl From<&Actor> for Actor {
+    fn from(a: &Actor) -> Self {
+        a.clone()
+    }
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.address {
+            Some(a) => write!(f, "{} from {a}", self.name),
+            None => f.write_str(&self.name),
+        }
     }
 }
 
@@ -34,42 +121,47 @@ pub enum AuthError {
     Forbidden,
 }
 
-/// The tokens' hashes: the tokens themselves are dropped once hashed.
+/// The tokens' hashes with their names and roles: the secrets are dropped once hashed.
 #[derive(Debug, Default)]
 pub struct Credentials {
-    admin: Option<String>,
-    reader: Option<String>,
+    tokens: Vec<(String, Role, [u8; 32])>,
 }
 
 impl Credentials {
     pub fn new(tokens: &Tokens) -> Self {
-        Self { admin: tokens.admin.as_deref().map(token_hash), reader: tokens.reader.as_deref().map(token_hash) }
+        Self { tokens: tokens.0.iter().map(|t| (t.name.clone(), t.role, digest(&t.secret))).collect() }
     }
 
-    /// The actor (`admin` or `reader`) of a request presenting `bearer` (the `Authorization`
-    /// header's value); `read_only` requests may come from a reader.
-    pub fn actor(&self, bearer: Option<&str>, read_only: bool) -> Result<&'static str, AuthError> {
+    /// The name of the token a request presents in `bearer` (the `Authorization` header's
+    /// value); `read_only` requests may come from a reader.
+    pub fn actor(&self, bearer: Option<&str>, read_only: bool) -> Result<&str, AuthError> {
         // The scheme is case-insensitive (RFC 9110 11.1); the token is not.
         let presented = bearer
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim())
             .ok_or(AuthError::Unauthorized)?;
-        let presented = token_hash(presented);
-        let is = |t: &Option<String>| t.as_deref().is_some_and(|t| same(t, &presented));
-        if is(&self.admin) {
-            Ok("admin")
-        } else if is(&self.reader) {
-            if read_only { Ok("reader") } else { Err(AuthError::Forbidden) }
-        } else {
-            Err(AuthError::Unauthorized)
+        let presented = digest(presented);
+        // Every token is compared, in constant time, so response times say nothing of which
+        // (or whether one) matched.
+        let mut found = None;
+        for (name, role, hash) in &self.tokens {
+            if bool::from(hash.ct_eq(&presented)) {
+                found = Some((name.as_str(), *role));
+            }
+        }
+        match found {
+            Some((name, Role::Admin)) => Ok(name),
+            Some((name, Role::Reader)) if read_only => Ok(name),
+            Some((_, Role::Reader)) => Err(AuthError::Forbidden),
+            None => Err(AuthError::Unauthorized),
         }
     }
 }
 
-/// Constant-time comparison, so response times say nothing about a token.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 #[cfg(test)]
@@ -78,8 +170,7 @@ mod tests {
 
     #[test]
     fn tokens_decide_the_actor() {
-        let c =
-            Credentials::new(&Tokens { admin: Some("admin-token-0123456789".into()), reader: Some("r".repeat(16)) });
+        let c = Credentials::new(&Tokens::admin_reader(Some("admin-token-0123456789"), Some(&"r".repeat(16))));
         assert_eq!(c.actor(Some("Bearer admin-token-0123456789"), false), Ok("admin"));
         assert_eq!(c.actor(Some(&format!("Bearer {}", "r".repeat(16))), true), Ok("reader"));
         assert_eq!(c.actor(Some(&format!("Bearer {}", "r".repeat(16))), false), Err(AuthError::Forbidden));
@@ -99,5 +190,28 @@ mod tests {
         );
         assert_eq!(c.actor(Some("Basic admin-token-0123456789"), false), Err(AuthError::Unauthorized));
         assert!(is_read_only("GET") && is_read_only("HEAD") && !is_read_only("POST") && !is_read_only("PATCH"));
+    }
+
+    #[test]
+    fn named_tokens_are_told_apart() {
+        let token = |name: &str, role, secret: &str| Token {
+            name: name.into(),
+            role,
+            secret: secret.into(),
+            source: "test".into(),
+        };
+        let c = Credentials::new(&Tokens(vec![
+            token("alice", Role::Admin, "alice-token-0123456789"),
+            token("bob", Role::Admin, "bob-token-0123456789ab"),
+            token("grafana", Role::Reader, "grafana-token-01234567"),
+        ]));
+        assert_eq!(c.actor(Some("Bearer alice-token-0123456789"), false), Ok("alice"));
+        assert_eq!(c.actor(Some("Bearer bob-token-0123456789ab"), false), Ok("bob"));
+        assert_eq!(c.actor(Some("Bearer grafana-token-01234567"), true), Ok("grafana"));
+        assert_eq!(c.actor(Some("Bearer grafana-token-01234567"), false), Err(AuthError::Forbidden));
+        let shown = format!("{:?}", Tokens(vec![token("alice", Role::Admin, "alice-token-0123456789")]));
+        assert!(shown.contains("alice") && !shown.contains("alice-token"), "Debug never shows a secret: {shown}");
+        let a = Actor { name: "alice".into(), address: Some("192.0.2.7".parse().unwrap()) };
+        assert_eq!(a.to_string(), "alice from 192.0.2.7");
     }
 }

@@ -84,7 +84,7 @@ pub fn check_tenant_url(url: &str) -> Result<String, String> {
 }
 
 /// One protocol entry of a private app.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AppProtocol {
     pub transport: String,
     /// Netskope's port list: `"22,502,1024-2048"`.
@@ -92,7 +92,7 @@ pub struct AppProtocol {
 }
 
 /// A private app as Netskope reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RemoteApp {
     pub id: u64,
     /// Without Netskope's brackets.
@@ -104,7 +104,7 @@ pub struct RemoteApp {
 }
 
 /// A publisher as Netskope reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Publisher {
     pub id: u64,
     pub name: String,
@@ -114,7 +114,7 @@ pub struct Publisher {
 }
 
 /// Whether the app still exists in Netskope.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AppState {
     #[default]
@@ -124,9 +124,11 @@ pub enum AppState {
 }
 
 /// A host gatekeeper wanted to push but Netskope cannot take.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Refused {
     pub host: String,
+    /// Why, as a sentence.
+    #[schema(value_type = String)]
     pub reason: RefusedReason,
 }
 
@@ -184,7 +186,7 @@ impl TryFrom<String> for RefusedReason {
 }
 
 /// The result of the last push of an app.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PushResult {
     pub at: String,
     pub ok: bool,
@@ -444,7 +446,7 @@ pub fn suggestions(policy: &Policy, hosts: &[String]) -> Vec<(String, Vec<String
 }
 
 /// The outcome of the last sync.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SyncStatus {
     pub at: String,
     pub ok: bool,

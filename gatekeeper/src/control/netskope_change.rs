@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::{
     Control, ControlError,
+    auth::Actor,
     netskope::{self, AppRecord, AppState, Event, Integration, Settings, SyncStatus},
     store::{AuditRow, NetskopeCommit, StoreError},
     telemetry,
@@ -46,7 +47,7 @@ impl Control {
     /// generated objects that follow: the store and the data plane change together or not at all.
     pub fn netskope_edit(
         &mut self,
-        actor: &str,
+        actor: &Actor,
         action: &str,
         edit: impl FnOnce(&mut Integration),
         pending_reason: Option<&str>,
@@ -156,7 +157,7 @@ impl Control {
             return Err(e);
         }
         self.publish();
-        tracing::info!(actor, action, apps = changed.len(), "Netskope integration changed");
+        tracing::info!(actor = %actor, action, apps = changed.len(), "Netskope integration changed");
         if !pending.is_empty() {
             self.netskope_wake(Event::Push);
         }
@@ -230,7 +231,7 @@ impl Control {
     /// Removes the connection settings and the token: generated rules and the publishers'
     /// segment go, mappings stay (inert) in the store. Hosts already in Netskope stay there:
     /// unmap apps first to have them removed.
-    pub fn netskope_unconfigure(&mut self, actor: &str) -> Result<(), ControlError> {
+    pub fn netskope_unconfigure(&mut self, actor: &Actor) -> Result<(), ControlError> {
         if self.netskope.settings.is_none() {
             return Err(ControlError::NotFound("the Netskope integration is not configured".into()));
         }
@@ -256,7 +257,7 @@ impl Control {
     /// Sets or replaces the connection settings. `token: None` keeps the current token.
     pub fn netskope_configure(
         &mut self,
-        actor: &str,
+        actor: &Actor,
         tenant_url: String,
         token: Option<String>,
         sync_interval_secs: u64,
@@ -324,7 +325,7 @@ impl Control {
     /// the app is pushed. Every problem with the mapping is reported together.
     pub fn netskope_map(
         &mut self,
-        actor: &str,
+        actor: &Actor,
         id: u64,
         segments: Vec<String>,
         active: bool,

@@ -7,8 +7,11 @@ use std::{path::Path, sync::mpsc::Receiver};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::netskope::{
-    AppRecord, Integration, KEY_LAST_SUCCESS, KEY_LAST_SYNC, KEY_PUBLISHERS, KEY_SETTINGS, Settings, TOKEN_FILE,
+use super::{
+    auth::Actor,
+    netskope::{
+        AppRecord, Integration, KEY_LAST_SUCCESS, KEY_LAST_SYNC, KEY_PUBLISHERS, KEY_SETTINGS, Settings, TOKEN_FILE,
+    },
 };
 use crate::policy::{
     PolicyDocument,
@@ -24,6 +27,19 @@ pub enum StoreError {
     /// A gated transaction ([`Store::gate_next_commit`]) told not to commit.
     #[error("store: the change was not committed, as it was not enforced")]
     Cancelled,
+    /// Found at [`Store::open`]: the store was written by a newer gatekeeper.
+    #[error(
+        "store {path} has schema version {found}, newer than this gatekeeper's ({supported}); run the newer \
+         gatekeeper, or restore a backup written by this one"
+    )]
+    TooNew { path: String, found: usize, supported: usize },
+    /// The schema could not be read or upgraded.
+    #[error("store {path}: its schema could not be upgraded: {source}")]
+    Schema {
+        path: String,
+        #[source]
+        source: Box<rusqlite_migration::Error>,
+    },
     #[error("store: object {kind}/{name} is corrupt: {error}")]
     Corrupt { kind: String, name: String, error: String },
     /// Found at [`Store::open`]: the file is not an SQLite database, or `PRAGMA quick_check`
@@ -70,11 +86,15 @@ impl StoreError {
 }
 
 /// A row of the audit log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
+    /// RFC 3339.
     pub at: String,
+    /// The token's name for API requests; `daemon`, `netskope` or `expiry` for the daemon's own.
     pub actor: String,
+    /// The client's address, for API requests.
+    pub address: Option<String>,
     pub action: String,
     pub kind: Option<String>,
     pub name: Option<String>,
@@ -117,37 +137,8 @@ impl Store {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
             .map_err(|e| StoreError::at_open(&p, "cannot read its header", e))?;
         quick_check(&conn, &p)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS objects (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                 kind TEXT NOT NULL,
-                 name TEXT NOT NULL,
-                 spec TEXT NOT NULL,
-                 UNIQUE (kind, name));
-             CREATE TABLE IF NOT EXISTS audit (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT,
-                 at TEXT NOT NULL,
-                 actor TEXT NOT NULL,
-                 action TEXT NOT NULL,
-                 kind TEXT, name TEXT, old TEXT, new TEXT);
-             CREATE TABLE IF NOT EXISTS settings (
-                 key TEXT PRIMARY KEY,
-                 value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS credentials (
-                 role TEXT PRIMARY KEY,
-                 sha256 TEXT NOT NULL,
-                 source TEXT NOT NULL,
-                 updated TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS netskope_apps (
-                 app_id INTEGER PRIMARY KEY,
-                 record TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS netskope_pending (
-                 app_id INTEGER PRIMARY KEY,
-                 seq INTEGER NOT NULL,
-                 reason TEXT NOT NULL,
-                 since TEXT NOT NULL);",
-        )
-        .map_err(|e| StoreError::at_open(&p, "cannot create its tables", e))?;
+        let mut conn = conn;
+        migrate(&mut conn, &p)?;
         check_writable(&conn, &p)?;
         Ok(Self { conn, path: p, gate: None })
     }
@@ -200,20 +191,23 @@ impl Store {
     }
 
     /// Records `changes` and their audit rows in one transaction.
-    pub fn commit(&mut self, changes: &[Change], actor: &str, action: &str) -> Result<(), StoreError> {
+    pub fn commit(&mut self, changes: &[Change], actor: &Actor, action: &str) -> Result<(), StoreError> {
         self.write_changes(changes.iter().map(|c| (c, actor, action)))
     }
 
     /// Records changes made by different requests, each with its own actor and action, in one
     /// transaction (group commit).
-    pub fn commit_each(&mut self, changes: &[(Change, &str, &str)]) -> Result<(), StoreError> {
-        self.write_changes(changes.iter().map(|(c, actor, action)| (c, *actor, *action)))
+    pub fn commit_each<A: std::borrow::Borrow<Actor>>(
+        &mut self,
+        changes: &[(Change, A, &str)],
+    ) -> Result<(), StoreError> {
+        self.write_changes(changes.iter().map(|(c, actor, action)| (c, actor.borrow(), *action)))
     }
 
     /// The objects of `changes` and their audit rows, in one transaction.
     fn write_changes<'a>(
         &mut self,
-        changes: impl Iterator<Item = (&'a Change, &'a str, &'a str)>,
+        changes: impl Iterator<Item = (&'a Change, &'a Actor, &'a str)>,
     ) -> Result<(), StoreError> {
         let path = self.path.clone();
         let sql = |error| StoreError::Sqlite { path: path.clone(), error };
@@ -289,29 +283,29 @@ impl Store {
         tx.commit().map_err(sql)
     }
 
-    /// Replaces the hash of a role's credential (the token itself is never stored).
-    pub fn set_credential(&mut self, role: &str, sha256: &str, source: &str) -> Result<bool, StoreError> {
-        let old = self.text("SELECT sha256 FROM credentials WHERE role = ?1", role)?;
-        if old.as_deref() == Some(sha256) {
+    /// Replaces the hash of the token named `name` (the token itself is never stored).
+    pub fn set_credential(&mut self, name: &str, role: &str, sha256: &str, source: &str) -> Result<bool, StoreError> {
+        let old = self.text("SELECT role || ' ' || sha256 FROM credentials WHERE name = ?1", name)?;
+        if old.as_deref() == Some(&format!("{role} {sha256}")) {
             return Ok(false);
         }
         let at = chrono::Utc::now().to_rfc3339();
         let audit = AuditRow {
-            actor: "daemon".into(),
+            actor: Actor::named("daemon"),
             action: if old.is_some() { "rotate credential".into() } else { "add credential".into() },
             kind: Some("credential".into()),
-            name: Some(role.into()),
+            name: Some(name.into()),
             old: None,
-            new: Some(serde_json::json!({"source": source})),
+            new: Some(serde_json::json!({"role": role, "source": source})),
         };
         let path = self.path.clone();
         let sql = |error| StoreError::Sqlite { path: path.clone(), error };
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
-            "INSERT INTO credentials (role, sha256, source, updated) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (role) DO UPDATE SET sha256 = excluded.sha256, source = excluded.source,
-             updated = excluded.updated",
-            (role, sha256, source, &at),
+            "INSERT INTO credentials (name, role, sha256, source, updated) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name) DO UPDATE SET role = excluded.role, sha256 = excluded.sha256,
+             source = excluded.source, updated = excluded.updated",
+            (name, role, sha256, source, &at),
         )
         .map_err(sql)?;
         insert_audit(&tx, &[audit]).map_err(sql)?;
@@ -319,16 +313,39 @@ impl Store {
         Ok(true)
     }
 
-    /// Removes a role's credential (its token file is no longer configured).
-    pub fn remove_credential(&mut self, role: &str) -> Result<(), StoreError> {
-        self.conn.execute("DELETE FROM credentials WHERE role = ?1", [role]).map_err(self.err())?;
-        Ok(())
+    /// Removes the credentials whose names are not in `keep` (their tokens are no longer
+    /// configured), with an audit row each.
+    pub fn retain_credentials(&mut self, keep: &[&str]) -> Result<(), StoreError> {
+        let gone: Vec<String> =
+            self.credentials()?.into_iter().map(|(name, ..)| name).filter(|n| !keep.contains(&n.as_str())).collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let sql = |error| StoreError::Sqlite { path: path.clone(), error };
+        let tx = self.conn.transaction().map_err(sql)?;
+        for name in &gone {
+            tx.execute("DELETE FROM credentials WHERE name = ?1", [name]).map_err(sql)?;
+        }
+        let audit: Vec<AuditRow> = gone
+            .iter()
+            .map(|name| AuditRow {
+                actor: Actor::named("daemon"),
+                action: "remove credential".into(),
+                kind: Some("credential".into()),
+                name: Some(name.clone()),
+                ..AuditRow::default()
+            })
+            .collect();
+        insert_audit(&tx, &audit).map_err(sql)?;
+        tx.commit().map_err(sql)
     }
 
-    /// Role to SHA-256 (hex) of its token.
-    pub fn credentials(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT role, sha256 FROM credentials ORDER BY role").map_err(self.err())?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(self.err())?;
+    /// Each credential: its name, role and the SHA-256 (hex) of its token.
+    pub fn credentials(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT name, role, sha256 FROM credentials ORDER BY name").map_err(self.err())?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
@@ -433,7 +450,7 @@ impl Store {
     pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, at, actor, action, kind, name, old, new FROM audit ORDER BY id DESC LIMIT ?1")
+            .prepare("SELECT id, at, actor, address, action, kind, name, old, new FROM audit ORDER BY id DESC LIMIT ?1")
             .map_err(self.err())?;
         let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
         let rows = stmt
@@ -442,11 +459,12 @@ impl Store {
                     id: r.get(0)?,
                     at: r.get(1)?,
                     actor: r.get(2)?,
-                    action: r.get(3)?,
-                    kind: r.get(4)?,
-                    name: r.get(5)?,
-                    old: json(r.get(6)?),
-                    new: json(r.get(7)?),
+                    address: r.get(3)?,
+                    action: r.get(4)?,
+                    kind: r.get(5)?,
+                    name: r.get(6)?,
+                    old: json(r.get(7)?),
+                    new: json(r.get(8)?),
                 })
             })
             .map_err(self.err())?;
@@ -528,14 +546,20 @@ fn check_writable(conn: &rusqlite::Connection, p: &str) -> Result<(), StoreError
 }
 
 /// An audit row not tied to a policy object change (pushes, settings, credentials).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AuditRow {
-    pub actor: String,
+    pub actor: Actor,
     pub action: String,
     pub kind: Option<String>,
     pub name: Option<String>,
     pub old: Option<Value>,
     pub new: Option<Value>,
+}
+
+impl Default for AuditRow {
+    fn default() -> Self {
+        Self { actor: Actor::named("daemon"), action: String::new(), kind: None, name: None, old: None, new: None }
+    }
 }
 
 /// One Netskope state transaction (see [`Store::netskope_commit`]).
@@ -583,18 +607,95 @@ fn finish(
 fn audit_row(
     tx: &rusqlite::Transaction<'_>,
     at: &str,
-    actor: &str,
+    actor: &Actor,
     action: &str,
     kind: Option<&str>,
     name: Option<&str>,
     old: Option<&str>,
     new: Option<&str>,
 ) -> rusqlite::Result<()> {
+    let address = actor.address.map(|a| a.to_string());
     tx.prepare_cached(
-        "INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO audit (at, actor, address, action, kind, name, old, new)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
-    .execute((at, actor, action, kind, name, old, new))
+    .execute((at, &actor.name, address, action, kind, name, old, new))
     .map(|_| ())
+}
+
+/// The store's schema, one step per version (`PRAGMA user_version`): a store written by an
+/// older gatekeeper is upgraded in place when opened, one written by a newer one is refused.
+/// Steps are only ever appended; a released step never changes.
+fn migrations() -> rusqlite_migration::Migrations<'static> {
+    use rusqlite_migration::M;
+    rusqlite_migration::Migrations::new(vec![
+        // 1: the schema before versioning (stores of that time have user_version 0 and these
+        // tables already: hence IF NOT EXISTS).
+        M::up(
+            "CREATE TABLE IF NOT EXISTS objects (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 kind TEXT NOT NULL,
+                 name TEXT NOT NULL,
+                 spec TEXT NOT NULL,
+                 UNIQUE (kind, name));
+             CREATE TABLE IF NOT EXISTS audit (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 at TEXT NOT NULL,
+                 actor TEXT NOT NULL,
+                 action TEXT NOT NULL,
+                 kind TEXT, name TEXT, old TEXT, new TEXT);
+             CREATE TABLE IF NOT EXISTS settings (
+                 key TEXT PRIMARY KEY,
+                 value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS credentials (
+                 role TEXT PRIMARY KEY,
+                 sha256 TEXT NOT NULL,
+                 source TEXT NOT NULL,
+                 updated TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS netskope_apps (
+                 app_id INTEGER PRIMARY KEY,
+                 record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS netskope_pending (
+                 app_id INTEGER PRIMARY KEY,
+                 seq INTEGER NOT NULL,
+                 reason TEXT NOT NULL,
+                 since TEXT NOT NULL);",
+        ),
+        // 2: named tokens (the two roles' tokens keep their role as name) and the client's
+        // address in the audit log.
+        M::up(
+            "CREATE TABLE credentials_named (
+                 name TEXT PRIMARY KEY,
+                 role TEXT NOT NULL,
+                 sha256 TEXT NOT NULL,
+                 source TEXT NOT NULL,
+                 updated TEXT NOT NULL);
+             INSERT INTO credentials_named (name, role, sha256, source, updated)
+                 SELECT role, role, sha256, source, updated FROM credentials;
+             DROP TABLE credentials;
+             ALTER TABLE credentials_named RENAME TO credentials;
+             ALTER TABLE audit ADD COLUMN address TEXT;",
+        ),
+    ])
+}
+
+/// The schema version this gatekeeper writes.
+pub const SCHEMA_VERSION: usize = 2;
+
+fn migrate(conn: &mut rusqlite::Connection, p: &str) -> Result<(), StoreError> {
+    use rusqlite_migration::{Error as E, MigrationDefinitionError as D, SchemaVersion};
+    let m = migrations();
+    let found = m.current_version(conn).map_err(|e| StoreError::Schema { path: p.into(), source: Box::new(e) })?;
+    if let SchemaVersion::Outside(v) = found {
+        return Err(StoreError::TooNew { path: p.into(), found: v.get(), supported: SCHEMA_VERSION });
+    }
+    m.to_latest(conn).map_err(|e| match e {
+        E::MigrationDefinition(D::DatabaseTooFarAhead) => {
+            StoreError::TooNew { path: p.into(), found: 0, supported: SCHEMA_VERSION }
+        }
+        E::RusqliteError { query: _, err } => StoreError::at_open(p, "cannot upgrade its schema", err),
+        e => StoreError::Schema { path: p.into(), source: Box::new(e) },
+    })
 }
 
 #[cfg(test)]
@@ -616,7 +717,7 @@ mod tests {
         );
         {
             let mut s = Store::open(&path).unwrap();
-            s.commit(&changes(&PolicyDocument::default(), &a), "test", "apply").unwrap();
+            s.commit(&changes(&PolicyDocument::default(), &a), &"test".into(), "apply").unwrap();
         }
         let mode = std::fs::metadata(&path)
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
@@ -629,10 +730,11 @@ mod tests {
         );
         let c = changes(&a, &b);
         assert_eq!(c.len(), 2, "{c:?}");
-        s.commit(&c, "alice", "put").unwrap();
+        s.commit(&c, &Actor { name: "alice".into(), address: Some("192.0.2.7".parse().unwrap()) }, "put").unwrap();
         assert_eq!(s.load().unwrap(), b);
         let audit = s.audit(10).unwrap();
         assert_eq!(audit[0].actor, "alice");
+        assert_eq!(audit[0].address.as_deref(), Some("192.0.2.7"));
         assert_eq!(audit[0].name.as_deref(), Some("r1"));
         assert!(audit[0].new.is_none() && audit[0].old.is_some());
         assert_eq!(audit[1].new.as_ref().unwrap()["tags"]["role"], "hmi");

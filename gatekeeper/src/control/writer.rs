@@ -4,7 +4,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ControlError, Handle};
+use super::{ControlError, Handle, auth::Actor};
 use crate::policy::AssetSpec;
 
 /// Most writes taken into one batch.
@@ -37,7 +37,7 @@ pub struct AssetWrite {
     /// Apply only if the asset's current [`etag`] is this one (`*`: only if it exists), as
     /// HTTP's `If-Match`: a client that read the asset first loses nothing written since.
     pub if_match: Option<String>,
-    pub actor: &'static str,
+    pub actor: Actor,
     pub action: &'static str,
     /// The asset as written (`None`: deleted), or why not.
     pub reply: oneshot::Sender<Result<Option<AssetSpec>, ControlError>>,
@@ -87,7 +87,7 @@ impl AssetWriter {
         name: &str,
         edit: AssetEdit,
         if_match: Option<String>,
-        actor: &'static str,
+        actor: Actor,
         action: &'static str,
     ) -> Result<Option<AssetSpec>, ControlError> {
         let (reply, rx) = oneshot::channel();

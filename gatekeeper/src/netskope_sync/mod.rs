@@ -22,6 +22,7 @@ use serde_json::json;
 use self::client::{Client, ClientError};
 use crate::control::{
     ControlError, Handle,
+    auth::Actor,
     netskope::{self, AppRecord, AppState, Event, PushResult, Refused, SyncStatus, desired_hosts, plan},
     store::{AuditRow, StoreError},
     telemetry,
@@ -241,7 +242,7 @@ impl Worker {
             }
             n.publishers = publishers;
         };
-        if let Err(e) = control.netskope_edit("netskope", "sync", edit, Some("sync"), audit) {
+        if let Err(e) = control.netskope_edit(&Actor::named("netskope"), "sync", edit, Some("sync"), audit) {
             let status = SyncStatus { at, ok: false, message: e.to_string(), apps: apps_n, publishers: pubs_n };
             telemetry::netskope_sync(false);
             control.netskope_sync_failed(status);
@@ -361,7 +362,13 @@ impl Worker {
                 let audit = vec![row("app gone", id, Some(json!({"name": rec.remote.name})), None)];
                 clear(self, vec![rec], audit)?;
                 // Its generated rules go too.
-                return Ok(self.control.lock().netskope_edit("netskope", "app gone", |_| {}, None, vec![])?);
+                return Ok(self.control.lock().netskope_edit(
+                    &Actor::named("netskope"),
+                    "app gone",
+                    |_| {},
+                    None,
+                    vec![],
+                )?);
             }
             Err(e) => {
                 telemetry::netskope_push("error");

@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::policy::selector::{self, Selector};
 
 /// What users write.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Document)]
 pub struct PolicyDocument {
     #[serde(default)]
     pub assets: Vec<AssetSpec>,
@@ -29,10 +30,13 @@ pub struct PolicyDocument {
     pub rules: Vec<RuleSpec>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A device: its addresses and tags (segments select assets by tag).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Asset)]
 pub struct AssetSpec {
     pub name: String,
+    /// Addresses or CIDRs (IPv4 or IPv6).
     #[serde(default)]
     pub ips: Vec<String>,
     /// Tag values are text: `floor: 3` and `"floor": "3"` are the same tag, stored and returned
@@ -48,12 +52,16 @@ fn text_tags<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, 
     Ok(tags.into_iter().map(|(k, v)| (k, Scalar::Str(v.to_string()))).collect())
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A set of addresses: the assets its selector matches, and CIDRs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Segment)]
 pub struct SegmentSpec {
     pub name: String,
+    /// A tag selector, e.g. `zone=cell-1,role in (plc,hmi)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// Addresses or CIDRs that belong to the segment whatever the assets say.
     #[serde(default)]
     pub cidrs: Vec<String>,
     #[serde(default)]
@@ -62,18 +70,24 @@ pub struct SegmentSpec {
     pub description: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Traffic from one segment to another (or `any`), allowed or denied.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Rule)]
 pub struct RuleSpec {
     pub name: String,
+    /// A segment name or `any`.
     pub from: String,
+    /// A segment name or `any`.
     pub to: String,
     #[serde(default)]
     pub protocol: Protocol,
+    /// Destination ports: a number or a range `"lo-hi"` (TCP and UDP only).
     #[serde(default)]
     pub ports: Vec<Scalar>,
     #[serde(default)]
     pub action: Action,
+    /// When the rule stops acting (RFC 3339); it stays stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,6 +104,19 @@ pub enum Scalar {
     Float(f64),
 }
 
+// A scalar is any of JSON's: `oneOf` would refuse an integer (it is also a number).
+impl utoipa::PartialSchema for Scalar {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::String, Type::Number, Type::Boolean]))
+            .description(Some("Text; a number or boolean is read as its text"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Scalar {}
+
 impl fmt::Display for Scalar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -102,7 +129,7 @@ impl fmt::Display for Scalar {
 }
 
 /// How a segment governs traffic to and from its members.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Default deny: what no rule allows is dropped.
@@ -114,7 +141,7 @@ pub enum Mode {
     Label,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -138,7 +165,7 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     #[default]
