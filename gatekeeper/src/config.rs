@@ -305,8 +305,8 @@ mod tests {
                 "[netskope] tenant_url: \"acme.goskope.com\" must start with https://",
             ),
             (
-                "[dataplane]\ninterfaces = [\"a\"]\n[netskope]\ntenant_url = \"https://a.goskope.com\"\ntoken_file = \"/t\"\nsync_interval = \"1w\"\n",
-                "[netskope] sync_interval: \"1w\": unknown unit",
+                "[dataplane]\ninterfaces = [\"a\"]\n[netskope]\ntenant_url = \"https://a.goskope.com\"\ntoken_file = \"/t\"\nsync_interval = \"1fortnight\"\n",
+                "[netskope] sync_interval: \"1fortnight\": unknown unit",
             ),
             (
                 "[dataplane]\ninterfaces = [\"a\"]\n[netskope]\ntenant_url = \"https://a.goskope.com\"\n",

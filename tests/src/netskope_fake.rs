@@ -42,6 +42,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub enum Failure {
     /// 429 with `Retry-After` and `RateLimit-Reset` set to `retry_after_secs`.
     RateLimited { retry_after_secs: u64 },
+    /// 429 with `Retry-After` as an HTTP date `retry_after_secs` from now (the date has whole
+    /// seconds, so the wait it means is a little shorter), and no `RateLimit-Reset`.
+    RateLimitedUntil { retry_after_secs: u64 },
     /// This status code. 502, 503 and 504 come with an HTML body, as a gateway in front of the
     /// tenant sends them; any other code with a wrapped JSON error. An invalid code becomes 500.
     ServerError(u16),
@@ -373,6 +376,12 @@ impl Reply {
     fn fault(f: Failure) -> Self {
         match f {
             Failure::RateLimited { retry_after_secs } => rate_limited(retry_after_secs),
+            Failure::RateLimitedUntil { retry_after_secs } => {
+                let mut r = Reply::error(429, "Too many requests, please retry later");
+                let until = std::time::SystemTime::now() + Duration::from_secs(retry_after_secs);
+                r.headers.push(("Retry-After", httpdate::fmt_http_date(until)));
+                r
+            }
             Failure::ServerError(code) => {
                 let code = StatusCode::from_u16(code).map(|c| c.as_u16()).unwrap_or(500);
                 match code {

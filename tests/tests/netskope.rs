@@ -395,3 +395,55 @@ fn lost_replies_and_refused_apps_neither_orphan_hosts_nor_block_others() {
     assert!(!tenant.hosts(app).contains(&"10.0.0.13".to_string()));
     s.kill();
 }
+
+#[test]
+fn a_retry_after_date_is_waited_out() {
+    let tenant = FakeTenant::start(NS_TOKEN);
+    let s = Server::start(&store_path("dated"));
+    let app = seed(&s, &tenant);
+    configure(&s, &tenant);
+    s.ok("PUT", &format!("/integrations/netskope/apps/{app}"), Some(json!({"segments": ["plc"], "active": true})));
+
+    // Retry-After as an HTTP date 3 s ahead (whole seconds: a wait of 2 to 3 s) and no
+    // RateLimit-Reset: a client that ignored the date would come back after its default 1 s.
+    tenant.fail_next_writes(2, Failure::RateLimitedUntil { retry_after_secs: 3 });
+    s.ok("PATCH", "/assets/plc-2", Some(json!({"tags": {"role": "plc"}})));
+    assert!(has(&tenant, app, "10.0.0.12", true, Duration::from_secs(20)), "{:?}", tenant.hosts(app));
+    let patches: Vec<_> = tenant.requests().into_iter().filter(|r| r.method == "PATCH").collect();
+    assert_eq!(patches.iter().filter(|r| r.status == 429).count(), 2, "{patches:?}");
+    for w in patches.windows(2).filter(|w| w[0].status == 429) {
+        let gap = w[1].at.duration_since(w[0].at);
+        assert!(gap >= Duration::from_millis(1900), "retried {gap:?} after a Retry-After date 3 s ahead");
+    }
+    s.kill();
+}
+
+#[test]
+fn hostile_names_and_hosts_cannot_bend_a_request() {
+    let tenant = FakeTenant::start(NS_TOKEN);
+    let s = Server::start(&store_path("hostile"));
+    seed(&s, &tenant);
+    let name = "plc & hmi/../x?y=1#z %41 é";
+    let admin = ["odd host&x=1?y#z", "100%.example.local", "a/../b"];
+    let app = tenant.add_app(name, &admin, &[("tcp", "502")]);
+    configure(&s, &tenant);
+    let a = s.ok("GET", &format!("/integrations/netskope/apps/{app}"), None);
+    assert_eq!((a["name"].as_str(), &a["hosts"]), (Some(name), &json!(admin)), "{a}");
+
+    s.ok("PUT", &format!("/integrations/netskope/apps/{app}"), Some(json!({"segments": ["plc"], "active": true})));
+    assert!(has(&tenant, app, "10.0.0.11", true, Duration::from_secs(2)), "{:?}", tenant.hosts(app));
+    let mut want: Vec<&str> = admin.to_vec();
+    want.push("10.0.0.11");
+    assert_eq!(tenant.hosts(app), want, "the admin's odd hosts went out as they were");
+
+    // Every request reached one of the fixed targets: no name, host or query in a URL.
+    let requests = tenant.requests();
+    assert!(requests.iter().any(|r| r.method == "PATCH"));
+    for r in &requests {
+        let fixed = ["/api/v2/steering/apps/private", "/api/v2/infrastructure/publishers"].contains(&r.path.as_str());
+        let by_id = r.path.strip_prefix("/api/v2/steering/apps/private/").is_some_and(|id| id.parse::<u64>().is_ok());
+        assert!(fixed || by_id, "{} {}", r.method, r.path);
+        assert_eq!(r.status, 200, "{} {}", r.method, r.path);
+    }
+    s.kill();
+}

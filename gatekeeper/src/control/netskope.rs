@@ -52,20 +52,34 @@ impl std::fmt::Debug for Settings {
 /// Default sync interval: daily.
 pub const DEFAULT_SYNC_SECS: u64 = 24 * 3600;
 
-/// Parses `24h`, `30m`, `90s`, `1d` or plain seconds.
+/// Shortest sync interval: Netskope's rate limit is shared with everything else on the tenant.
+const MIN_SYNC_SECS: u64 = 60;
+/// Longest sync interval (a year and a day); also keeps deadlines far from `Instant`'s range.
+const MAX_SYNC_SECS: u64 = 366 * 86400;
+
+/// Parses a sync interval in whole seconds: `24h`, `30m`, `90s`, `1d`, `1h 30m`, `1w` (humantime's
+/// units) or plain seconds, from 60 s to 366 days.
 pub fn parse_interval(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let (num, unit) = t.find(|c: char| !c.is_ascii_digit()).map_or((t, ""), |i| t.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("{text:?} is not a duration like 24h, 30m or 90s"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    let secs = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>().map_err(|_| format!("{text:?}: the sync interval must be at most 366 d"))?
+    } else {
+        let d = humantime::parse_duration(t).map_err(|e| match e {
+            humantime::DurationError::UnknownUnit { unit, .. } => {
+                format!("{text:?}: unknown unit {unit:?} (use s, m, h, d or w, like 24h, 30m or 1h 30m)")
+            }
+            e => format!("{text:?} is not a duration like 24h, 30m or 90s: {e}"),
+        })?;
+        if d.subsec_nanos() != 0 {
+            return Err(format!("{text:?}: the sync interval must be a whole number of seconds"));
+        }
+        d.as_secs()
     };
-    if secs < 60 {
-        return Err(format!("{text:?}: the sync interval must be at least 60 s"));
+    if secs < MIN_SYNC_SECS {
+        return Err(format!("{text:?}: the sync interval must be at least {MIN_SYNC_SECS} s"));
+    }
+    if secs > MAX_SYNC_SECS {
+        return Err(format!("{text:?}: the sync interval must be at most 366 d"));
     }
     Ok(secs)
 }
@@ -583,10 +597,54 @@ mod tests {
         assert_eq!(parse_interval("24h").unwrap(), 86400);
         assert_eq!(parse_interval("90s").unwrap(), 90);
         assert!(parse_interval("10s").unwrap_err().contains("at least 60"));
-        assert!(parse_interval("1w").unwrap_err().contains("unknown unit"));
+        assert!(parse_interval("1fortnight").unwrap_err().contains("unknown unit \"fortnight\""));
         assert_eq!(check_tenant_url("https://acme.goskope.com/").unwrap(), "https://acme.goskope.com");
         assert!(check_tenant_url("acme.goskope.com").is_err());
         assert!(check_tenant_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn sync_intervals() {
+        let ok = |t: &str| parse_interval(t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+        for (text, secs) in [
+            ("5m", 300),
+            ("300s", 300),
+            ("300", 300),
+            (" 60 ", 60),
+            ("1d", 86400),
+            ("1h 30m", 5400),
+            ("1h30m", 5400),
+            ("2min", 120),
+            ("1w", 604800),
+            ("1.5h", 5400),
+            ("90000ms", 90),
+            ("366d", 366 * 86400),
+        ] {
+            assert_eq!(ok(text), secs, "{text:?}");
+        }
+        // What the API shows ("{secs}s") reads back as the same interval.
+        for secs in [60, 300, 86400, 366 * 86400] {
+            assert_eq!(ok(&format!("{secs}s")), secs);
+        }
+        for (text, want) in [
+            ("59s", "\"59s\": the sync interval must be at least 60 s"),
+            ("0", "\"0\": the sync interval must be at least 60 s"),
+            ("367d", "\"367d\": the sync interval must be at most 366 d"),
+            ("99999999999999999999", "must be at most 366 d"),
+            (
+                "99999999999999999999h",
+                "\"99999999999999999999h\" is not a duration like 24h, 30m or 90s: number is too large",
+            ),
+            ("90500ms", "\"90500ms\": the sync interval must be a whole number of seconds"),
+            ("5x", "\"5x\": unknown unit \"x\" (use s, m, h, d or w"),
+            ("", "\"\" is not a duration like 24h, 30m or 90s: value was empty"),
+            ("soon", "\"soon\" is not a duration like 24h, 30m or 90s: expected number at 0"),
+            ("-5m", "\"-5m\" is not a duration"),
+            ("5m;", "\"5m;\" is not a duration like 24h, 30m or 90s: invalid character at 2"),
+        ] {
+            let e = parse_interval(text).unwrap_err();
+            assert!(e.starts_with(want) || e.contains(want), "{text:?}: {e}");
+        }
     }
 
     #[test]

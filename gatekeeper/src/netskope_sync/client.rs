@@ -1,22 +1,37 @@
 //! Netskope REST API v2 client: `Netskope-Api-Token` header, wrapped responses
 //! (`{"status", "data", "total"}`; a 200 with `"status": "error"` is an error), client-side rate
-//! limiting under Netskope's ~4 requests per second, `Retry-After`/`RateLimit-Reset` on 429 and
-//! jittered backoff on 5xx. The token is never logged: errors name the URL path, not headers.
+//! limiting under Netskope's ~4 requests per second (`governor`), `Retry-After` (seconds or an
+//! HTTP date) or `RateLimit-Reset` on 429 and jittered backoff on 5xx (`backon`). The token is
+//! never logged: errors name the URL path, not headers.
+//!
+//! Request targets are fixed paths and numeric app ids; names and hosts travel only in JSON
+//! bodies, so nothing taken from Netskope or a user is ever spliced into a URL.
 
 use std::{
-    collections::VecDeque,
-    sync::Mutex,
-    time::{Duration, Instant},
+    cell::Cell,
+    num::NonZeroU32,
+    rc::Rc,
+    time::{Duration, SystemTime},
 };
 
+use backon::{BlockingRetryable, ExponentialBuilder};
+use governor::{DefaultDirectRateLimiter, Quota, clock::Clock};
 use serde_json::{Value, json};
 
 use crate::control::netskope::{AppProtocol, Publisher, RemoteApp, split_hosts, strip_brackets};
 
-/// Requests allowed in any one-second window: under Netskope's 4 with a margin for clock skew.
-const PER_SECOND: usize = 3;
+/// Requests allowed in any one-second window: under Netskope's 4 with a margin for timing jitter.
+const PER_SECOND: NonZeroU32 = NonZeroU32::new(3).unwrap();
 /// Attempts of one request before the error goes back to the caller (who keeps it pending).
-const ATTEMPTS: u32 = 4;
+const ATTEMPTS: usize = 4;
+/// Waits between attempts after a 5xx or a transport error: 0.25-0.5 s, 0.5-1 s, 1-2 s.
+const BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(250))
+    .with_factor(2.0)
+    .with_jitter()
+    .with_max_times(ATTEMPTS - 1);
+/// Wait after a 429 that says nothing of how long.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Longest wait honoured from a `Retry-After` header.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
@@ -60,9 +75,10 @@ pub struct Client {
     agent: ureq::Agent,
     base: String,
     token: String,
-    sent: Mutex<VecDeque<Instant>>,
+    limiter: DefaultDirectRateLimiter,
     observe: Observer,
-    /// Sleeps (backoff, rate limit); replaced in tests to keep them fast.
+    /// How this client waits (pacing, backoff, `Retry-After`): one function, handed to
+    /// [`retrying`], so tests run the retry logic with a sleeper that only records.
     sleep: fn(Duration),
 }
 
@@ -86,28 +102,17 @@ impl Client {
             agent,
             base: format!("{}/api/v2", tenant_url.trim_end_matches('/')),
             token: token.to_string(),
-            sent: Mutex::new(VecDeque::new()),
+            limiter: DefaultDirectRateLimiter::direct(quota(PER_SECOND)),
             observe,
             sleep: std::thread::sleep,
         }
     }
 
-    /// Waits until one more request keeps us under [`PER_SECOND`].
+    /// Waits until one more request keeps us under [`PER_SECOND`]. Bounded in time: each wait
+    /// lasts until the limiter has room (at most one period, as only this client's thread sends).
     fn pace(&self) {
-        loop {
-            let wait = {
-                let Ok(mut sent) = self.sent.lock() else { return };
-                let now = Instant::now();
-                while sent.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1)) {
-                    sent.pop_front();
-                }
-                if sent.len() < PER_SECOND {
-                    sent.push_back(now);
-                    return;
-                }
-                Duration::from_secs(1).saturating_sub(now.duration_since(sent[0])) + Duration::from_millis(5)
-            };
-            (self.sleep)(wait);
+        while let Err(not_until) = self.limiter.check() {
+            (self.sleep)(not_until.wait_time_from(self.limiter.clock().now()));
         }
     }
 
@@ -118,42 +123,13 @@ impl Client {
 
     /// One request with retries; returns the whole `{"status", "data", "total"}` body.
     fn call_wrapped(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
-        let mut last = None;
-        let mut last_retry_after = None;
-        for attempt in 0..ATTEMPTS {
+        retrying(path, self.sleep, || {
             self.pace();
-            match self.once(method, path, body) {
-                Ok(v) => return Ok(v),
-                Err((e, retry_after)) => {
-                    let wait = match (&e, retry_after) {
-                        (ClientError::Http { status: 429, .. }, after) => {
-                            let wait = after.unwrap_or(Duration::from_secs(1)).min(MAX_RETRY_AFTER);
-                            last_retry_after = Some(wait);
-                            wait
-                        }
-                        (e, _) if e.transient() => backoff(attempt),
-                        _ => return Err(e),
-                    };
-                    tracing::warn!(path, error = %e, wait_ms = wait.as_millis() as u64, "Netskope request failed; retrying");
-                    last = Some(e);
-                    if attempt + 1 < ATTEMPTS {
-                        (self.sleep)(wait);
-                    }
-                }
-            }
-        }
-        // Ending on a 429, the caller must keep waiting as long as Netskope asked.
-        if matches!(last, Some(ClientError::Http { status: 429, .. })) {
-            return Err(ClientError::RateLimited {
-                path: path.into(),
-                attempts: ATTEMPTS,
-                retry_after: last_retry_after,
-            });
-        }
-        Err(last.unwrap_or_else(|| ClientError::Transport { path: path.into(), message: "no attempt made".into() }))
+            self.once(method, path, body)
+        })
     }
 
-    fn once(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, (ClientError, Option<Duration>)> {
+    fn once(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, Failure> {
         let url = format!("{}{path}", self.base);
         let transport = |e: ureq::Error| {
             (self.observe)(0);
@@ -172,11 +148,8 @@ impl Client {
         let mut resp = result.map_err(transport)?;
         let status = resp.status().as_u16();
         (self.observe)(status);
-        let header_secs = |name: &str| {
-            resp.headers().get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let retry_after =
-            header_secs("retry-after").or_else(|| header_secs("ratelimit-reset")).map(Duration::from_secs);
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        let retry_after = retry_after(header("retry-after"), header("ratelimit-reset"), SystemTime::now());
         let text = resp.body_mut().read_to_string().map_err(transport)?;
         let parsed: Option<Value> = serde_json::from_str(&text).ok();
         let message = |parsed: &Option<Value>| {
@@ -255,22 +228,70 @@ impl Client {
             .collect::<Result<_, &str>>()
             .map_err(|m| decode(path, m.into()))
     }
-
-    #[cfg(test)]
-    fn without_sleeping(mut self) -> Self {
-        self.sleep = |_| {};
-        self
-    }
 }
 
 fn decode(path: &str, message: String) -> ClientError {
     ClientError::Decode { path: path.into(), message }
 }
 
-/// Exponential backoff with jitter: about 0.5 s, 1 s, 2 s, ...
-fn backoff(attempt: u32) -> Duration {
-    let base = 500u64 << attempt.min(6);
-    Duration::from_millis(base / 2 + fastrand::u64(0..=base / 2))
+/// One failed attempt: the error, and the wait Netskope asked for (429 only).
+type Failure = (ClientError, Option<Duration>);
+
+/// At most `per_second` requests in any one-second window: one every `1 s / per_second`, with no
+/// burst (a burst of n after an idle spell would let up to 2n - 1 into one second).
+fn quota(per_second: NonZeroU32) -> Quota {
+    Quota::per_second(per_second).allow_burst(NonZeroU32::MIN)
+}
+
+/// How long a response asks us to wait: `Retry-After` as delta-seconds or an HTTP date (one in
+/// the past means now), else `RateLimit-Reset` (seconds). A value that parses as neither is
+/// ignored.
+fn retry_after(retry_after: Option<&str>, ratelimit_reset: Option<&str>, now: SystemTime) -> Option<Duration> {
+    let secs = |v: &str| v.trim().parse::<u64>().ok().map(Duration::from_secs);
+    let date =
+        |v: &str| httpdate::parse_http_date(v.trim()).ok().map(|at| at.duration_since(now).unwrap_or(Duration::ZERO));
+    retry_after.and_then(|v| secs(v).or_else(|| date(v))).or_else(|| ratelimit_reset.and_then(secs))
+}
+
+/// The wait after a 429.
+fn rate_limit_wait(asked: Option<Duration>) -> Duration {
+    asked.unwrap_or(DEFAULT_RETRY_AFTER).min(MAX_RETRY_AFTER)
+}
+
+/// Runs `attempt` up to [`ATTEMPTS`] times while it fails with a transient error: a 429 waits as
+/// Netskope asked ([`rate_limit_wait`]), anything else as [`BACKOFF`] says. Ending on a 429 the
+/// error is [`ClientError::RateLimited`], so the caller keeps waiting as long as Netskope asked.
+fn retrying<T>(path: &str, sleep: fn(Duration), attempt: impl FnMut() -> Result<T, Failure>) -> Result<T, ClientError> {
+    // backon's blocking retry has no `adjust` (only its async one has): `notify`, which sees the
+    // error, hands a 429's wait to the sleeper, which backon calls right after it.
+    let asked = Rc::new(Cell::new(None));
+    let sleeper = {
+        let asked = asked.clone();
+        move |backoff| sleep(asked.take().unwrap_or(backoff))
+    };
+    attempt
+        .retry(BACKOFF)
+        .when(|(e, _): &Failure| e.transient())
+        .notify(|(e, after): &Failure, backoff| {
+            let wait = match e {
+                ClientError::Http { status: 429, .. } => {
+                    asked.set(Some(rate_limit_wait(*after)));
+                    rate_limit_wait(*after)
+                }
+                _ => backoff,
+            };
+            tracing::warn!(path, error = %e, wait_ms = wait.as_millis() as u64, "Netskope request failed; retrying");
+        })
+        .sleep(sleeper)
+        .call()
+        .map_err(|(e, after)| match e {
+            ClientError::Http { status: 429, .. } => ClientError::RateLimited {
+                path: path.into(),
+                attempts: ATTEMPTS as u32,
+                retry_after: Some(rate_limit_wait(after)),
+            },
+            e => e,
+        })
 }
 
 fn app(v: &Value, id_key: &str, name_key: &str) -> Result<RemoteApp, String> {
@@ -330,13 +351,106 @@ mod tests {
     #[test]
     fn pacing_keeps_under_the_limit() {
         let c = Client::new("http://127.0.0.1:9", "t", Box::new(|_| {}));
-        let start = Instant::now();
-        for _ in 0..PER_SECOND + 1 {
+        let mut at = Vec::new();
+        for _ in 0..6 {
             c.pace();
+            at.push(std::time::Instant::now());
         }
-        assert!(start.elapsed() >= Duration::from_millis(900), "the fourth request must wait");
-        let c = c.without_sleeping();
-        assert!(c.sent.lock().unwrap().len() <= PER_SECOND);
+        let per = PER_SECOND.get() as usize;
+        for w in at.windows(per + 1) {
+            let span = w[per] - w[0];
+            // Nanosecond rounding of the 1/3 s period aside.
+            assert!(span >= Duration::from_millis(999), "{} requests within {span:?}", per + 1);
+        }
+        // Spread out, not bunched: the second request already waits about a period.
+        assert!(at[1] - at[0] >= Duration::from_millis(300), "{:?}", at[1] - at[0]);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_792_567_680); // Wed, 21 Oct 2026 07:28:00 GMT
+        let at = |v: &str| retry_after(Some(v), None, now);
+        assert_eq!(at("7"), Some(Duration::from_secs(7)));
+        assert_eq!(at(" 0 "), Some(Duration::ZERO));
+        assert_eq!(at("Wed, 21 Oct 2026 07:28:30 GMT"), Some(Duration::from_secs(30)));
+        // The obsolete forms HTTP still allows.
+        assert_eq!(at("Wednesday, 21-Oct-26 07:29:00 GMT"), Some(Duration::from_secs(60)));
+        assert_eq!(at("Wed Oct 21 07:28:05 2026"), Some(Duration::from_secs(5)));
+        assert_eq!(at("Wed, 21 Oct 2026 07:00:00 GMT"), Some(Duration::ZERO), "a date in the past: now");
+        // Long waits are taken as given here and clamped when waited on.
+        assert_eq!(at("Thu, 22 Oct 2026 07:28:00 GMT"), Some(Duration::from_secs(86400)));
+        assert_eq!(rate_limit_wait(at("Thu, 22 Oct 2026 07:28:00 GMT")), MAX_RETRY_AFTER);
+        for garbage in ["soon", "-5", "1.5", "", "Wed, 21 Oct 2026 25:00:00 GMT", "99999999999999999999"] {
+            assert_eq!(at(garbage), None, "{garbage:?}");
+            assert_eq!(rate_limit_wait(at(garbage)), DEFAULT_RETRY_AFTER, "{garbage:?}");
+        }
+        // RateLimit-Reset (seconds) when Retry-After is missing or unusable.
+        assert_eq!(retry_after(None, Some("3"), now), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after(Some("soon"), Some("3"), now), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after(Some("2"), Some("3"), now), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(None, Some("Wed, 21 Oct 2026 07:28:30 GMT"), now), None);
+        assert_eq!(retry_after(None, None, now), None);
+    }
+
+    thread_local! {
+        static SLEPT: std::cell::RefCell<Vec<Duration>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Runs [`retrying`] over `script` (one outcome per attempt; `Ok` ends it) with a sleeper
+    /// that records instead of sleeping; returns the result, the attempts made and the waits.
+    fn run(script: Vec<Result<(), Failure>>) -> (Result<(), ClientError>, usize, Vec<Duration>) {
+        SLEPT.with(|s| s.borrow_mut().clear());
+        let mut script = script.into_iter();
+        let mut attempts = 0;
+        let r = retrying(
+            "/x",
+            |d| SLEPT.with(|s| s.borrow_mut().push(d)),
+            || {
+                attempts += 1;
+                script.next().unwrap_or(Ok(()))
+            },
+        );
+        (r, attempts, SLEPT.with(|s| s.take()))
+    }
+
+    fn http(status: u16, after: Option<u64>) -> Result<(), Failure> {
+        Err((ClientError::Http { path: "/x".into(), status, message: String::new() }, after.map(Duration::from_secs)))
+    }
+
+    #[test]
+    fn retries_back_off_and_wait_as_asked() {
+        // 5xx: jittered exponential backoff, then success.
+        let (r, n, slept) = run(vec![http(503, None), http(502, None), http(500, None)]);
+        assert!(r.is_ok() && n == 4, "{r:?} after {n}");
+        let ms = |d: &Duration| d.as_millis() as u64;
+        assert!((250..500).contains(&ms(&slept[0])), "{slept:?}");
+        assert!((500..1000).contains(&ms(&slept[1])), "{slept:?}");
+        assert!((1000..2000).contains(&ms(&slept[2])), "{slept:?}");
+
+        // 429: as long as Retry-After says (clamped; 1 s without one), whatever the backoff.
+        let (r, _, slept) = run(vec![http(429, Some(7)), http(429, None), http(429, Some(900))]);
+        assert!(r.is_ok());
+        assert_eq!(slept, [Duration::from_secs(7), DEFAULT_RETRY_AFTER, MAX_RETRY_AFTER]);
+
+        // Four 429s in a row: rate limited, with the last wait asked; no sleep after the last.
+        let (r, n, slept) = run(vec![http(503, None), http(429, Some(5)), http(429, None), http(429, Some(3))]);
+        assert_eq!((n, slept.len()), (ATTEMPTS, ATTEMPTS - 1));
+        assert_eq!(slept[1..], [Duration::from_secs(5), DEFAULT_RETRY_AFTER]);
+        match r {
+            Err(e @ ClientError::RateLimited { .. }) => assert_eq!(e.retry_after(), Some(Duration::from_secs(3))),
+            other => panic!("{other:?}"),
+        }
+
+        // Spent on 5xx: the last error as it was.
+        let (r, n, _) = run((0..5).map(|_| http(503, None)).collect());
+        assert!(matches!(r, Err(ClientError::Http { status: 503, .. })) && n == ATTEMPTS, "{r:?}");
+
+        // Not transient: no retry, no wait.
+        let (r, n, slept) = run(vec![http(400, None), http(503, None)]);
+        assert!(matches!(r, Err(ClientError::Http { status: 400, .. })) && n == 1 && slept.is_empty(), "{r:?}");
+        let status = Err((ClientError::Status { path: "/x".into(), message: "no".into() }, None));
+        let (r, n, _) = run(vec![status]);
+        assert!(matches!(r, Err(ClientError::Status { .. })) && n == 1);
     }
 
     #[test]
@@ -345,7 +459,5 @@ mod tests {
         assert!(e(503).transient() && e(429).transient());
         assert!(!e(400).transient());
         assert!(!ClientError::Status { path: "/x".into(), message: "no".into() }.transient());
-        let b = backoff(2);
-        assert!(b >= Duration::from_millis(1000) && b <= Duration::from_millis(2000), "{b:?}");
     }
 }

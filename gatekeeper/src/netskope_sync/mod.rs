@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use serde_json::json;
 
 use self::client::{Client, ClientError};
@@ -32,6 +33,23 @@ use crate::control::{
 const COALESCE: Duration = Duration::from_millis(250);
 /// Longest wait between retries of failed pushes or syncs.
 const MAX_RETRY: Duration = Duration::from_secs(300);
+/// Waits after an app's failed pushes in a row: 1 s, 2 s, 4 s, ... up to [`MAX_RETRY`], for as
+/// long as it takes.
+const PUSH_RETRY: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_secs(1))
+    .with_factor(2.0)
+    .with_max_delay(MAX_RETRY)
+    .without_max_times();
+/// Waits after failed syncs in a row: 30 s, 1 min, 2 min, ... up to [`MAX_RETRY`] (and never
+/// longer than the sync interval).
+const SYNC_RETRY: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_secs(30))
+    .with_factor(2.0)
+    .with_max_delay(MAX_RETRY)
+    .without_max_times();
+
+/// The waits after failures in a row, one `next()` per failure.
+type Backoff = <ExponentialBuilder as BackoffBuilder>::Backoff;
 
 /// Starts the worker and connects it to the control state; pending pushes are picked up at once,
 /// and every acting app is reconciled (whatever happened while no worker ran). It stops when
@@ -50,12 +68,13 @@ struct Worker {
     /// Per app: the wanted hosts of its last successful push, so a change that does not alter
     /// them costs no request.
     pushed: BTreeMap<u64, BTreeSet<String>>,
-    /// Per app: failed pushes in a row, and when to try again.
-    failures: BTreeMap<u64, u32>,
+    /// Per app: the backoff through its failed pushes in a row, and when to try again.
+    failures: BTreeMap<u64, Backoff>,
     not_before: BTreeMap<u64, Instant>,
     /// After a 429: no request before this.
     quiet_until: Option<Instant>,
-    sync_failures: u32,
+    /// Set while syncs fail in a row.
+    sync_failures: Option<Backoff>,
 }
 
 /// Why a sync or a push failed.
@@ -90,7 +109,7 @@ impl Worker {
             failures: BTreeMap::new(),
             not_before: BTreeMap::new(),
             quiet_until: None,
-            sync_failures: 0,
+            sync_failures: None,
         }
     }
 
@@ -162,13 +181,12 @@ impl Worker {
         let interval = self.sync_interval();
         match r {
             Ok(_) => {
-                self.sync_failures = 0;
+                self.sync_failures = None;
                 Instant::now() + interval
             }
             Err(_) => {
-                self.sync_failures += 1;
-                let retry = Duration::from_secs(15 << self.sync_failures.min(5)).min(MAX_RETRY).min(interval);
-                Instant::now() + retry
+                let retry = self.sync_failures.get_or_insert_with(|| SYNC_RETRY.build()).next();
+                Instant::now() + retry.unwrap_or(MAX_RETRY).min(interval)
             }
         }
     }
@@ -299,10 +317,8 @@ impl Worker {
                 Err(e) => {
                     // Netskope may hold something else than our last success now: read it next time.
                     self.pushed.remove(&id);
-                    let n = self.failures.entry(id).or_default();
-                    *n += 1;
-                    let backoff = Duration::from_millis(500u64 << (*n).min(10)).min(MAX_RETRY);
-                    let wait = backoff.max(e.retry_after().unwrap_or_default());
+                    let backoff = self.failures.entry(id).or_insert_with(|| PUSH_RETRY.build()).next();
+                    let wait = backoff.unwrap_or(MAX_RETRY).max(e.retry_after().unwrap_or_default());
                     tracing::warn!(app_id = id, error = %e, retry_in_ms = wait.as_millis() as u64, "Netskope push failed; it stays pending");
                     self.not_before.insert(id, Instant::now() + wait);
                     if e.retry_after().is_some() {
@@ -433,5 +449,19 @@ fn row(action: &str, id: u64, old: Option<serde_json::Value>, new: Option<serde_
         name: Some(id.to_string()),
         old,
         new,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_the_cap_and_go_on() {
+        let secs = |b: ExponentialBuilder, n| b.build().take(n).map(|d| d.as_secs()).collect::<Vec<_>>();
+        assert_eq!(secs(PUSH_RETRY, 12), [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(secs(SYNC_RETRY, 7), [30, 60, 120, 240, 300, 300, 300]);
+        // Without an end: a push stays pending and is retried for as long as it takes.
+        assert_eq!(PUSH_RETRY.build().nth(10_000), Some(MAX_RETRY));
     }
 }
