@@ -249,7 +249,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
         a.tags.insert("reloaded".into(), Scalar::Str("yes".into()));
     }
     let path = dir.join("policy.yaml");
-    std::fs::write(&path, serde_yaml::to_string(&file)?)?;
+    std::fs::write(&path, serde_saphyr::to_string(&file)?)?;
     let file_bytes = std::fs::metadata(&path)?.len();
     drop(file);
     let reload = || -> anyhow::Result<(f64, f64)> {

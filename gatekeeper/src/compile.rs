@@ -1082,7 +1082,7 @@ rules:
                     applied.canonical(),
                     full.canonical(),
                     "seed {seed} step {step}: changed {changed:?}\n{}",
-                    serde_yaml::to_string(&doc).unwrap_or_default()
+                    serde_saphyr::to_string(&doc).unwrap_or_default()
                 );
                 // Only identities in use are kept.
                 let used: BTreeSet<u32> = applied.v4.values().chain(applied.v6.values()).map(|i| i.id).collect();

@@ -265,7 +265,7 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
             doc = random_policy(&mut rng, now);
             vec![]
         };
-        let yaml = serde_yaml::to_string(&doc).unwrap_or_default();
+        let yaml = serde_saphyr::to_string(&doc).unwrap_or_default();
         let policy =
             doc.validate("random").unwrap_or_else(|e| panic!("seed {seed}: generated policy invalid: {e}\n{yaml}"));
         if incremental {
@@ -388,7 +388,7 @@ fn fake_data_plane_matches_reference_model_on_flow_starts() {
     for seed in 0..POLICIES {
         let mut rng = fastrand::Rng::with_seed(seed);
         let doc = random_policy(&mut rng, now);
-        let yaml = serde_yaml::to_string(&doc).unwrap_or_default();
+        let yaml = serde_saphyr::to_string(&doc).unwrap_or_default();
         let policy = doc.validate("random").unwrap_or_else(|e| panic!("seed {seed}: invalid policy: {e}\n{yaml}"));
         let compiled = compiler.compile(&policy, now).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{yaml}"));
         let report = dp.apply(compiled.clone()).expect("the fake never fails");

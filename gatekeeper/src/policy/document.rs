@@ -95,7 +95,7 @@ pub struct RuleSpec {
 }
 
 /// A YAML/JSON scalar accepted where a string is meant (`floor: 3`, `ports: [502, "1-2"]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Scalar {
     Int(i64),
@@ -116,6 +116,45 @@ impl utoipa::PartialSchema for Scalar {
 }
 
 impl utoipa::ToSchema for Scalar {}
+
+/// What `#[serde(untagged)]` would read (an integer past `i64` is a float), without buffering
+/// each value first, and with an error that says what is accepted.
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
+            }
+            fn visit_i128<E>(self, v: i128) -> Result<Scalar, E> {
+                Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
+            }
+            fn visit_u128<E>(self, v: u128) -> Result<Scalar, E> {
+                Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
 
 impl fmt::Display for Scalar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -271,14 +310,31 @@ pub enum PolicyError {
 }
 
 impl PolicyDocument {
-    /// Parses YAML (JSON is YAML too). `source_name` names the input in errors.
+    /// Parses YAML (JSON is YAML too) within [`yaml_budget`]. `source_name` names the input in
+    /// errors; a parse error also names the path (`assets[3].ips[0]`), line and column.
     pub fn from_yaml(text: &str, source_name: &str) -> Result<Self, PolicyError> {
+        let syntax = |error: String| PolicyError::Syntax { source_name: source_name.to_string(), error };
+        if text.len() > MAX_DOCUMENT_BYTES {
+            return Err(syntax(format!("{} bytes; a policy document has at most {MAX_DOCUMENT_BYTES}", text.len())));
+        }
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        check_nesting(text).map_err(|error| PolicyError::Syntax { source_name: source_name.to_string(), error })?;
-        serde_yaml::from_str(text)
-            .map_err(|e| PolicyError::Syntax { source_name: source_name.to_string(), error: e.to_string() })
+        check_nesting(text).map_err(syntax)?;
+        // Tracking the path costs every document a few percent more parse time; only a failed
+        // one needs it, so that one is parsed again to name the entry and field at fault.
+        serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|first| {
+            let mut path = None;
+            let error = serde_saphyr::with_deserializer_from_str_with_options(text, yaml_options(), |de| {
+                serde_path_to_error::deserialize::<_, Self>(de).map_err(|e| {
+                    path = Some(e.path().to_string());
+                    e.into_inner()
+                })
+            })
+            .err()
+            .map_or_else(|| describe_yaml_error(&first, None), |e| describe_yaml_error(&e, path.as_deref()));
+            syntax(error)
+        })
     }
 
     pub fn validate(&self, source_name: &str) -> Result<Policy, PolicyError> {
@@ -295,6 +351,94 @@ impl PolicyDocument {
 /// How deep a document may nest. A policy is a few levels deep (list, object, tag map); a
 /// parser fed thousands of levels spends seconds to minutes on them, so they are refused first.
 pub const MAX_NESTING: usize = 32;
+/// The largest policy document: six times the bench's 100,000-asset file (10 MB), which is
+/// already more addresses than the data plane's default maps hold.
+pub const MAX_DOCUMENT_BYTES: usize = 64 << 20;
+/// Events one alias-free document of [`MAX_DOCUMENT_BYTES`] written like the bench's file has
+/// (1.6 M per 10 MB), with room; denser text (`[a,b,c]`) reaches it sooner.
+const MAX_YAML_EVENTS: usize = 16_000_000;
+/// Events replayed from aliases in all: an anchor may be shared, not multiplied into a bomb.
+pub const MAX_ALIAS_REPLAY: usize = 1_000_000;
+
+/// What parsing one policy document may cost before it is refused with a precise error.
+pub fn yaml_budget() -> Option<serde_saphyr::Budget> {
+    serde_saphyr::budget! {
+        max_events: MAX_YAML_EVENTS,
+        max_nodes: MAX_YAML_EVENTS,
+        max_total_scalar_bytes: MAX_DOCUMENT_BYTES,
+        max_depth: MAX_NESTING,
+        flow_nesting_limit: MAX_NESTING,
+        max_documents: 1,
+        // Many aliases of one anchor (a shared tag set) is legitimate; what an alias costs is
+        // bounded by the replay limit instead of this heuristic.
+        enforce_alias_anchor_ratio: false,
+    }
+}
+
+/// The parser's options: the budget, and the reading serde_yaml gave (YAML 1.2 booleans only,
+/// `0755` and `1_000` stay text, `.inf` is a number), so a stored tag never changes its text.
+/// Duplicate keys and merge keys (`<<`) are refused.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: yaml_budget(),
+        alias_limits: serde_saphyr::alias_limits! { max_total_replayed_events: MAX_ALIAS_REPLAY },
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        merge_keys: serde_saphyr::MergeKeyPolicy::Error,
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        underscored_numbers_as_strings: true,
+        non_finite_float_policy: serde_saphyr::options::NonFiniteFloatPolicy::PassThrough,
+        with_snippet: false,
+    }
+}
+
+/// One line: `path: what at line L, column C`. Budget breaches say which limit, in our terms.
+fn describe_yaml_error(e: &serde_saphyr::Error, path: Option<&str>) -> String {
+    use serde_saphyr::{Error, budget::BudgetBreach};
+    // An error inside an alias's replay is wrapped; the limit that tripped is the cause.
+    let mut cause = e.without_snippet();
+    while let Error::AliasError { error, .. } = cause {
+        cause = error.without_snippet();
+    }
+    let budget = match cause {
+        Error::Budget { breach: BudgetBreach::Depth { .. }, .. } => {
+            Some(format!("nested deeper than {MAX_NESTING} levels"))
+        }
+        Error::Budget { breach: BudgetBreach::Events { .. } | BudgetBreach::Nodes { .. }, .. } => {
+            Some(format!("over the parse budget: more than {MAX_YAML_EVENTS} YAML events"))
+        }
+        Error::Budget { breach: BudgetBreach::ScalarBytes { .. }, .. } => {
+            Some(format!("over the parse budget: more than {MAX_DOCUMENT_BYTES} bytes of values"))
+        }
+        Error::Budget { breach: BudgetBreach::Documents { .. }, .. } => {
+            Some("more than one YAML document (`---`); a policy is one".into())
+        }
+        Error::Budget { breach, .. } => Some(format!("over the parse budget: {breach:?}")),
+        Error::AliasReplayLimitExceeded { .. } | Error::AliasExpansionLimitExceeded { .. } => Some(format!(
+            "over the parse budget: aliases expand to more than {MAX_ALIAS_REPLAY} events (an alias bomb?)"
+        )),
+        Error::AliasReplayStackDepthExceeded { max_depth, .. } => {
+            Some(format!("over the parse budget: aliases nest deeper than {max_depth}"))
+        }
+        _ => None,
+    };
+    let message = match budget {
+        Some(m) => match e.location() {
+            Some(l) => format!("{m} at line {}, column {}", l.line(), l.column()),
+            None => m,
+        },
+        None => e.render_with_options(serde_saphyr::render_options! {
+            formatter: &serde_saphyr::UserMessageFormatter,
+            snippets: serde_saphyr::SnippetMode::Off,
+        }),
+    };
+    // serde_path_to_error writes `?` for a key it could not name (a duplicate) and `.` for the root.
+    let path = path.map(|p| p.trim_end_matches('?').trim_end_matches('.')).filter(|p| !p.is_empty());
+    match path {
+        Some(p) => format!("{p}: {message}"),
+        None => message,
+    }
+}
 
 /// Refuses text nesting deeper than [`MAX_NESTING`], in flow (`[`, `{`) or block (indentation)
 /// style, in one pass and before any parsing. Quoted strings and comments do not count.
@@ -331,8 +475,22 @@ fn check_nesting(text: &str) -> Result<(), String> {
 /// Reads, parses and validates a policy file: the document as written and its validated form.
 /// Errors name the file, and each problem its entry and field.
 pub fn read_file(path: &Path) -> Result<(PolicyDocument, Policy), PolicyError> {
+    use std::io::Read;
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Read { source_name: name.clone(), error })?;
+    let read_error = |error| PolicyError::Read { source_name: name.clone(), error };
+    // A file past the limit is refused by its first byte over it, without reading the rest.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_DOCUMENT_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(read_error)?;
+    if bytes.len() > MAX_DOCUMENT_BYTES {
+        return Err(PolicyError::Syntax {
+            source_name: name.clone(),
+            error: format!("more than {MAX_DOCUMENT_BYTES} bytes; a policy document has at most that"),
+        });
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     let doc = PolicyDocument::from_yaml(&text, &name)?;
     let policy = doc.validate(&name)?;
     Ok((doc, policy))
@@ -649,6 +807,126 @@ rules:
         // Brackets in strings and comments are text, and a real policy passes.
         let fine = "assets:\n  - {name: a, ips: [10.0.0.1], description: \"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"} # [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\n";
         assert_eq!(PolicyDocument::from_yaml(fine, "t").unwrap().assets.len(), 1);
+    }
+
+    /// The one-line error `from_yaml` gives for `yaml`.
+    fn syntax_error(yaml: &str) -> String {
+        match PolicyDocument::from_yaml(yaml, "t.yaml") {
+            Err(e @ PolicyError::Syntax { .. }) => e.to_string(),
+            other => panic!("not a syntax error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_line_and_column() {
+        let e = syntax_error("segments:\n  - {name: s, cidrs: [10.0.0.0/8]}\nrules:\n  - {name: a, from: x\n");
+        assert!(e.starts_with("t.yaml: "), "{e}");
+        assert!(e.contains("unclosed bracket '{' at line 4, column 5"), "{e}");
+        let e = syntax_error("assets:\n  - name: a\n   ips: [10.0.0.1]\n");
+        assert!(e.contains("line 3, column"), "{e}");
+        assert!(!e.contains('\n'), "one line, no snippet: {e}");
+    }
+
+    #[test]
+    fn a_type_error_names_entry_field_and_line() {
+        let e = syntax_error("assets:\n  - name: a\n  - name: b\n    ips:\n      - 10.0.0.1\n      - {v4: 10.0.0.2}\n");
+        assert!(e.starts_with("t.yaml: assets[1].ips[1]: "), "{e}");
+        assert!(e.contains("at line 6, column 9"), "{e}");
+        let e = syntax_error("rules:\n  - {name: r, from: any, to: any, protocol: tcp, ports: [502, [1, 2]]}\n");
+        assert!(e.starts_with("t.yaml: rules[0].ports[1]: "), "{e}");
+        assert!(e.contains("a string, number or boolean") && e.contains("line 2, column"), "{e}");
+        let e = syntax_error("assets:\n  - name: a\n    tags: {site: [x]}\n");
+        assert!(e.starts_with("t.yaml: assets[0].tags.site: ") && e.contains("line 3"), "{e}");
+        let e = syntax_error("rules:\n  - {name: r, from: any, to: any, expires: tomorrow}\n");
+        assert!(e.starts_with("t.yaml: rules[0].expires: ") && e.contains("line 2"), "{e}");
+        let e = syntax_error("assets:\n  - ips: [10.0.0.1]\n");
+        assert!(e.contains("assets[0]: missing field `name` at line 2"), "{e}");
+        // A port out of range is the validator's: entry and field, every one reported.
+        assert_eq!(
+            problems("rules:\n  - {name: r, from: any, to: any, protocol: tcp, ports: [70000]}\n"),
+            ["rules[0] \"r\": ports: 70000 is not a port (0-65535)"]
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let e = syntax_error("assets:\n  - name: a\n    ips: [10.0.0.1]\n    name: b\n");
+        assert!(e.contains("assets[0]: duplicate mapping key `name`") && e.contains("line 4"), "{e}");
+        let e = syntax_error("assets:\n  - {name: a, tags: {site: x, site: y}}\n");
+        assert!(e.contains("duplicate mapping key `site`") && e.contains("line 2"), "{e}");
+        let e = syntax_error("rules: []\nassets: []\nrules: []\n");
+        assert!(e.contains("duplicate mapping key `rules`") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_by_the_budget() {
+        // One anchor of 1,000 addresses replayed 1,100 times: 1.1 M events from 30 KB.
+        let ips: Vec<String> = (0..1000).map(|i| format!("10.0.{}.{}", i / 256, i % 256)).collect();
+        let mut bomb = format!("assets:\n  - name: a0\n    ips: &ips [{}]\n", ips.join(", "));
+        for i in 1..=1100 {
+            bomb += &format!("  - {{name: a{i}, ips: *ips}}\n");
+        }
+        let e = syntax_error(&bomb);
+        assert!(e.contains(&format!("aliases expand to more than {MAX_ALIAS_REPLAY} events")), "{e}");
+        assert!(e.contains("at line "), "{e}");
+        // The classic nested bomb cannot even start: a list is no address.
+        let mut laughs = "assets:\n  - {name: a, ips: &a [x, x, x, x, x, x, x, x, x, x]}\n".to_string();
+        for (i, (prev, next)) in
+            ["a", "b", "c", "d", "e", "f", "g", "h"].iter().zip(["b", "c", "d", "e", "f", "g", "h", "i"]).enumerate()
+        {
+            laughs += &format!("  - {{name: l{i}, ips: &{next} [{}]}}\n", vec![format!("*{prev}"); 10].join(", "));
+        }
+        assert!(syntax_error(&laughs).contains("assets[1].ips[0]: "), "refused at the first replay");
+        // Sharing an anchor is not a bomb: 2,000 assets with one tag set.
+        let mut shared = "assets:\n  - {name: a0, tags: &plant {site: plant-1, role: plc}}\n".to_string();
+        for i in 1..2000 {
+            shared += &format!("  - {{name: a{i}, tags: *plant}}\n");
+        }
+        let p = PolicyDocument::from_yaml(&shared, "t").unwrap().validate("t").unwrap();
+        assert_eq!((p.assets.len(), p.assets[1999].tags["site"].as_str()), (2000, "plant-1"));
+    }
+
+    #[test]
+    fn depth_size_and_documents_have_limits() {
+        // Nesting the text check lets through is read as it streams: refused at its first level,
+        // the rest never parsed.
+        let e = syntax_error(&format!("assets:\n  - name: a\n    tags: {{x: {}{}}}\n", "[".repeat(30), "]".repeat(30)));
+        assert!(e.contains("assets[0].tags.x: invalid type: sequence") && e.contains("line 3, column 12"), "{e}");
+        let e = syntax_error(&format!("{}\nassets: []\n", " ".repeat(MAX_DOCUMENT_BYTES)));
+        assert!(e.contains(&format!("a policy document has at most {MAX_DOCUMENT_BYTES}")), "{e}");
+        let e = syntax_error("assets: []\n---\nrules: []\n");
+        assert!(e.contains("more than one YAML document (`---`)") && e.contains("line 2, column 1"), "{e}");
+        assert!(syntax_error("assets:\n  - {name: a, <<: {ips: [10.0.0.1]}}\n").contains("merge key"));
+        // A file over the limit is refused without being read whole (a sparse file: no disk).
+        let path = std::env::temp_dir().join(format!("gk-policy-huge-{}.yaml", std::process::id()));
+        std::fs::File::create(&path).and_then(|f| f.set_len(MAX_DOCUMENT_BYTES as u64 * 16)).unwrap();
+        let e = read_file(&path).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(e.contains(&format!("more than {MAX_DOCUMENT_BYTES} bytes")) && e.contains("gk-policy-huge"), "{e}");
+    }
+
+    #[test]
+    fn scalars_read_as_yaml_1_2_and_stay_text() {
+        // YAML 1.1 words are not booleans, and numbers keep their spelling where it carries.
+        let d = PolicyDocument::from_yaml(
+            "assets:\n  - {name: a, tags: {a: yes, b: on, c: 010, d: 1_000, e: 0x10, f: True, g: 1.5, h: 9223372036854775808}}\n",
+            "t",
+        )
+        .unwrap();
+        let tags: Vec<String> = d.assets[0].tags.values().map(ToString::to_string).collect();
+        assert_eq!(tags, ["yes", "on", "010", "1_000", "16", "true", "1.5", "9223372036854776000"]);
+        let d =
+            PolicyDocument::from_yaml("rules:\n  - {name: r, from: any, to: any, ports: [502, \"1-2\", true]}\n", "t")
+                .unwrap();
+        assert_eq!(d.rules[0].ports, [Scalar::Int(502), Scalar::Str("1-2".into()), Scalar::Bool(true)]);
+        // What the serializer writes reads back the same, strings that look like numbers included.
+        let text = serde_saphyr::to_string(&d).unwrap();
+        assert_eq!(PolicyDocument::from_yaml(&text, "t").unwrap(), d, "{text}");
+        let tagged = PolicyDocument::from_yaml(
+            &serde_saphyr::to_string(&PolicyDocument::from_yaml(SAMPLE, "t").unwrap()).unwrap(),
+            "t",
+        );
+        assert_eq!(tagged.unwrap(), PolicyDocument::from_yaml(SAMPLE, "t").unwrap());
     }
 
     #[test]

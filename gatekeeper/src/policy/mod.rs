@@ -2,8 +2,9 @@
 //! here), tag [`selector`]s, segment [`membership`], the [`reference`] model of the data-plane
 //! semantics, and the [`diff`] between two documents.
 //!
-//! Pure: std, serde, ipnet, chrono and the constants of `gatekeeper-common`; no aya, no axum,
-//! no store. Everything above (compiler, data plane, control, edges) builds on it.
+//! Pure: std, serde (YAML through serde-saphyr), ipnet, chrono and the constants of
+//! `gatekeeper-common`; no aya, no axum, no store. Everything above (compiler, data plane,
+//! control, edges) builds on it.
 
 pub mod diff;
 pub mod document;
