@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
+    git_revision();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("gatekeeper crate has no parent directory")?
@@ -16,4 +17,23 @@ fn main() -> anyhow::Result<()> {
         aya_build::Toolchain::default(),
     )
     .context("building the XDP program (run `cargo xtask setup` if nightly rust-src or bpf-linker is missing)")
+}
+
+/// `GK_GIT_REV` for `gatekeeper --version`: the short commit built, or "unknown" outside git.
+fn git_revision() {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git").args(args).output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    };
+    let rev = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=GK_GIT_REV={rev}");
+    // Rerun on a new commit: it moves HEAD itself (detached) or the branch HEAD names (a loose
+    // ref, or one in packed-refs). Only existing files: cargo reruns on every build for a missing one.
+    let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+    for name in ["HEAD".to_string(), "packed-refs".to_string()].into_iter().chain(branch) {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]).filter(|p| std::path::Path::new(p).exists()) {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
 }

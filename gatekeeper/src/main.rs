@@ -2,45 +2,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use chrono::Utc;
-use clap::{Parser, Subcommand};
 use gatekeeper::{
+    cli::{Command, write_stderr, write_stdout},
     compile::{Capacity, Compiler, Timeouts},
     config::Config,
     policy,
 };
-
-#[derive(Parser)]
-#[command(name = "gatekeeper", version, about = "Agentless microsegmentation gatekeeper for OT networks")]
-struct Cli {
-    #[command(flatten)]
-    connection: gatekeeper::cli::Connection,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Attach to the bridge ports and enforce the policy (SIGHUP reloads; SIGTERM stops, enforcement stays).
-    Run {
-        #[arg(long, short, default_value = "/etc/gatekeeper/gatekeeper.toml")]
-        config: PathBuf,
-        /// Detach from the interfaces and remove the pins on exit (default: enforcement stays).
-        #[arg(long)]
-        detach_on_exit: bool,
-    },
-    /// Remove gatekeeper's programs, links and pins (for maintenance; stop the daemon first).
-    Detach {
-        #[arg(long, short, default_value = "/etc/gatekeeper/gatekeeper.toml")]
-        config: PathBuf,
-        /// The pin directory, instead of reading it from the configuration.
-        #[arg(long)]
-        pin_dir: Option<PathBuf>,
-    },
-    /// Validate a policy file without touching the data plane.
-    Check { file: PathBuf },
-    #[command(flatten)]
-    Client(gatekeeper::cli::ClientCommand),
-}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -50,17 +17,19 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Client(cmd) => return gatekeeper::cli::run(&cli.connection, cmd),
-        Command::Run { config, detach_on_exit } => run(config, detach_on_exit),
-        Command::Detach { config, pin_dir } => detach(config, pin_dir),
-        Command::Check { file } => check(file),
+    // The parser is the library's, so that `cargo xtask docs` generates completions from it.
+    let parsed = gatekeeper::cli::parse();
+    let result = match (parsed.command, parsed.connection) {
+        (Command::Client(cmd), Some(connection)) => return gatekeeper::cli::run(&connection, cmd),
+        (Command::Client(_), None) => Err(anyhow::anyhow!("internal: a client command without its connection")),
+        (Command::Run { config, detach_on_exit }, _) => run(config, detach_on_exit),
+        (Command::Detach { config, pin_dir }, _) => detach(config, pin_dir),
+        (Command::Check { file }, _) => check(file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            write_stderr(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -79,13 +48,28 @@ fn detach(config: PathBuf, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
         None => Config::load(&config)?.dataplane.pin_dir,
     };
     gatekeeper::dataplane::remove_pins(&dir).map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display()))?;
-    println!("removed gatekeeper's pins under {}; programs whose daemon has exited are detached", dir.display());
+    write_stdout(&format!(
+        "removed gatekeeper's pins under {}; programs whose daemon has exited are detached",
+        dir.display()
+    ))?;
     Ok(())
 }
 
+/// Reads and validates the policy at `file` (`-`: standard input).
+fn read_policy(file: &std::path::Path) -> Result<policy::Policy, policy::PolicyError> {
+    if file.as_os_str() != "-" {
+        return policy::read_file(file).map(|(_, p)| p);
+    }
+    const NAME: &str = "<stdin>";
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .map_err(|error| policy::PolicyError::Read { source_name: NAME.into(), error })?;
+    policy::PolicyDocument::from_yaml(&text, NAME)?.validate(NAME)
+}
+
 fn check(file: PathBuf) -> anyhow::Result<()> {
-    let policy = match policy::read_file(&file) {
-        Ok((_, p)) => p,
+    let policy = match read_policy(&file) {
+        Ok(p) => p,
         // One problem per line: a file can have many.
         Err(policy::PolicyError::Invalid { source_name, problems }) => {
             anyhow::bail!(
@@ -98,9 +82,9 @@ fn check(file: PathBuf) -> anyhow::Result<()> {
     };
     let compiled = Compiler::new(Timeouts::default(), Capacity::default()).compile(&policy, Utc::now())?;
     let live = policy.rules.iter().filter(|r| r.live(Utc::now())).count();
-    println!(
-        "{}: OK: {} assets, {} segments, {} rules ({} expired); {} prefixes, {} identities, {} policy entries",
-        file.display(),
+    let name = if file.as_os_str() == "-" { "<stdin>".into() } else { file.display().to_string() };
+    write_stdout(&format!(
+        "{name}: OK: {} assets, {} segments, {} rules ({} expired); {} prefixes, {} identities, {} policy entries",
         policy.assets.len(),
         policy.segments.len(),
         policy.rules.len(),
@@ -108,6 +92,6 @@ fn check(file: PathBuf) -> anyhow::Result<()> {
         compiled.v4.len() + compiled.v6.len(),
         compiled.identities.len(),
         compiled.policy.len(),
-    );
+    ))?;
     Ok(())
 }

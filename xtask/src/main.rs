@@ -3,6 +3,7 @@
 //! Each command first runs the set-up it needs (idempotent; skipped when already done), so a
 //! fresh machine needs nothing but `cargo xtask demo` or `cargo xtask test`.
 mod demo;
+mod docs;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -47,6 +48,12 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
+    /// Write the gatekeeper shell completions (bash, zsh, fish, elvish) and man pages.
+    Docs {
+        /// Directory to write `completions/` and `man/` into.
+        #[arg(long, default_value = "target/docs")]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +64,7 @@ fn main() -> ExitCode {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo::run(),
         Cmd::Bench { compare, only, smoke } => bench(compare, only, smoke),
+        Cmd::Docs { out } => docs::run(&out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
