@@ -22,6 +22,26 @@ pub struct Config {
     pub api: Option<ApiConfig>,
     /// Netskope One private apps follow segment membership (also settable through the API).
     pub netskope: Option<NetskopeConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// How the daemon logs (to stderr); `GATEKEEPER_LOG_FORMAT` overrides `format`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -287,6 +307,23 @@ mod tests {
         assert!(!c.dataplane.ephemeral);
         let c = Config::parse("[dataplane]\ninterfaces = [\"eth1\"]\nephemeral = true\n", "c.toml").unwrap();
         assert!(c.dataplane.ephemeral);
+    }
+
+    #[test]
+    fn the_log_section_picks_the_format() {
+        let base = "[dataplane]\ninterfaces = [\"eth1\"]\n";
+        assert_eq!(Config::parse(base, "c.toml").unwrap().log.format, LogFormat::Text);
+        for (section, want) in [("format = \"text\"", LogFormat::Text), ("format = \"json\"", LogFormat::Json)] {
+            let c = Config::parse(&format!("{base}[log]\n{section}\n"), "c.toml").unwrap();
+            assert_eq!(c.log.format, want, "{section}");
+        }
+        for (section, want) in [
+            ("format = \"JSON\"", "unknown variant `JSON`, expected `text` or `json`"),
+            ("level = \"debug\"", "unknown field `level`"),
+        ] {
+            let e = Config::parse(&format!("{base}[log]\n{section}\n"), "c.toml").unwrap_err().to_string();
+            assert!(e.starts_with("c.toml: ") && e.contains(want), "{section}: {e}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! 5. Edges, which never import each other: [`api`] (REST, with its Netskope routes), [`cli`],
 //!    [`metrics`], [`netskope_sync`] (the worker talking to Netskope).
 //! 6. The daemon wiring: [`daemon`] and its [`config`], the only modules that read the
-//!    configuration and start the edges.
+//!    configuration and start the edges; [`logging`], the process's log set-up.
 pub mod api;
 pub mod cli;
 pub mod compile;
@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod logging;
 pub mod metrics;
 pub mod netskope_sync;
 pub mod policy;

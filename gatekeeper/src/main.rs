@@ -10,15 +10,15 @@ use gatekeeper::{
 };
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GATEKEEPER_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
     // The parser is the library's, so that `cargo xtask docs` generates completions from it.
     let parsed = gatekeeper::cli::parse();
+    // `run` sets up its log once it has read the configuration, which may choose the format.
+    if !matches!(parsed.command, Command::Run { .. })
+        && let Err(e) = gatekeeper::logging::init(gatekeeper::config::LogFormat::Text)
+    {
+        eprintln!("error: {:#}", anyhow::Error::from(e));
+        return ExitCode::FAILURE;
+    }
     let result = match (parsed.command, parsed.connection) {
         (Command::Client(cmd), Some(connection)) => return gatekeeper::cli::run(&connection, cmd),
         (Command::Client(_), None) => Err(anyhow::anyhow!("internal: a client command without its connection")),
@@ -37,6 +37,7 @@ fn main() -> ExitCode {
 
 fn run(config: PathBuf, detach_on_exit: bool) -> anyhow::Result<()> {
     let mut config = Config::load(&config)?;
+    gatekeeper::logging::init(config.log.format)?;
     config.dataplane.detach_on_exit |= detach_on_exit;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(gatekeeper::daemon::run(config))

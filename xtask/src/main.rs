@@ -2,7 +2,9 @@
 //!
 //! Each command first runs the set-up it needs (idempotent; skipped when already done), so a
 //! fresh machine needs nothing but `cargo xtask demo` or `cargo xtask test`.
+mod deb;
 mod demo;
+mod deny;
 mod docs;
 mod setup;
 
@@ -33,6 +35,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (target/debian/gatekeeper_*.deb) with cargo-deb.
+    Deb,
     /// Build a lab bridge with OT hosts, enforce a sample policy and show what is allowed and blocked.
     Demo,
     /// Measure per-packet cost, bridge throughput against nftables and policy apply time; writes
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::all(),
         Cmd::Build { release } => setup::all().and_then(|()| build(release)),
         Cmd::Test { args } => test(&args),
+        Cmd::Deb => deb::command(),
         Cmd::Demo => demo::run(),
         Cmd::Bench { compare, only, smoke } => bench(compare, only, smoke),
         Cmd::Docs { out } => docs::run(&out),
@@ -123,9 +128,13 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if !cargo().args(["fmt", "--all", "--check"]).status().is_ok_and(|s| s.success()) {
         bail!("the code is not formatted: run `cargo fmt --all`");
     }
+    deny::check()?;
     build(false)?;
+    // tests/tests/deb.rs installs it into a clean Debian root.
+    let deb = deb::build()?;
     step("Running every test (unit, differential against the reference model, lab with real traffic)");
-    let (mut passed, mut failed, mut ok) = cargo_test(args, &[])?;
+    let deb = deb.to_string_lossy();
+    let (mut passed, mut failed, mut ok) = cargo_test(args, &[("GATEKEEPER_DEB", &deb)])?;
     if args.is_empty() {
         // As root the API, TLS and Netskope tests run over the XDP program; run them once more
         // over the in-memory data plane, as they run for a developer without root.

@@ -16,6 +16,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft, the baseline the benchmark compares against"),
     ("procps", "sysctl, for the benchmark lab"),
     ("ca-certificates", "the system's roots, which the Netskope client trusts for HTTPS"),
+    ("dpkg-dev", "dpkg-shlibdeps, with which cargo-deb finds the package's library dependencies"),
+    ("mmdebstrap", "a clean Debian root, into which the package test installs the .deb"),
+];
+
+/// Cargo tools installed with `cargo install --locked`, as (crate, version, why); each of these
+/// versions builds on the project's rustc (1.95).
+const CARGO_TOOLS: &[(&str, &str, &str)] = &[
+    ("cargo-deny", "0.20.2", "advisories, licences, duplicate and source checks in `cargo xtask test`"),
+    ("cargo-deb", "3.8.0", "`cargo xtask deb` and the package test"),
 ];
 
 pub fn all() -> anyhow::Result<()> {
@@ -23,6 +32,7 @@ pub fn all() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     packages()?;
+    cargo_tools()?;
     Ok(())
 }
 
@@ -104,6 +114,21 @@ fn bpf_linker() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix))?;
     if output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])).is_none() {
         bail!("bpf-linker was installed but does not run");
+    }
+    Ok(())
+}
+
+/// Installs each of [`CARGO_TOOLS`] that is missing or at another version.
+fn cargo_tools() -> anyhow::Result<()> {
+    for (krate, version, why) in CARGO_TOOLS {
+        let subcommand = krate.trim_start_matches("cargo-");
+        // Both print `<name> <version>` (cargo-deb: `cargo-deb 3.8.0`, cargo-deny: `cargo-deny 0.20.2`).
+        let found = output(Command::new("cargo").args([subcommand, "--version"])).unwrap_or_default();
+        if found.split_whitespace().nth(1) == Some(*version) {
+            continue;
+        }
+        step(&format!("Installing {krate} {version} ({why}; a few minutes)"));
+        run(Command::new("cargo").args(["install", "--locked", krate, "--version", version]))?;
     }
     Ok(())
 }
