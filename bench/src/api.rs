@@ -132,7 +132,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
     let control = Handle::new(control);
     let t = Instant::now();
     let doc = document(assets, segments, rules);
-    control.lock().change(doc.clone(), "bench", "apply", false)?;
+    control.lock().change(doc.clone(), &"bench".into(), "apply", false)?;
     progress(&format!("  loaded through the API path in {:.2} s", t.elapsed().as_secs_f64()));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
@@ -230,7 +230,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Api> {
                     ..RuleSpec::default()
                 });
             }
-            control.lock().change(next, "bench", "apply", false)?;
+            control.lock().change(next, &"bench".into(), "apply", false)?;
         }
         Ok(t.elapsed().as_secs_f64() * 1e3 / f64::from(applies))
     })?;

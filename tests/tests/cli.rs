@@ -56,7 +56,9 @@ impl Server {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let r = http_router(&control, &Tokens { admin: Some(ADMIN.into()), reader: None }).unwrap();
+        let r =
+            http_router(&control, &Tokens::admin_reader(Some(ADMIN), None), gatekeeper::config::DEFAULT_MAX_BODY_BYTES)
+                .unwrap();
         rt.spawn(async move { gatekeeper::api::serve::serve(listener, None, r).await });
         Self { url, dir, token, _rt: rt }
     }
