@@ -310,6 +310,24 @@ mod tests {
     }
 
     #[test]
+    fn named_tokens_and_the_body_limit_parse() {
+        let c = Config::parse(
+            "[dataplane]\ninterfaces = [\"eth1\"]\n[api]\nadmin_token_file = \"/a\"\nmax_body_bytes = 1048576\n\
+             [[api.tokens]]\nname = \"alice@ops\"\nrole = \"admin\"\nfile = \"/t/alice\"\n\
+             [[api.tokens]]\nname = \"grafana\"\nrole = \"reader\"\nfile = \"/t/grafana\"\n",
+            "c.toml",
+        )
+        .unwrap();
+        let api = c.api.unwrap();
+        assert_eq!(api.max_body_bytes, 1 << 20);
+        assert_eq!(api.tokens.len(), 2);
+        assert_eq!((api.tokens[0].name.as_str(), api.tokens[0].role), ("alice@ops", Role::Admin));
+        assert_eq!((api.tokens[1].name.as_str(), api.tokens[1].role), ("grafana", Role::Reader));
+        let c = Config::parse("[dataplane]\ninterfaces = [\"eth1\"]\n[api]\n", "c.toml").unwrap();
+        assert_eq!(c.api.unwrap().max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    #[test]
     fn the_log_section_picks_the_format() {
         let base = "[dataplane]\ninterfaces = [\"eth1\"]\n";
         assert_eq!(Config::parse(base, "c.toml").unwrap().log.format, LogFormat::Text);
@@ -349,6 +367,23 @@ mod tests {
                 "[dataplane]\ninterfaces = [\"a\"]\n[netskope]\ntenant_url = \"https://a.goskope.com\"\n",
                 "missing field `token_file`",
             ),
+            (
+                "[dataplane]\ninterfaces = [\"a\"]\n[api]\nadmin_token_file = \"/a\"\n[[api.tokens]]\nname = \"admin\"\nrole = \"reader\"\nfile = \"/b\"\n",
+                "[[api.tokens]] 0: name \"admin\" is used twice",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"a\"]\n[api]\n[[api.tokens]]\nname = \"daemon\"\nrole = \"admin\"\nfile = \"/b\"\n",
+                "is what the daemon records its own changes as",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"a\"]\n[api]\n[[api.tokens]]\nname = \"al ice\"\nrole = \"admin\"\nfile = \"/b\"\n",
+                "name \"al ice\" must be 1 to 64 letters",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"a\"]\n[api]\n[[api.tokens]]\nname = \"alice\"\nrole = \"root\"\nfile = \"/b\"\n",
+                "unknown variant `root`",
+            ),
+            ("[dataplane]\ninterfaces = [\"a\"]\n[api]\nmax_body_bytes = 10\n", "max_body_bytes: 10 is too small"),
         ] {
             let e = Config::parse(text, "c.toml").unwrap_err().to_string();
             assert!(e.starts_with("c.toml: ") && e.contains(want), "{text:?}: {e}");

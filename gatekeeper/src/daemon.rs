@@ -319,3 +319,47 @@ fn log_applied(reason: &str, control: &Control, report: ApplyReport) {
         "applied policy"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_tokens_are_read_from_their_files() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("gk-daemon-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = |name: &str, text: &str, mode: u32| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p.display().to_string()
+        };
+        let admin = secret("admin", "admin-token-0123456789\n", 0o600);
+        let alice = secret("alice", "alice-token-0123456789", 0o600);
+        let config = |alice_file: &str| {
+            Config::parse(
+                &format!(
+                    "[dataplane]\ninterfaces = [\"eth1\"]\n[api]\nadmin_token_file = \"{admin}\"\n\
+                     [[api.tokens]]\nname = \"alice\"\nrole = \"reader\"\nfile = \"{alice_file}\"\n"
+                ),
+                "c.toml",
+            )
+            .unwrap()
+        };
+        let tokens = api_tokens(&config(&alice)).unwrap().unwrap();
+        let named: Vec<_> = tokens.0.iter().map(|t| (t.name.as_str(), t.role, t.secret.as_str())).collect();
+        assert_eq!(
+            named,
+            [("admin", Role::Admin, "admin-token-0123456789"), ("alice", Role::Reader, "alice-token-0123456789")]
+        );
+        let open = secret("open", "open-token-0123456789", 0o644);
+        let e = api_tokens(&config(&open)).unwrap_err().to_string();
+        assert!(e.contains("[[api.tokens]] alice: file") && e.contains("make it 0600"), "{e}");
+        let same = secret("same", "admin-token-0123456789", 0o600);
+        let e = api_tokens(&config(&same)).unwrap_err().to_string();
+        assert!(e.contains("are the same token"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

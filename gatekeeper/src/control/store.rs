@@ -740,4 +740,66 @@ mod tests {
         assert_eq!(audit[1].new.as_ref().unwrap()["tags"]["role"], "hmi");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A store written before the schema was versioned (user_version 0, credentials keyed by
+    /// role, no audit address) opens, keeps everything, and is upgraded in place; a store from
+    /// a newer gatekeeper is refused.
+    #[test]
+    fn a_store_of_the_previous_schema_is_upgraded() {
+        let dir = std::env::temp_dir().join(format!("gk-store-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        {
+            let old = rusqlite::Connection::open(&path).unwrap();
+            // The tables exactly as gatekeeper created them before schema versions.
+            old.execute_batch(
+                "CREATE TABLE objects (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
+                     name TEXT NOT NULL, spec TEXT NOT NULL, UNIQUE (kind, name));
+                 CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL,
+                     actor TEXT NOT NULL, action TEXT NOT NULL, kind TEXT, name TEXT, old TEXT, new TEXT);
+                 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 CREATE TABLE credentials (role TEXT PRIMARY KEY, sha256 TEXT NOT NULL,
+                     source TEXT NOT NULL, updated TEXT NOT NULL);
+                 CREATE TABLE netskope_apps (app_id INTEGER PRIMARY KEY, record TEXT NOT NULL);
+                 CREATE TABLE netskope_pending (app_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL,
+                     reason TEXT NOT NULL, since TEXT NOT NULL);
+                 INSERT INTO objects (kind, name, spec) VALUES
+                     ('asset', 'plc-1', '{\"name\":\"plc-1\",\"ips\":[\"10.0.0.11\"],\"tags\":{\"role\":\"plc\"}}');
+                 INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES
+                     ('2026-11-01T00:00:00+00:00', 'admin', 'put asset', 'asset', 'plc-1', NULL, '{}');
+                 INSERT INTO credentials (role, sha256, source, updated) VALUES
+                     ('admin', 'abc123', '/etc/gatekeeper/admin.token', '2026-11-01T00:00:00+00:00');",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&path).expect("the old store opens");
+        let doc = s.load().unwrap();
+        assert_eq!(doc.assets.len(), 1);
+        assert_eq!(doc.assets[0].name, "plc-1");
+        let audit = s.audit(10).unwrap();
+        assert_eq!((audit[0].actor.as_str(), audit[0].address.as_deref()), ("admin", None));
+        assert_eq!(s.credentials().unwrap(), vec![("admin".into(), "admin".into(), "abc123".into())]);
+        let version: usize = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // The upgraded store takes new rows with addresses, and named credentials.
+        let alice = Actor { name: "alice".into(), address: Some("192.0.2.9".parse().unwrap()) };
+        s.commit(&changes(&doc, &PolicyDocument::default()), &alice, "apply").unwrap();
+        assert_eq!(s.audit(1).unwrap()[0].address.as_deref(), Some("192.0.2.9"));
+        assert!(s.set_credential("alice", "admin", "def456", "/etc/gatekeeper/alice.token").unwrap());
+        s.retain_credentials(&["alice"]).unwrap();
+        assert_eq!(s.credentials().unwrap(), vec![("alice".into(), "admin".into(), "def456".into())]);
+        drop(s);
+        // Opening again changes nothing.
+        assert_eq!(Store::open(&path).unwrap().audit(100).unwrap().len(), audit.len() + 3);
+
+        // A store of a newer schema is refused, untouched.
+        rusqlite::Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
+        match Store::open(&path) {
+            Err(e @ StoreError::TooNew { found: 99, .. }) => assert!(e.to_string().contains("newer"), "{e}"),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a store of schema 99 opened"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -377,7 +377,9 @@ pub fn yaml_budget() -> Option<serde_saphyr::Budget> {
 
 /// The parser's options: the budget, and the reading serde_yaml gave (YAML 1.2 booleans only,
 /// `0755` and `1_000` stay text, `.inf` is a number), so a stored tag never changes its text.
-/// Duplicate keys and merge keys (`<<`) are refused.
+/// Duplicate keys and merge keys (`<<`) are refused, and so is an unquoted boolean, number or
+/// null where text is meant (`name: false`, `name: ~`): YAML reads those as other types, and
+/// an object named "false" is a mistake, not a name. Tag values and ports still take them.
 fn yaml_options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         budget: yaml_budget(),
@@ -389,6 +391,7 @@ fn yaml_options() -> serde_saphyr::Options {
         underscored_numbers_as_strings: true,
         non_finite_float_policy: serde_saphyr::options::NonFiniteFloatPolicy::PassThrough,
         with_snippet: false,
+        no_schema: true,
     }
 }
 
@@ -841,6 +844,15 @@ rules:
         assert!(e.starts_with("t.yaml: rules[0].expires: ") && e.contains("line 2"), "{e}");
         let e = syntax_error("assets:\n  - ips: [10.0.0.1]\n");
         assert!(e.contains("assets[0]: missing field `name` at line 2"), "{e}");
+        // YAML's booleans, numbers and nulls are not text: a segment is not named "false".
+        for (value, line) in [("false", 2), ("~", 2), ("null", 2), ("502", 2)] {
+            let e = syntax_error(&format!("segments:\n  - name: {value}\n"));
+            assert!(e.starts_with("t.yaml: segments[0].name: ") && e.contains(&format!("line {line}")), "{value}: {e}");
+        }
+        assert_eq!(
+            PolicyDocument::from_yaml("segments:\n  - name: \"false\"\n", "t").unwrap().segments[0].name,
+            "false"
+        );
         // A port out of range is the validator's: entry and field, every one reported.
         assert_eq!(
             problems("rules:\n  - {name: r, from: any, to: any, protocol: tcp, ports: [70000]}\n"),
