@@ -128,7 +128,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if !cargo().args(["fmt", "--all", "--check"]).status().is_ok_and(|s| s.success()) {
         bail!("the code is not formatted: run `cargo fmt --all`");
     }
-    deny::check()?;
+    let deny_warning = deny::check()?;
     build(false)?;
     // tests/tests/deb.rs installs it into a clean Debian root.
     let deb = deb::build()?;
@@ -138,13 +138,17 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if args.is_empty() {
         // As root the API, TLS and Netskope tests run over the XDP program; run them once more
         // over the in-memory data plane, as they run for a developer without root.
-        step("Running the API, TLS and Netskope tests again over the in-memory data plane (as without root)");
-        let control_tests = ["-p", "gatekeeper-tests", "--test", "api", "--test", "tls", "--test", "netskope"];
+        step("Running the API, CLI, TLS and Netskope tests again over the in-memory data plane (as without root)");
+        let control_tests =
+            ["-p", "gatekeeper-tests", "--test", "api", "--test", "cli", "--test", "tls", "--test", "netskope"];
         let args: Vec<String> = control_tests.iter().map(ToString::to_string).collect();
         let (p, f, o) = cargo_test(&args, &[("GK_FAKE_DATAPLANE", "1")])?;
         (passed, failed, ok) = (passed + p, failed + f, ok && o);
     }
     println!("tests: {passed} passed, {failed} failed");
+    if let Some(w) = deny_warning {
+        println!("WARNING: {w}");
+    }
     if !ok || failed > 0 {
         bail!("cargo test failed");
     }
