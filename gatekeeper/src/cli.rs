@@ -731,9 +731,9 @@ fn pointer<'a>(x: &'a Value, path: &str) -> &'a Value {
 
 fn audit_table(rows: &[Value]) -> String {
     table(
-        &["ID", "AT", "ACTOR", "ACTION", "KIND", "NAME"],
+        &["ID", "AT", "ACTOR", "FROM", "ACTION", "KIND", "NAME"],
         rows.iter()
-            .map(|e| ["id", "at", "actor", "action", "kind", "name"].iter().map(|k| cell(&e[*k])).collect())
+            .map(|e| ["id", "at", "actor", "address", "action", "kind", "name"].iter().map(|k| cell(&e[*k])).collect())
             .collect(),
     )
 }
@@ -993,15 +993,11 @@ fn netskope(c: &Client, cmd: NetskopeCommand) -> Result<(), Failure> {
 }
 
 fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    /// RFC 3986's unreserved characters stay; everything else is escaped, so a name or selector
+    /// cannot add a path segment or a query parameter.
+    const UNRESERVED: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 /// Runs a client command; the exit code follows [`EXIT_CODES`].
@@ -1022,6 +1018,12 @@ mod tests {
 
     fn parsed(args: &[&str]) -> Result<Parsed, clap::Error> {
         parse_from(std::iter::once("gatekeeper").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn names_are_escaped_into_one_path_segment() {
+        assert_eq!(urlencode("plc-1.a_b~"), "plc-1.a_b~");
+        assert_eq!(urlencode("plc 1/../x?y=1#z é&"), "plc%201%2F..%2Fx%3Fy%3D1%23z%20%C3%A9%26");
     }
 
     #[test]
