@@ -439,6 +439,9 @@ struct Client {
     agent: ureq::Agent,
 }
 
+/// The largest response read (a listing of a policy at the maps' capacity fits).
+const MAX_RESPONSE_BYTES: u64 = 1 << 30;
+
 /// How much of an error body that is not a problem document is shown.
 const BODY_START: usize = 300;
 
@@ -447,7 +450,8 @@ impl Client {
         let token = match &c.token_file {
             Some(p) => Some(
                 std::fs::read_to_string(p)
-                    .map_err(|e| Failure::Unreachable(format!("token file {}: {e}", p.display())))?
+                    // A local file the user named, not the API: refused (1), like a policy file.
+                    .map_err(|e| Failure::Refused(format!("token file {}: {e}", p.display())))?
                     .trim()
                     .to_string(),
             ),
@@ -485,7 +489,13 @@ impl Client {
         let status = resp.status();
         let content_type =
             resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-        let text = resp.body_mut().read_to_string().map_err(|e| Failure::Unreachable(format!("{url}: {e}")))?;
+        // A 100k-asset listing is far over ureq's default 10 MB.
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_to_string()
+            .map_err(|e| Failure::Unreachable(format!("{url}: {e}")))?;
         if status.is_success() {
             if text.trim().is_empty() {
                 return Ok(Value::Null);

@@ -6,7 +6,10 @@ use serde::Deserialize;
 
 use crate::{
     compile::Timeouts,
-    control::{auth::Role, netskope},
+    control::{
+        auth::{Actor, Role},
+        netskope,
+    },
     dataplane::XdpAttachMode,
 };
 
@@ -117,9 +120,6 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 << 20;
 fn default_max_body_bytes() -> usize {
     DEFAULT_MAX_BODY_BYTES
 }
-
-/// Names the daemon records its own changes under: no token may take one.
-pub const RESERVED_ACTORS: [&str; 5] = ["daemon", "policy-file", "netskope", "expiry", "unknown"];
 
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
@@ -242,6 +242,13 @@ impl Config {
             if api.max_body_bytes < 1024 {
                 return Err(bad(format!("[api] max_body_bytes: {} is too small (at least 1024)", api.max_body_bytes)));
             }
+            if api.max_body_bytes > crate::policy::MAX_DOCUMENT_BYTES {
+                return Err(bad(format!(
+                    "[api] max_body_bytes: {} is more than a policy document may be ({} bytes)",
+                    api.max_body_bytes,
+                    crate::policy::MAX_DOCUMENT_BYTES
+                )));
+            }
             let mut names: Vec<&str> = Vec::new();
             if api.admin_token_file.is_some() {
                 names.push("admin");
@@ -259,7 +266,7 @@ impl Config {
                         t.name
                     )));
                 }
-                if RESERVED_ACTORS.contains(&t.name.as_str()) {
+                if Actor::is_daemons(&t.name) {
                     return Err(bad(format!(
                         "[[api.tokens]] {i}: name {:?} is what the daemon records its own changes as; choose another",
                         t.name
@@ -384,6 +391,14 @@ mod tests {
                 "unknown variant `root`",
             ),
             ("[dataplane]\ninterfaces = [\"a\"]\n[api]\nmax_body_bytes = 10\n", "max_body_bytes: 10 is too small"),
+            (
+                "[dataplane]\ninterfaces = [\"a\"]\n[api]\nmax_body_bytes = 1000000000\n",
+                "is more than a policy document may be",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"a\"]\n[api]\n[[api.tokens]]\nname = \"Config\"\nrole = \"admin\"\nfile = \"/b\"\n",
+                "is what the daemon records its own changes as",
+            ),
         ] {
             let e = Config::parse(text, "c.toml").unwrap_err().to_string();
             assert!(e.starts_with("c.toml: ") && e.contains(want), "{text:?}: {e}");

@@ -31,14 +31,14 @@ use crate::{
 const FLOW_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 /// The daemon's HTTP surface: the REST API under `/api/v1`, `/metrics`, and the OpenAPI
-/// document of both; every error `application/problem+json`, bodies up to `max_body_bytes`.
+/// document of both; every error `application/problem+json`; `POST /apply` bodies up to
+/// `max_body_bytes`.
 pub fn http_router(control: &Handle, tokens: &Tokens, max_body_bytes: usize) -> std::io::Result<axum::Router> {
-    let (api_routes, mut doc) = api::router(ApiState::new(control.clone(), tokens)?);
+    let (api_routes, mut doc) = api::router(ApiState::new(control.clone(), tokens)?, max_body_bytes);
     doc.merge(metrics::openapi());
     Ok(api_routes
         .merge(metrics::router(control.clone(), tokens))
         .merge(api::document(&doc))
-        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(api::problem::normalize)))
 }
 

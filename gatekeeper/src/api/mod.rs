@@ -17,7 +17,7 @@ use std::{net::SocketAddr, sync::Arc};
 use axum::{
     Router,
     body::Bytes,
-    extract::{ConnectInfo, Request, State},
+    extract::{ConnectInfo, DefaultBodyLimit, Request, State},
     http::{HeaderMap, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -27,8 +27,7 @@ use serde_json::Value;
 use utoipa::{
     Modify, OpenApi,
     openapi::{
-        self, RefOr,
-        schema::{ObjectBuilder, Schema},
+        self,
         security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
     },
 };
@@ -162,7 +161,8 @@ impl ApiState {
 async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
     let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let name = state.credentials.actor(bearer, auth::is_read_only(req.method().as_str()))?;
-    let address = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    // An IPv4 client of a `[::]` listener is recorded as IPv4, not `::ffff:a.b.c.d`.
+    let address = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_canonical());
     let actor = Actor { name: name.to_string(), address };
     req.extensions_mut().insert(actor);
     Ok(next.run(req).await)
@@ -203,9 +203,17 @@ pub(crate) fn body_json(headers: &HeaderMap, body: &Bytes, accept: &[&str]) -> R
     serde_json::from_slice(body).map_err(|e| ApiError::Body(format!("body: {e}")))
 }
 
+/// The largest body of a request that writes one object (an asset, segment, rule, Netskope
+/// setting or mapping): far more than any needs, and parsed on an async worker.
+pub const OBJECT_BODY_LIMIT: usize = 1 << 20;
+
 /// The API's routes, and the OpenAPI document describing them (without `/openapi.json`'s
 /// content: the daemon adds the other edges' paths, then serves it with [`document`]).
-pub fn router(state: ApiState) -> (Router, openapi::OpenApi) {
+/// `POST /apply` takes bodies up to `max_body_bytes` (parsed off the async workers), every
+/// other route up to [`OBJECT_BODY_LIMIT`].
+pub fn router(state: ApiState, max_body_bytes: usize) -> (Router, openapi::OpenApi) {
+    let (schemas, paths, apply) = utoipa_axum::routes!(policy::apply);
+    let apply = (schemas, paths, apply.layer(DefaultBodyLimit::max(max_body_bytes)));
     let api = OpenApiRouter::new()
         .routes(utoipa_axum::routes!(objects::list_assets))
         .routes(utoipa_axum::routes!(
@@ -219,7 +227,7 @@ pub fn router(state: ApiState) -> (Router, openapi::OpenApi) {
         .routes(utoipa_axum::routes!(objects::segment_members))
         .routes(utoipa_axum::routes!(objects::list_rules))
         .routes(utoipa_axum::routes!(objects::get_rule, objects::put_rule, objects::delete_rule))
-        .routes(utoipa_axum::routes!(policy::apply))
+        .routes(apply)
         .routes(utoipa_axum::routes!(policy::status))
         .routes(utoipa_axum::routes!(policy::audit))
         .routes(utoipa_axum::routes!(
@@ -233,7 +241,9 @@ pub fn router(state: ApiState) -> (Router, openapi::OpenApi) {
         .routes(utoipa_axum::routes!(netskope::suggestions))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).nest("/api/v1", api).split_for_parts()
+    // Outside the apply route's own limit, which is set later and so wins for it.
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi()).nest("/api/v1", api).split_for_parts();
+    (router.layer(DefaultBodyLimit::max(OBJECT_BODY_LIMIT)), doc)
 }
 
 /// `GET /api/v1/openapi.json`: `doc`, the whole HTTP surface's document, serialized once.
@@ -271,7 +281,7 @@ async fn openapi_document() {}
     ),
     paths(openapi_document),
     components(schemas(Problem, problem::FieldProblem)),
-    modifiers(&Security, &Listed),
+    modifiers(&Security),
     security(("bearer" = [])),
     tags(
         (name = "assets", description = "Devices, their addresses and tags"),
@@ -293,38 +303,5 @@ impl Modify for Security {
             .description(Some("An admin token may do anything; a reader token only GET and HEAD."))
             .build();
         doc.components.get_or_insert_with(Default::default).add_security_scheme("bearer", SecurityScheme::Http(bearer));
-    }
-}
-
-/// `SegmentListed` and `RuleListed`: what a listing returns, the object as written plus, for
-/// generated ones, where it comes from (its own schema refuses unknown properties).
-struct Listed;
-
-impl Modify for Listed {
-    fn modify(&self, doc: &mut openapi::OpenApi) {
-        let Some(components) = doc.components.as_mut() else { return };
-        for kind in ["Segment", "Rule"] {
-            let Some(RefOr::T(Schema::Object(object))) = components.schemas.get(kind) else { continue };
-            let mut listed = object.clone();
-            listed.description = Some(format!(
-                "A {} as written, with `generated` set when the Netskope integration made it",
-                kind.to_lowercase()
-            ));
-            listed.properties.insert("generated".into(), RefOr::Ref(openapi::Ref::from_schema_name("Generated")));
-            components.schemas.insert(format!("{kind}Listed"), RefOr::T(Schema::Object(listed)));
-        }
-        let generated = ObjectBuilder::new()
-            .description(Some("Where a generated object comes from"))
-            .property("by", ObjectBuilder::new().schema_type(openapi::Type::String).enum_values(Some(["netskope"])))
-            .required("by")
-            .property(
-                "app_id",
-                ObjectBuilder::new()
-                    .schema_type(openapi::Type::Integer)
-                    .format(Some(openapi::SchemaFormat::KnownFormat(openapi::KnownFormat::Int64)))
-                    .description(Some("The Netskope private app a generated rule serves")),
-            )
-            .additional_properties(Some(openapi::schema::AdditionalProperties::FreeForm(false)));
-        components.schemas.insert("Generated".into(), RefOr::T(Schema::Object(generated.build())));
     }
 }

@@ -177,9 +177,10 @@ fn bad(field: &'static str, reason: String) -> ApiError {
         Unauthorized, Forbidden, Conflict, NotApplied, Upstream
     )
 )]
-pub async fn sync(State(s): State<ApiState>) -> Result<Json<SyncStatus>, ApiError> {
+pub async fn sync(State(s): State<ApiState>, ext: axum::http::Extensions) -> Result<Json<SyncStatus>, ApiError> {
     let (tx, rx) = std::sync::mpsc::channel();
-    s.with(move |c| c.netskope_request_sync(tx)).await??;
+    let actor = actor(&ext);
+    s.with(move |c| c.netskope_request_sync(&actor, tx)).await??;
     let result = tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(120)))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;

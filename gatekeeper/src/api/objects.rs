@@ -99,7 +99,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
 pub struct NameParam {
-    /// The object's name.
+    /// The object's name (a path segment: percent-encoded UTF-8).
     #[allow(dead_code)] // Read with `Path<String>`; this describes it.
     name: String,
 }
@@ -120,7 +120,7 @@ pub struct IfMatchParam {
     responses(
         (status = 200, description = "The asset", body = AssetSpec,
          headers(("ETag" = String, description = "The asset's version, for If-Match"))),
-        Unauthorized, NotFound, NotApplied
+        BadRequest, Unauthorized, NotFound, NotApplied
     )
 )]
 pub async fn get_asset(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Response, ApiError> {
@@ -335,7 +335,10 @@ pub async fn list_segments(State(s): State<ApiState>) -> Result<Json<Vec<Value>>
 /// Reads one segment.
 #[utoipa::path(
     get, path = "/segments/{name}", operation_id = "getSegment", tag = "segments", params(NameParam),
-    responses((status = 200, description = "The segment", body = SegmentListed), Unauthorized, NotFound, NotApplied)
+    responses(
+        (status = 200, description = "The segment", body = SegmentListed),
+        BadRequest, Unauthorized, NotFound, NotApplied
+    )
 )]
 pub async fn get_segment(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let n = name.clone();
@@ -395,7 +398,7 @@ pub async fn put_segment(
     delete, path = "/segments/{name}", operation_id = "deleteSegment", tag = "segments", params(NameParam),
     responses(
         (status = 204, description = "Deleted"),
-        Unauthorized, Forbidden, NotFound, Conflict, InvalidPolicy, NotApplied
+        BadRequest, Unauthorized, Forbidden, NotFound, Conflict, InvalidPolicy, NotApplied
     )
 )]
 pub async fn delete_segment(
@@ -425,7 +428,10 @@ pub struct Member {
 /// The assets and CIDRs a segment holds now.
 #[utoipa::path(
     get, path = "/segments/{name}/members", operation_id = "getSegmentMembers", tag = "segments", params(NameParam),
-    responses((status = 200, description = "The members", body = Members), Unauthorized, NotFound, NotApplied)
+    responses(
+        (status = 200, description = "The members", body = Members),
+        BadRequest, Unauthorized, NotFound, NotApplied
+    )
 )]
 pub async fn segment_members(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Members>, ApiError> {
     let members = s.with({
@@ -452,7 +458,10 @@ pub async fn list_rules(State(s): State<ApiState>) -> Result<Json<Vec<Value>>, A
 /// Reads one rule.
 #[utoipa::path(
     get, path = "/rules/{name}", operation_id = "getRule", tag = "rules", params(NameParam),
-    responses((status = 200, description = "The rule", body = RuleListed), Unauthorized, NotFound, NotApplied)
+    responses(
+        (status = 200, description = "The rule", body = RuleListed),
+        BadRequest, Unauthorized, NotFound, NotApplied
+    )
 )]
 pub async fn get_rule(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let n = name.clone();
@@ -481,7 +490,10 @@ pub async fn put_rule(
 /// Deletes a rule.
 #[utoipa::path(
     delete, path = "/rules/{name}", operation_id = "deleteRule", tag = "rules", params(NameParam),
-    responses((status = 204, description = "Deleted"), Unauthorized, Forbidden, NotFound, Conflict, NotApplied)
+    responses(
+        (status = 204, description = "Deleted"),
+        BadRequest, Unauthorized, Forbidden, NotFound, Conflict, NotApplied
+    )
 )]
 pub async fn delete_rule(
     State(s): State<ApiState>,

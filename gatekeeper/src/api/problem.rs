@@ -163,7 +163,16 @@ impl Problem {
     pub fn response(&self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_string(self).unwrap_or_default();
-        (status, [(header::CONTENT_TYPE, PROBLEM_JSON)], body).into_response()
+        let mut resp = (status, [(header::CONTENT_TYPE, PROBLEM_JSON)], body).into_response();
+        challenge(&mut resp);
+        resp
+    }
+}
+
+/// A 401 says how to authenticate (RFC 9110 11.6.1).
+fn challenge(resp: &mut Response) {
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
 }
 
@@ -212,7 +221,9 @@ pub async fn normalize(req: Request, next: Next) -> Response {
     let body = serde_json::to_string(&problem).unwrap_or_default();
     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from(body))
+    let mut resp = Response::from_parts(parts, Body::from(body));
+    challenge(&mut resp);
+    resp
 }
 
 // The error responses of the OpenAPI document, listed per operation.
@@ -228,7 +239,7 @@ macro_rules! responses {
 
 responses! {
     BadRequest = 400, "The request is malformed (a query string, a path parameter, a body that is not the JSON or YAML it claims).";
-    Unauthorized = 401, "No valid bearer token.";
+    Unauthorized = 401, "No valid bearer token (`WWW-Authenticate: Bearer`).";
     Forbidden = 403, "A reader's token cannot write.";
     NotFound = 404, "No such object.";
     Conflict = 409, "The change conflicts with the current state (an object still referenced; a change that would leave the network ungoverned without `force`).";

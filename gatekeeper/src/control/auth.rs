@@ -73,10 +73,20 @@ pub struct Actor {
     pub address: Option<IpAddr>,
 }
 
+/// The names the daemon records its own changes under (the policy file at start and on
+/// SIGHUP, the `[netskope]` section, the Netskope worker, credential changes, and a request the
+/// API could not attribute): no token may take one, in any case.
+pub const DAEMON_ACTORS: [&str; 5] = ["policy-file", "config", "netskope", "daemon", "unknown"];
+
 impl Actor {
     /// An actor with no address: the daemon itself, or a caller outside the API.
     pub fn named(name: &str) -> Self {
         Self { name: name.into(), address: None }
+    }
+
+    /// Whether `name` is one of [`DAEMON_ACTORS`] (whatever its case).
+    pub fn is_daemons(name: &str) -> bool {
+        DAEMON_ACTORS.iter().any(|d| d.eq_ignore_ascii_case(name))
     }
 }
 

@@ -376,14 +376,27 @@ impl Control {
     }
 
     /// Asks the worker for a sync now; the result arrives on `reply`.
+    /// Asks the worker for a sync now, recording who asked (the changes the sync makes are
+    /// recorded as `netskope`'s).
     pub fn netskope_request_sync(
-        &self,
+        &mut self,
+        actor: &Actor,
         reply: std::sync::mpsc::Sender<Result<SyncStatus, String>>,
     ) -> Result<(), ControlError> {
         if self.netskope.settings.is_none() {
             return Err(ControlError::Conflict("the Netskope integration is not configured".into()));
         }
-        let Some(w) = &self.wake else { return Err(ControlError::Unavailable("the Netskope worker is not running")) };
+        let Some(w) = self.wake.clone() else {
+            return Err(ControlError::Unavailable("the Netskope worker is not running"));
+        };
+        let audit = AuditRow {
+            actor: actor.clone(),
+            action: "request sync".into(),
+            kind: Some("integration".into()),
+            name: Some("netskope".into()),
+            ..AuditRow::default()
+        };
+        self.store.netskope_commit(NetskopeCommit { audit: &[audit], ..NetskopeCommit::default() })?;
         w.send(Event::Sync(Some(reply))).map_err(|_| ControlError::Unavailable("the Netskope worker is not running"))
     }
 
