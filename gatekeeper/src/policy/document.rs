@@ -724,6 +724,18 @@ rules:
     expires: 2026-12-31T00:00:00Z
 "#;
 
+    /// The README's sample policy is a valid policy: the documentation does not drift.
+    #[test]
+    fn the_readme_sample_policy_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("## The policy file").expect("the README's policy section")..];
+        let start = section.find("```yaml\n").expect("a YAML block") + "```yaml\n".len();
+        let yaml = &section[start..start + section[start..].find("```").expect("its end")];
+        let doc = PolicyDocument::from_yaml(yaml, "README.md").unwrap();
+        doc.validate("README.md").unwrap();
+        assert!(doc.assets.len() == 1 && doc.segments.len() == 3 && doc.rules.len() == 1, "{doc:?}");
+    }
+
     #[test]
     fn sample_document_validates() {
         let p = PolicyDocument::from_yaml(SAMPLE, "sample").unwrap().validate("sample").unwrap();
