@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::{
     compile::Timeouts,
     control::{
-        auth::{Actor, Role},
+        auth::{self, Role},
         netskope,
     },
     dataplane::XdpAttachMode,
@@ -257,21 +257,7 @@ impl Config {
                 names.push("reader");
             }
             for (i, t) in api.tokens.iter().enumerate() {
-                let ok = !t.name.is_empty()
-                    && t.name.len() <= 64
-                    && t.name.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
-                if !ok {
-                    return Err(bad(format!(
-                        "[[api.tokens]] {i}: name {:?} must be 1 to 64 letters, digits, '.', '_', '@' or '-'",
-                        t.name
-                    )));
-                }
-                if Actor::is_daemons(&t.name) {
-                    return Err(bad(format!(
-                        "[[api.tokens]] {i}: name {:?} is what the daemon records its own changes as; choose another",
-                        t.name
-                    )));
-                }
+                auth::check_token_name(&t.name).map_err(|reason| bad(format!("[[api.tokens]] {i}: name {reason}")))?;
                 if names.contains(&t.name.as_str()) {
                     return Err(bad(format!(
                         "[[api.tokens]] {i}: name {:?} is used twice (admin_token_file is \"admin\", reader_token_file is \"reader\")",

@@ -1,8 +1,6 @@
 //! The `/metrics` edge: the Prometheus text exposition of the telemetry registry, with the
 //! data-plane figures (outcome counters, epoch) and pending pushes read at scrape time.
 
-use std::sync::Arc;
-
 use axum::{
     Router,
     extract::{Request, State},
@@ -15,7 +13,7 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::control::{
     Control, Handle,
-    auth::{self, AuthError, Credentials, Tokens},
+    auth::{self, AuthError, CredentialSet, Tokens},
     telemetry,
 };
 
@@ -40,7 +38,9 @@ pub fn render(control: &Control) -> String {
 
 /// `GET /metrics` behind the same bearer tokens as the API (a reader's token is enough).
 pub fn router(control: Handle, tokens: &Tokens) -> Router {
-    let state = MetricsState { control, credentials: Arc::new(Credentials::new(tokens)) };
+    let credentials = control.credentials().clone();
+    credentials.set_files(tokens);
+    let state = MetricsState { control, credentials };
     Router::new()
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -50,7 +50,7 @@ pub fn router(control: Handle, tokens: &Tokens) -> Router {
 #[derive(Clone)]
 struct MetricsState {
     control: Handle,
-    credentials: Arc<Credentials>,
+    credentials: CredentialSet,
 }
 
 /// A refused scrape is a plain status and reason: the daemon's HTTP surface turns every error

@@ -174,6 +174,8 @@ fn the_served_document_is_valid_openapi_and_describes_every_route() {
         "/api/v1/integrations/netskope/apps",
         "/api/v1/integrations/netskope/apps/{id}",
         "/api/v1/integrations/netskope/apps/{id}/suggestions",
+        "/api/v1/tokens",
+        "/api/v1/tokens/{name}",
         "/api/v1/openapi.json",
         "/metrics",
     ];
@@ -275,6 +277,64 @@ fn the_audit_log_records_the_token_name_and_client_address() {
         .unwrap();
     let (_, _, rows, _) = s.call("GET", "/api/v1/audit?limit=1", None);
     assert_eq!((rows[0]["actor"].as_str(), rows[0]["address"].as_str()), (Some("test"), None), "{rows}");
+}
+
+#[test]
+fn tokens_created_through_the_api_act_at_once_survive_a_restart_and_are_revoked_at_once() {
+    let s = Server::start("tokens");
+    seed(&s);
+    let body = json!({"name": "ci-bot", "role": "reader"}).to_string();
+    let (st, _, created, _) = s.call("POST", "/api/v1/tokens", Some(("application/json", &body)));
+    assert_eq!(st, 201, "{created}");
+    let secret = created["token"].as_str().unwrap().to_string();
+    assert_eq!(secret.len(), 64, "256 random bits, hex");
+    let with = |token: &str, method: &str| -> u16 {
+        let req = match method {
+            "GET" => s.agent.get(s.url("/api/v1/assets")).header("Authorization", &format!("Bearer {token}")).call(),
+            _ => s
+                .agent
+                .put(s.url("/api/v1/assets/x"))
+                .header("Authorization", &format!("Bearer {token}"))
+                .content_type("application/json")
+                .send("{}"),
+        };
+        req.unwrap().status().as_u16()
+    };
+    assert_eq!(with(&secret, "GET"), 200, "accepted at once");
+    assert_eq!(with(&secret, "PUT"), 403, "as a reader");
+    let (_, _, list, _) = s.call("GET", "/api/v1/tokens", None);
+    assert!(list.to_string().contains(r#"{"name":"ci-bot","origin":"api","role":"reader"}"#), "{list}");
+    assert!(list.to_string().contains(r#"{"name":"admin","origin":"file","role":"admin"}"#), "{list}");
+    assert!(!list.to_string().contains(&secret), "no secret in the listing");
+    // Taken names, the daemon's names and bad ones are refused.
+    let (st, ..) = s.call("POST", "/api/v1/tokens", Some(("application/json", &body)));
+    assert_eq!(st, 409);
+    let (st, ..) =
+        s.call("POST", "/api/v1/tokens", Some(("application/json", r#"{"name": "Daemon", "role": "admin"}"#)));
+    assert_eq!(st, 422);
+    let (st, ..) = s.call("POST", "/api/v1/tokens", Some(("application/json", r#"{"name": "x", "role": "root"}"#)));
+    assert_eq!(st, 400);
+    // A file's token is not revoked through the API.
+    assert_eq!(s.call("DELETE", "/api/v1/tokens/admin", None).0, 409);
+
+    // Kept in the store (its hash only): a daemon started on the same store accepts it.
+    let restarted = gatekeeper_tests::control::control(&s.dir.join("state.db"));
+    assert!(restarted.credentials().get("ci-bot").is_some(), "survives a restart");
+    let db = std::fs::read(s.dir.join("state.db")).unwrap();
+    assert!(!db.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret is not in the store");
+
+    assert_eq!(s.call("DELETE", "/api/v1/tokens/ci-bot", None).0, 204);
+    assert_eq!(with(&secret, "GET"), 401, "refused from the next request on");
+    assert_eq!(s.call("DELETE", "/api/v1/tokens/ci-bot", None).0, 404);
+    let (_, _, audit, _) = s.call("GET", "/api/v1/audit?limit=3", None);
+    let rows: Vec<(&str, &str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["actor"].as_str().unwrap(), r["address"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(rows[..2], [("revoke token", "admin", "127.0.0.1"), ("create token", "admin", "127.0.0.1")], "{audit}");
+    assert!(!audit.to_string().contains(&secret), "no secret in the audit log");
 }
 
 #[test]

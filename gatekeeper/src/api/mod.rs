@@ -11,6 +11,7 @@ mod objects;
 mod policy;
 pub mod problem;
 pub mod serve;
+mod tokens;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -38,7 +39,7 @@ pub use problem::{Kind, Problem};
 use crate::{
     control::{
         Control, ControlError, Handle,
-        auth::{self, Actor, AuthError, Credentials, Tokens},
+        auth::{self, Actor, AuthError, CredentialSet, Tokens},
         writer::AssetWriter,
     },
     policy::Problem as PolicyProblem,
@@ -136,7 +137,7 @@ impl IntoResponse for ApiError {
 #[derive(Clone)]
 pub struct ApiState {
     control: Handle,
-    credentials: Arc<Credentials>,
+    credentials: CredentialSet,
     writer: AssetWriter,
 }
 
@@ -144,7 +145,10 @@ impl ApiState {
     /// The API over `control`; starts its asset writer thread.
     pub fn new(control: Handle, tokens: &Tokens) -> std::io::Result<Self> {
         let writer = AssetWriter::spawn(control.clone())?;
-        Ok(Self { control, credentials: Arc::new(Credentials::new(tokens)), writer })
+        // The file tokens join those created through the API (kept in the store).
+        let credentials = control.credentials().clone();
+        credentials.set_files(tokens);
+        Ok(Self { control, credentials, writer })
     }
 
     /// Runs `f` on the control state on a blocking thread ([`Handle::run_blocking`]).
@@ -163,7 +167,7 @@ async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Re
     let name = state.credentials.actor(bearer, auth::is_read_only(req.method().as_str()))?;
     // An IPv4 client of a `[::]` listener is recorded as IPv4, not `::ffff:a.b.c.d`.
     let address = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_canonical());
-    let actor = Actor { name: name.to_string(), address };
+    let actor = Actor { name, address };
     req.extensions_mut().insert(actor);
     Ok(next.run(req).await)
 }
@@ -239,6 +243,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> (Router, openapi::OpenA
         .routes(utoipa_axum::routes!(netskope::list_apps))
         .routes(utoipa_axum::routes!(netskope::get_app, netskope::put_app))
         .routes(utoipa_axum::routes!(netskope::suggestions))
+        .routes(utoipa_axum::routes!(tokens::list_tokens, tokens::create_token))
+        .routes(utoipa_axum::routes!(tokens::revoke_token))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
     // Outside the apply route's own limit, which is set later and so wins for it.
@@ -289,6 +295,7 @@ async fn openapi_document() {}
         (name = "rules", description = "Allowed and denied traffic between segments"),
         (name = "policy", description = "The whole policy at once, status and audit"),
         (name = "netskope", description = "Netskope One private apps kept in step with segments"),
+        (name = "tokens", description = "The API's bearer tokens: those from files, and those created here"),
         (name = "meta", description = "This document"),
     )
 )]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 
 /// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Everything.
@@ -131,10 +131,130 @@ pub enum AuthError {
     Forbidden,
 }
 
+/// Where a token comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// A 0600 file named in the configuration.
+    File,
+    /// Created through the API (`POST /tokens`); only its hash exists, in the store.
+    Api,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::Api => "api",
+        }
+    }
+}
+
+/// One token gatekeeper accepts: its name, role, origin and the SHA-256 of its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub name: String,
+    pub role: Role,
+    pub origin: Origin,
+    pub hash: [u8; 32],
+}
+
 /// The tokens' hashes with their names and roles: the secrets are dropped once hashed.
 #[derive(Debug, Default)]
 pub struct Credentials {
     tokens: Vec<(String, Role, [u8; 32])>,
+}
+
+/// The credentials the API and `/metrics` check requests against, shared with the control
+/// layer, which changes them (tokens created or revoked through the API take effect at once).
+#[derive(Debug, Clone, Default)]
+pub struct CredentialSet(std::sync::Arc<std::sync::RwLock<Vec<Credential>>>);
+
+impl CredentialSet {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Credential>> {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Credential>> {
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the tokens read from files with `tokens`; those created through the API stay.
+    pub fn set_files(&self, tokens: &Tokens) {
+        let mut set = self.write();
+        set.retain(|c| c.origin != Origin::File);
+        let names: Vec<&str> = tokens.0.iter().map(|t| t.name.as_str()).collect();
+        // A file token wins over an API token of the same name (the configuration is the
+        // operator's last word).
+        set.retain(|c| !names.contains(&c.name.as_str()));
+        set.extend(tokens.0.iter().map(|t| Credential {
+            name: t.name.clone(),
+            role: t.role,
+            origin: Origin::File,
+            hash: digest(&t.secret),
+        }));
+    }
+
+    pub fn insert(&self, credential: Credential) {
+        let mut set = self.write();
+        set.retain(|c| c.name != credential.name);
+        set.push(credential);
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.write().retain(|c| c.name != name);
+    }
+
+    /// Name, role and origin of each token, by name.
+    pub fn list(&self) -> Vec<(String, Role, Origin)> {
+        let mut list: Vec<_> = self.read().iter().map(|c| (c.name.clone(), c.role, c.origin)).collect();
+        list.sort();
+        list
+    }
+
+    pub fn get(&self, name: &str) -> Option<(Role, Origin)> {
+        self.read().iter().find(|c| c.name == name).map(|c| (c.role, c.origin))
+    }
+
+    /// The name of the token a request presents (see [`Credentials::actor`]).
+    pub fn actor(&self, bearer: Option<&str>, read_only: bool) -> Result<String, AuthError> {
+        let set = self.read();
+        let creds = Credentials { tokens: set.iter().map(|c| (c.name.clone(), c.role, c.hash)).collect() };
+        creds.actor(bearer, read_only).map(str::to_string)
+    }
+}
+
+/// A new random token (256 bits from the kernel's generator, hex).
+pub fn new_secret() -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The SHA-256 of a token, from its hex form as the store keeps it.
+pub fn hash_from_hex(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Why a token name cannot be used, if it cannot.
+pub fn check_token_name(name: &str) -> Result<(), String> {
+    let ok =
+        !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+    if !ok {
+        return Err(format!("{name:?} must be 1 to 64 letters, digits, '.', '_', '@' or '-'"));
+    }
+    if Actor::is_daemons(name) {
+        return Err(format!("{name:?} is what the daemon records its own changes as; choose another"));
+    }
+    Ok(())
 }
 
 impl Credentials {
@@ -169,7 +289,7 @@ impl Credentials {
     }
 }
 
-fn digest(token: &str) -> [u8; 32] {
+pub fn digest(token: &str) -> [u8; 32] {
     use sha2::Digest as _;
     sha2::Sha256::digest(token.as_bytes()).into()
 }

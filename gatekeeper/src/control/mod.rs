@@ -127,6 +127,9 @@ pub struct Control {
     expiry: Arc<expiry::ExpiryClock>,
     /// The share of governed addresses an apply may leave ungoverned without `force`.
     max_ungoverned_share: f64,
+    /// The tokens the API accepts (shared with it); those created through the API are kept in
+    /// the store too.
+    credentials: auth::CredentialSet,
 }
 
 /// Object changes logged one by one; beyond them, one line says how many more.
@@ -233,6 +236,7 @@ const LARGE_CHANGE: usize = 1000;
 
 /// The state a daemon starts from, validated but not yet enforced ([`Control::prepare`]).
 pub struct Prepared {
+    credentials: auth::CredentialSet,
     store: Store,
     stored: PolicyDocument,
     desired: PolicyDocument,
@@ -248,7 +252,7 @@ impl Prepared {
 
     /// Enforces the prepared state over `enforcer` and records what the policy file changed.
     pub fn enforce(self, mut enforcer: Enforcer) -> Result<(Control, ApplyReport), ControlError> {
-        let Self { mut store, stored, desired, policy, netskope } = self;
+        let Self { credentials, mut store, stored, desired, policy, netskope } = self;
         let started = Instant::now();
         let diff = changes(&stored, &desired);
         let actor = Actor::named("policy-file");
@@ -272,6 +276,7 @@ impl Prepared {
             board: Arc::new(StatusBoard::default()),
             expiry: Arc::default(),
             max_ungoverned_share: DEFAULT_MAX_UNGOVERNED_SHARE,
+            credentials,
         };
         control.reindex();
         telemetry::netskope_apps(&control.netskope);
@@ -317,11 +322,61 @@ impl Control {
         }
         let desired = file.map_or_else(|| stored.clone(), |f| merged(&stored, f.clone()));
         let policy = integration.validate(&desired, source)?;
-        Ok(Prepared { store, stored, desired, policy, netskope: integration })
+        // The tokens created through the API; those from files come with the API's router.
+        let credentials = auth::CredentialSet::default();
+        for c in store.credentials()? {
+            if c.origin == auth::Origin::Api {
+                credentials.insert(c);
+            }
+        }
+        Ok(Prepared { credentials, store, stored, desired, policy, netskope: integration })
     }
 
     pub fn doc(&self) -> &PolicyDocument {
         &self.doc
+    }
+
+    /// The tokens requests are checked against.
+    pub fn credentials(&self) -> &auth::CredentialSet {
+        &self.credentials
+    }
+
+    /// Creates a token named `name` with `role`, recorded (its hash only) in the store and
+    /// accepted at once; returns its secret, which exists nowhere else.
+    pub fn create_token(&mut self, actor: &Actor, name: &str, role: auth::Role) -> Result<String, ControlError> {
+        auth::check_token_name(name).map_err(|reason| {
+            ControlError::Invalid(vec![Problem { entry: format!("tokens/{name}"), field: "name", reason }])
+        })?;
+        if self.credentials.get(name).is_some() {
+            return Err(ControlError::Conflict(format!("a token named {name:?} exists; revoke it first")));
+        }
+        let secret =
+            auth::new_secret().map_err(|source| ControlError::Io { what: "reading /dev/urandom".into(), source })?;
+        let credential =
+            auth::Credential { name: name.into(), role, origin: auth::Origin::Api, hash: auth::digest(&secret) };
+        if !self.store.add_api_credential(actor, &credential)? {
+            return Err(ControlError::Conflict(format!("a token named {name:?} exists; revoke it first")));
+        }
+        self.credentials.insert(credential);
+        tracing::info!(actor = %actor, token = name, role = role.as_str(), "token created");
+        Ok(secret)
+    }
+
+    /// Revokes a token created through the API: refused at once, and gone from the store.
+    pub fn revoke_token(&mut self, actor: &Actor, name: &str) -> Result<(), ControlError> {
+        match self.credentials.get(name) {
+            None => return Err(ControlError::NotFound(format!("no token {name:?}"))),
+            Some((_, auth::Origin::File)) => {
+                return Err(ControlError::Conflict(format!(
+                    "token {name:?} is read from a file: remove it from [api] in the configuration and restart"
+                )));
+            }
+            Some((_, auth::Origin::Api)) => {}
+        }
+        self.store.remove_api_credential(actor, name)?;
+        self.credentials.remove(name);
+        tracing::info!(actor = %actor, token = name, "token revoked");
+        Ok(())
     }
 
     pub fn enforcer(&self) -> &Enforcer {
@@ -769,11 +824,14 @@ fn validate_asset(spec: &AssetSpec, source: &str) -> Result<Option<Asset>, Contr
 pub struct WeakHandle {
     control: std::sync::Weak<Mutex<Control>>,
     board: std::sync::Weak<StatusBoard>,
+    // Holding the set keeps no control state alive.
+    credentials: auth::CredentialSet,
 }
 
 impl WeakHandle {
     pub fn upgrade(&self) -> Option<Handle> {
-        Some(Handle { control: self.control.upgrade()?, board: self.board.upgrade()? })
+        let credentials = self.credentials.clone();
+        Some(Handle { control: self.control.upgrade()?, board: self.board.upgrade()?, credentials })
     }
 }
 
@@ -782,12 +840,19 @@ impl WeakHandle {
 pub struct Handle {
     control: Arc<Mutex<Control>>,
     board: Arc<StatusBoard>,
+    credentials: auth::CredentialSet,
 }
 
 impl Handle {
     pub fn new(control: Control) -> Self {
         let board = control.board();
-        Self { control: Arc::new(Mutex::new(control)), board }
+        let credentials = control.credentials.clone();
+        Self { control: Arc::new(Mutex::new(control)), board, credentials }
+    }
+
+    /// The tokens requests are checked against, read without the control lock.
+    pub fn credentials(&self) -> &auth::CredentialSet {
+        &self.credentials
     }
 
     /// Runs `f` on the control state on a blocking thread, for async callers: taking the lock may
@@ -815,7 +880,11 @@ impl Handle {
 
     /// A handle that does not keep the control state alive (threads that should end with it).
     pub fn downgrade(&self) -> WeakHandle {
-        WeakHandle { control: Arc::downgrade(&self.control), board: Arc::downgrade(&self.board) }
+        WeakHandle {
+            control: Arc::downgrade(&self.control),
+            board: Arc::downgrade(&self.board),
+            credentials: self.credentials.clone(),
+        }
     }
 
     /// The status as last published: never waits for a change in progress.

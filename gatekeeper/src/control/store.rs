@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    auth::Actor,
+    auth::{self, Actor, Credential, Origin, Role},
     netskope::{
         AppRecord, Integration, KEY_LAST_SUCCESS, KEY_LAST_SYNC, KEY_PUBLISHERS, KEY_SETTINGS, Settings, TOKEN_FILE,
     },
@@ -285,8 +285,8 @@ impl Store {
 
     /// Replaces the hash of the token named `name` (the token itself is never stored).
     pub fn set_credential(&mut self, name: &str, role: &str, sha256: &str, source: &str) -> Result<bool, StoreError> {
-        let old = self.text("SELECT role || ' ' || sha256 FROM credentials WHERE name = ?1", name)?;
-        if old.as_deref() == Some(&format!("{role} {sha256}")) {
+        let old = self.text("SELECT role || ' ' || sha256 || ' ' || origin FROM credentials WHERE name = ?1", name)?;
+        if old.as_deref() == Some(&format!("{role} {sha256} file")) {
             return Ok(false);
         }
         let at = chrono::Utc::now().to_rfc3339();
@@ -302,9 +302,10 @@ impl Store {
         let sql = |error| StoreError::Sqlite { path: path.clone(), error };
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
-            "INSERT INTO credentials (name, role, sha256, source, updated) VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO credentials (name, role, sha256, source, updated, origin)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'file')
              ON CONFLICT (name) DO UPDATE SET role = excluded.role, sha256 = excluded.sha256,
-             source = excluded.source, updated = excluded.updated",
+             source = excluded.source, updated = excluded.updated, origin = 'file'",
             (name, role, sha256, source, &at),
         )
         .map_err(sql)?;
@@ -313,11 +314,15 @@ impl Store {
         Ok(true)
     }
 
-    /// Removes the credentials whose names are not in `keep` (their tokens are no longer
-    /// configured), with an audit row each.
+    /// Removes the file tokens' credentials whose names are not in `keep` (their files are no
+    /// longer configured), with an audit row each. Tokens created through the API stay.
     pub fn retain_credentials(&mut self, keep: &[&str]) -> Result<(), StoreError> {
-        let gone: Vec<String> =
-            self.credentials()?.into_iter().map(|(name, ..)| name).filter(|n| !keep.contains(&n.as_str())).collect();
+        let gone: Vec<String> = self
+            .credentials()?
+            .into_iter()
+            .filter(|c| c.origin == Origin::File && !keep.contains(&c.name.as_str()))
+            .map(|c| c.name)
+            .collect();
         if gone.is_empty() {
             return Ok(());
         }
@@ -341,12 +346,87 @@ impl Store {
         tx.commit().map_err(sql)
     }
 
-    /// Each credential: its name, role and the SHA-256 (hex) of its token.
-    pub fn credentials(&self) -> Result<Vec<(String, String, String)>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT name, role, sha256 FROM credentials ORDER BY name").map_err(self.err())?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(self.err())?;
-        rows.collect::<Result<_, _>>().map_err(self.err())
+    /// Each credential, by name.
+    pub fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, role, sha256, origin FROM credentials ORDER BY name")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+            })
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, role, sha256, origin) = row.map_err(self.err())?;
+            let corrupt =
+                |what: &str| StoreError::Corrupt { kind: "credential".into(), name: name.clone(), error: what.into() };
+            let role = match role.as_str() {
+                "admin" => Role::Admin,
+                "reader" => Role::Reader,
+                _ => return Err(corrupt("unknown role")),
+            };
+            let origin = match origin.as_str() {
+                "file" => Origin::File,
+                "api" => Origin::Api,
+                _ => return Err(corrupt("unknown origin")),
+            };
+            let hash = auth::hash_from_hex(&sha256).ok_or_else(|| corrupt("not a SHA-256"))?;
+            out.push(Credential { name, role, origin, hash });
+        }
+        Ok(out)
+    }
+
+    /// Records a token created through the API (its hash), with its audit row; refused if a
+    /// token of that name exists.
+    pub fn add_api_credential(&mut self, actor: &Actor, c: &Credential) -> Result<bool, StoreError> {
+        let hex: String = c.hash.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self.path.clone();
+        let sql = |error| StoreError::Sqlite { path: path.clone(), error };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let added = tx
+            .execute(
+                "INSERT INTO credentials (name, role, sha256, source, updated, origin)
+                 VALUES (?1, ?2, ?3, 'api', ?4, 'api') ON CONFLICT (name) DO NOTHING",
+                (&c.name, c.role.as_str(), &hex, chrono::Utc::now().to_rfc3339()),
+            )
+            .map_err(sql)?;
+        if added == 0 {
+            return Ok(false);
+        }
+        let audit = AuditRow {
+            actor: actor.clone(),
+            action: "create token".into(),
+            kind: Some("credential".into()),
+            name: Some(c.name.clone()),
+            new: Some(serde_json::json!({"role": c.role.as_str(), "origin": "api"})),
+            ..AuditRow::default()
+        };
+        insert_audit(&tx, &[audit]).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(true)
+    }
+
+    /// Removes a token created through the API, with its audit row; `false` if there is none.
+    pub fn remove_api_credential(&mut self, actor: &Actor, name: &str) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let sql = |error| StoreError::Sqlite { path: path.clone(), error };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let removed = tx.execute("DELETE FROM credentials WHERE name = ?1 AND origin = 'api'", [name]).map_err(sql)?;
+        if removed == 0 {
+            return Ok(false);
+        }
+        let audit = AuditRow {
+            actor: actor.clone(),
+            action: "revoke token".into(),
+            kind: Some("credential".into()),
+            name: Some(name.into()),
+            ..AuditRow::default()
+        };
+        insert_audit(&tx, &[audit]).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(true)
     }
 
     /// The Netskope integration's state: settings (with the token from [`TOKEN_FILE`] beside
@@ -676,11 +756,13 @@ fn migrations() -> rusqlite_migration::Migrations<'static> {
              ALTER TABLE credentials_named RENAME TO credentials;
              ALTER TABLE audit ADD COLUMN address TEXT;",
         ),
+        // 3: tokens created through the API (only their hash exists) beside those from files.
+        M::up("ALTER TABLE credentials ADD COLUMN origin TEXT NOT NULL DEFAULT 'file';"),
     ])
 }
 
 /// The schema version this gatekeeper writes.
-pub const SCHEMA_VERSION: usize = 2;
+pub const SCHEMA_VERSION: usize = 3;
 
 fn migrate(conn: &mut rusqlite::Connection, p: &str) -> Result<(), StoreError> {
     use rusqlite_migration::{Error as E, MigrationDefinitionError as D, SchemaVersion};
@@ -769,7 +851,8 @@ mod tests {
                  INSERT INTO audit (at, actor, action, kind, name, old, new) VALUES
                      ('2026-11-01T00:00:00+00:00', 'admin', 'put asset', 'asset', 'plc-1', NULL, '{}');
                  INSERT INTO credentials (role, sha256, source, updated) VALUES
-                     ('admin', 'abc123', '/etc/gatekeeper/admin.token', '2026-11-01T00:00:00+00:00');",
+                     ('admin', 'abababababababababababababababababababababababababababababababab',
+                      '/etc/gatekeeper/admin.token', '2026-11-01T00:00:00+00:00');",
             )
             .unwrap();
         }
@@ -779,19 +862,26 @@ mod tests {
         assert_eq!(doc.assets[0].name, "plc-1");
         let audit = s.audit(10).unwrap();
         assert_eq!((audit[0].actor.as_str(), audit[0].address.as_deref()), ("admin", None));
-        assert_eq!(s.credentials().unwrap(), vec![("admin".into(), "admin".into(), "abc123".into())]);
+        let creds = s.credentials().unwrap();
+        assert_eq!(creds.len(), 1);
+        assert_eq!((creds[0].name.as_str(), creds[0].role, creds[0].origin), ("admin", Role::Admin, Origin::File));
+        assert_eq!(creds[0].hash, auth::hash_from_hex(&"ab".repeat(32)).unwrap());
         let version: usize = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         // The upgraded store takes new rows with addresses, and named credentials.
         let alice = Actor { name: "alice".into(), address: Some("192.0.2.9".parse().unwrap()) };
         s.commit(&changes(&doc, &PolicyDocument::default()), &alice, "apply").unwrap();
         assert_eq!(s.audit(1).unwrap()[0].address.as_deref(), Some("192.0.2.9"));
-        assert!(s.set_credential("alice", "admin", "def456", "/etc/gatekeeper/alice.token").unwrap());
+        assert!(s.set_credential("alice", "admin", &"cd".repeat(32), "/etc/gatekeeper/alice.token").unwrap());
+        let bob = Credential { name: "bob".into(), role: Role::Reader, origin: Origin::Api, hash: [7; 32] };
+        assert!(s.add_api_credential(&alice, &bob).unwrap());
+        assert!(!s.add_api_credential(&alice, &bob).unwrap(), "a name is taken once");
         s.retain_credentials(&["alice"]).unwrap();
-        assert_eq!(s.credentials().unwrap(), vec![("alice".into(), "admin".into(), "def456".into())]);
+        let names: Vec<_> = s.credentials().unwrap().into_iter().map(|c| (c.name, c.origin)).collect();
+        assert_eq!(names, [("alice".to_string(), Origin::File), ("bob".to_string(), Origin::Api)], "API tokens stay");
         drop(s);
         // Opening again changes nothing.
-        assert_eq!(Store::open(&path).unwrap().audit(100).unwrap().len(), audit.len() + 3);
+        assert_eq!(Store::open(&path).unwrap().audit(100).unwrap().len(), audit.len() + 4);
 
         // A store of a newer schema is refused, untouched.
         rusqlite::Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
