@@ -210,6 +210,14 @@ fn refused_requests_change_nothing() {
     assert!(doc["paths"]["/api/v1/assets/{name}"]["patch"].is_object());
 }
 
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(dir) = self.store_path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// One raw HTTP/1.1 request (for headers a client library would not send); returns the status.
 fn raw(s: &Server, request: &[u8]) -> u16 {
     raw_response(s, request).0
