@@ -217,7 +217,13 @@ pub const OBJECT_BODY_LIMIT: usize = 1 << 20;
 /// other route up to [`OBJECT_BODY_LIMIT`].
 pub fn router(state: ApiState, max_body_bytes: usize) -> (Router, openapi::OpenApi) {
     let (schemas, paths, apply) = utoipa_axum::routes!(policy::apply);
-    let apply = (schemas, paths, apply.layer(DefaultBodyLimit::max(max_body_bytes)));
+    let apply = (
+        schemas,
+        paths,
+        apply
+            .layer(DefaultBodyLimit::max(max_body_bytes))
+            .layer(middleware::from_fn(move |req, next| announced_within(max_body_bytes, req, next))),
+    );
     let api = OpenApiRouter::new()
         .routes(utoipa_axum::routes!(objects::list_assets))
         .routes(utoipa_axum::routes!(
@@ -231,7 +237,6 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> (Router, openapi::OpenA
         .routes(utoipa_axum::routes!(objects::segment_members))
         .routes(utoipa_axum::routes!(objects::list_rules))
         .routes(utoipa_axum::routes!(objects::get_rule, objects::put_rule, objects::delete_rule))
-        .routes(apply)
         .routes(utoipa_axum::routes!(policy::status))
         .routes(utoipa_axum::routes!(policy::audit))
         .routes(utoipa_axum::routes!(
@@ -245,11 +250,29 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> (Router, openapi::OpenA
         .routes(utoipa_axum::routes!(netskope::suggestions))
         .routes(utoipa_axum::routes!(tokens::list_tokens, tokens::create_token))
         .routes(utoipa_axum::routes!(tokens::revoke_token))
+        // The routes above take one object; /apply, added after, has its own limit.
+        .route_layer(middleware::from_fn(|req, next| announced_within(OBJECT_BODY_LIMIT, req, next)))
+        .routes(apply)
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
     // Outside the apply route's own limit, which is set later and so wins for it.
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi()).nest("/api/v1", api).split_for_parts();
     (router.layer(DefaultBodyLimit::max(OBJECT_BODY_LIMIT)), doc)
+}
+
+/// Refuses (413) a body whose `Content-Length` is over `limit` before reading any of it; the
+/// body limit alone would read up to the limit first, and answer a client that then sees the
+/// connection close while it still sends.
+async fn announced_within(limit: usize, req: Request, next: Next) -> Response {
+    let announced =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(n) if n > limit as u64 => {
+            Problem::new(Kind::BodyTooLarge, format!("the body is {n} bytes; this operation takes at most {limit}"))
+                .response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 /// `GET /api/v1/openapi.json`: `doc`, the whole HTTP surface's document, serialized once.
