@@ -312,7 +312,16 @@ fn sync_corrects_drift_reports_limits_and_follows_deletions() {
     tenant.set_hosts(app, &many_refs);
     s.ok("POST", "/integrations/netskope/sync", None);
     assert!(tenant.wait_for(Duration::from_secs(5), |t| t.hosts(app).len() == 500), "{}", tenant.hosts(app).len());
-    let st = s.ok("GET", "/integrations/netskope", None);
+    // The tenant has the hosts once the PATCH arrives; the daemon records what it left out
+    // when the push's answer comes back, a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let st = loop {
+        let st = s.ok("GET", "/integrations/netskope", None);
+        if st["pending_pushes"] == 0 || std::time::Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let refused = st["refused_hosts"].as_array().unwrap();
     assert!(
         refused.iter().any(|r| r["host"] == "192.0.2.5" && r["reason"].as_str().unwrap().contains("publisher")),
