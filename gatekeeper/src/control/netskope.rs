@@ -91,8 +91,25 @@ pub fn check_tenant_url(url: &str) -> Result<String, String> {
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
         .ok_or_else(|| format!("{url:?} must start with https:// (or http:// for a test tenant)"))?;
-    if rest.is_empty() || rest.contains(char::is_whitespace) || rest.contains('/') && !rest.ends_with("/api/v2") {
-        return Err(format!("{url:?} must be the tenant's base URL, like https://TENANT.goskope.com"));
+    let bad = || format!("{url:?} must be the tenant's base URL, like https://TENANT.goskope.com");
+    // A host and an optional port, nothing else: no user, query or fragment that would bend the
+    // request URLs built from it (`https://acme.goskope.com?x` + `/api/v2/...`).
+    let authority = rest.strip_suffix("/api/v2").unwrap_or(rest);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') && (h.starts_with('[') || !h.contains(':')) => (h, Some(p)),
+        _ => (authority, None),
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                && !host.starts_with(['.', '-'])
+        }
+    };
+    if !host_ok || port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(bad());
     }
     Ok(url.trim_end_matches("/api/v2").to_string())
 }
@@ -601,6 +618,25 @@ mod tests {
         assert_eq!(check_tenant_url("https://acme.goskope.com/").unwrap(), "https://acme.goskope.com");
         assert!(check_tenant_url("acme.goskope.com").is_err());
         assert!(check_tenant_url("ftp://x").is_err());
+        for url in [
+            "https://acme.goskope.com?x",
+            "https://acme.goskope.com#x",
+            "https://user@acme.goskope.com",
+            "https://acme.goskope.com/other",
+            "https://acme.goskope.com:99999",
+            "https://acme.goskope.com:",
+            "https://",
+            "https://acme goskope.com",
+        ] {
+            assert!(check_tenant_url(url).is_err(), "{url} was accepted");
+        }
+        for (url, base) in [
+            ("http://127.0.0.1:8443", "http://127.0.0.1:8443"),
+            ("https://[::1]:8443/api/v2", "https://[::1]:8443"),
+            ("https://acme-eu.goskope.com/api/v2/", "https://acme-eu.goskope.com"),
+        ] {
+            assert_eq!(check_tenant_url(url).as_deref(), Ok(base), "{url}");
+        }
     }
 
     #[test]
