@@ -199,6 +199,12 @@ fn content_type(headers: &HeaderMap) -> Result<&str, ApiError> {
     Ok(ct.split(';').next().unwrap_or("").trim())
 }
 
+/// A JSON body that must be a `T` (settings, mappings, new tokens).
+pub(crate) fn body_as<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_value(body_json(headers, body, &["application/json"])?)
+        .map_err(|e| ApiError::Body(format!("body: {e}")))
+}
+
 pub(crate) fn body_json(headers: &HeaderMap, body: &Bytes, accept: &[&str]) -> Result<Value, ApiError> {
     let ct = content_type(headers)?;
     if !accept.iter().any(|a| a.eq_ignore_ascii_case(ct)) {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{
-    ApiError, ApiState, actor, body_json,
+    ApiError, ApiState, actor, body_as,
     problem::{
         BadRequest, BodyTooLarge, Conflict, Forbidden, InvalidPolicy, NotApplied, NotFound, Unauthorized,
         UnsupportedMediaType, Upstream,
@@ -126,8 +126,7 @@ pub async fn put_integration(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<IntegrationStatus>, ApiError> {
-    let v = body_json(&headers, &body, &["application/json"])?;
-    let b: SettingsBody = serde_json::from_value(v).map_err(|e| ApiError::Body(format!("body: {e}")))?;
+    let b: SettingsBody = body_as(&headers, &body)?;
     let tenant_url = netskope::check_tenant_url(&b.tenant_url).map_err(|e| bad("tenant_url", e))?;
     let sync_interval_secs = match &b.sync_interval {
         Some(i) => netskope::parse_interval(i).map_err(|e| bad("sync_interval", e))?,
@@ -290,8 +289,7 @@ pub async fn put_app(
     body: Bytes,
 ) -> Result<Json<App>, ApiError> {
     let id = app_id(&id)?;
-    let v = body_json(&headers, &body, &["application/json"])?;
-    let b: Mapping = serde_json::from_value(v).map_err(|e| ApiError::Body(format!("body: {e}")))?;
+    let b: Mapping = body_as(&headers, &body)?;
     let actor = actor(&ext);
     let mapped = s.with(move |c| c.netskope_map(&actor, id, b.segments, b.active));
     Ok(Json(app_view(&mapped.await??)))

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{
-    ApiError, ApiState, actor, body_json,
+    ApiError, ApiState, actor, body_as,
     objects::NameParam,
     problem::{
         BadRequest, BodyTooLarge, Conflict, Forbidden, InvalidPolicy, NotApplied, NotFound, Unauthorized,
@@ -74,8 +74,7 @@ pub async fn create_token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let v = body_json(&headers, &body, &["application/json"])?;
-    let new: NewToken = serde_json::from_value(v).map_err(|e| ApiError::Body(format!("body: {e}")))?;
+    let new: NewToken = body_as(&headers, &body)?;
     let (actor, name, role) = (actor(&ext), new.name.clone(), new.role);
     let token = s.with(move |c| c.create_token(&actor, &name, role)).await??;
     Ok((StatusCode::CREATED, Json(CreatedToken { name: new.name, role, token })).into_response())
