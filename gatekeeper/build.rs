@@ -5,6 +5,10 @@ use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
     git_revision();
+    // Without the `xdp` feature (only `cargo xtask`, see Cargo.toml) nothing is embedded.
+    if std::env::var_os("CARGO_FEATURE_XDP").is_none() {
+        return Ok(());
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("gatekeeper crate has no parent directory")?

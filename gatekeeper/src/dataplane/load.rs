@@ -18,10 +18,17 @@ use crate::compile::Compiled;
 use std::path::PathBuf;
 
 /// The XDP object built by `build.rs` from `gatekeeper-ebpf`.
+#[cfg(feature = "xdp")]
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper"));
+/// Built without the `xdp` feature (`cargo xtask` only): loading fails with [`DataplaneError::NotEmbedded`].
+#[cfg(not(feature = "xdp"))]
+static PROGRAM_OBJECT: &[u8] = &[];
 pub(super) const PROGRAM_NAME: &str = "gatekeeper";
 /// Helper programs for benchmarks (`gk_empty`, `gk_redirect`, `gk_sink`); see `gatekeeper-ebpf/src/bench.rs`.
+#[cfg(feature = "xdp")]
 pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper-bench"));
+#[cfg(not(feature = "xdp"))]
+pub static BENCH_OBJECT: &[u8] = &[];
 
 /// The loaded program, its maps and its attachments.
 pub struct BpfDataplane {
@@ -57,6 +64,9 @@ impl BpfDataplane {
     /// this process (a bpffs private to its mount namespace, as under `ip netns exec`) or when
     /// another process holds the pin directory's lock (a second daemon), naming its pid.
     pub fn load(options: LoadOptions) -> Result<Self, DataplaneError> {
+        if PROGRAM_OBJECT.is_empty() {
+            return Err(DataplaneError::NotEmbedded);
+        }
         // Older kernels charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless elsewhere.
         let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
         // SAFETY: plain syscall with a valid pointer.

@@ -144,6 +144,8 @@ impl Dataplane for BpfDataplane {
 pub enum DataplaneError {
     #[error("loading the XDP program: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error("this build has no XDP program embedded (built without the `xdp` feature)")]
+    NotEmbedded,
     #[error("XDP program: {0}")]
     Program(#[from] ProgramError),
     #[error("map {map}: {error}")]
