@@ -19,8 +19,9 @@
 //! | `GK_POLICY`    | hash              | [`PolicyKey`]        | [`PolicyValue`]| daemon: an inactive generation; tag moves add entries of appearing identities to the active one |
 //! | `GK_FLOWS_V4`  | LRU hash          | [`FlowKeyV4`]        | [`FlowValue`]  | XDP program (create, refresh, revoke); daemon may clear |
 //! | `GK_FLOWS_V6`  | LRU hash          | [`FlowKey`]          | [`FlowValue`]  | XDP program (create, refresh, revoke); daemon may clear |
-//! | `GK_STATS`     | per-CPU array     | outcome (`OUTCOME_*`)| [`Counter`]    | XDP program |
+//! | `GK_STATS`     | per-CPU array     | [`stats_index`]`(ifindex, OUTCOME_*)` | [`Counter`] | XDP program |
 //! | `GK_RULE_STATS`| per-CPU array     | rule slot            | [`Counter`]    | XDP program; daemon zeroes a slot before reusing it |
+//! | `GK_ID_DROPS`  | LRU per-CPU hash  | `u32` identity       | [`IdDrops`]    | XDP program (policy drops and would-drops, charged to one identity) |
 //!
 //! Host addresses (the usual asset) are looked up in a hash first: one lookup, whatever the
 //! number of assets; only addresses not found there walk the LPM trie of shorter prefixes. Each
@@ -36,7 +37,7 @@
 /// Version of the map layout. Pinned maps live under `<pin_dir>/v<LAYOUT_VERSION>/`; a daemon
 /// finding pins of another version (or incompatible ones) never reuses them. Bump it with any
 /// change to a map's key, value or type.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Policy generations side by side in every policy map; the program uses `epoch % GENERATIONS`.
 /// Four, not three: two flips can go by per grace period before an apply waits, and 2^32 is a
@@ -136,7 +137,8 @@ pub const fn port_class_index(generation: u32, l4: u32, port: u16) -> u32 {
     ((generation % GENERATIONS) << 17) | ((l4 & 1) << 16) | port as u32
 }
 
-/// Per-packet outcomes: every packet increments exactly one of these in `GK_STATS`.
+/// Per-packet outcomes: every packet increments exactly one of these in `GK_STATS`, in the block
+/// of the interface it arrived on.
 pub const OUTCOME_PASS_NON_IP: u32 = 0;
 pub const OUTCOME_PASS_NEIGHBOR: u32 = 1;
 pub const OUTCOME_PASS_UNGOVERNED: u32 = 2;
@@ -152,7 +154,30 @@ pub const OUTCOME_PASS_MALFORMED: u32 = 11;
 /// Events counted in addition to the outcome.
 pub const EVENT_FLOW_REVOKED: u32 = 12;
 pub const EVENT_FLOW_INSERT_FAILED: u32 = 13;
-pub const STATS_ENTRIES: u32 = 14;
+/// Counters in use in each interface's block of `GK_STATS` (outcomes, then events).
+pub const STATS_COUNTERS: u32 = 14;
+/// Each interface's block of `GK_STATS`: [`STATS_COUNTERS`] padded to a power of two.
+pub const STATS_PER_INTERFACE: u32 = 16;
+/// Interfaces with an ifindex below this have a block of their own in `GK_STATS`; the others
+/// share block 0 (ifindex 0 is never a device). Bridge ports of an appliance have small
+/// indexes; 512 blocks keep the per-CPU array at 128 KiB per CPU.
+pub const STATS_IFINDEX_LIMIT: u32 = 512;
+/// Entries of `GK_STATS`.
+pub const STATS_ENTRIES: u32 = STATS_IFINDEX_LIMIT * STATS_PER_INTERFACE;
+/// ifindex of the loopback device, whose block counts the frames of `BPF_PROG_TEST_RUN` (the
+/// kernel runs them as if received on the loopback device of the caller's namespace).
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Index of counter `counter` (`OUTCOME_*` or `EVENT_*`) of interface `ifindex` in `GK_STATS`.
+#[inline(always)]
+pub const fn stats_index(ifindex: u32, counter: u32) -> u32 {
+    let block = if ifindex < STATS_IFINDEX_LIMIT { ifindex } else { 0 };
+    block * STATS_PER_INTERFACE + (counter % STATS_PER_INTERFACE)
+}
+
+/// Entries of `GK_ID_DROPS`: identities charged with drops at the same time. An LRU, so
+/// identities of old policies age out; a live policy has far fewer identities than this.
+pub const DEFAULT_ID_DROP_ENTRIES: u32 = 1 << 14;
 
 /// Default map sizes (all generations together); the daemon can choose others at load time.
 pub const DEFAULT_HOST_ENTRIES: u32 = 1 << 19;
@@ -302,6 +327,16 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// Value of `GK_ID_DROPS`: packets a policy dropped (`enforce`) or would have dropped
+/// (`monitor`), charged to the destination's identity when the destination is governed, else to
+/// the source's. The daemon adds them up per segment of the identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdDrops {
+    pub dropped: u64,
+    pub would_drop: u64,
+}
+
 // Layouts are part of the kernel/user contract: any change must be deliberate.
 const _: () = assert!(core::mem::size_of::<Identity>() == 8);
 const _: () = assert!(core::mem::size_of::<LpmV4>() == 8);
@@ -315,6 +350,8 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowKeyV4>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<IdDrops>() == 16);
+const _: () = assert!(STATS_COUNTERS <= STATS_PER_INTERFACE);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -333,6 +370,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKeyV4 {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for IdDrops {}
 }
 
 #[cfg(test)]
@@ -379,6 +417,21 @@ mod tests {
         assert_eq!(offset_of!(Identity, flags), 4);
         assert_eq!(offset_of!(PolicyValue, deny_rule), 4);
         assert_eq!(offset_of!(Counter, bytes), 8);
+        assert_eq!(offset_of!(IdDrops, would_drop), 8);
+    }
+
+    #[test]
+    fn stats_index_gives_each_small_ifindex_its_block() {
+        assert_eq!(stats_index(0, OUTCOME_PASS_NON_IP), 0);
+        assert_eq!(stats_index(LOOPBACK_IFINDEX, OUTCOME_DROP_DEFAULT), STATS_PER_INTERFACE + OUTCOME_DROP_DEFAULT);
+        assert_eq!(
+            stats_index(STATS_IFINDEX_LIMIT - 1, EVENT_FLOW_INSERT_FAILED) / STATS_PER_INTERFACE,
+            STATS_IFINDEX_LIMIT - 1
+        );
+        assert!(stats_index(STATS_IFINDEX_LIMIT - 1, STATS_PER_INTERFACE - 1) < STATS_ENTRIES);
+        // Large ifindexes share block 0.
+        assert_eq!(stats_index(STATS_IFINDEX_LIMIT, OUTCOME_PASS_FLOW), OUTCOME_PASS_FLOW);
+        assert_eq!(stats_index(u32::MAX, OUTCOME_PASS_FLOW), OUTCOME_PASS_FLOW);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Per packet: parse (through VLAN tags and IPv6 extension headers, in `parse`), look up the flow
 //! table (fast path for established flows), find the segment-set identity of source and
 //! destination (host hash, else LPM trie), and judge a new flow against the compiled allow-list.
-//! Every packet ends in exactly one `OUTCOME_*` counter. The maps are described in one place,
+//! Every packet ends in exactly one `OUTCOME_*` counter of the interface it arrived on; a policy
+//! drop is also charged to one identity (`GK_ID_DROPS`), for drops per segment. The maps are described in one place,
 //! `gatekeeper-common`.
 //!
 //! Semantics are defined by the plain-Rust reference model in `gatekeeper::policy::reference`;
@@ -17,18 +18,18 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use gatekeeper_common::{
     CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, Counter, DEFAULT_FLOW_ENTRIES,
-    DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_RULE_SLOTS, EVENT_FLOW_INSERT_FAILED,
-    EVENT_FLOW_REVOKED, FLOW_ORIG_LO, FlowKey, FlowKeyV4, FlowValue, GENERATIONS, GOVERN_ENFORCE, GenConfig, HostV4,
-    HostV6, ID_ANY, Identity, LpmV4, LpmV6, NO_RULE, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE,
-    OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED,
-    OUTCOME_PASS_ALLOWED, OUTCOME_PASS_FLOW, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP,
-    OUTCOME_PASS_UNGOVERNED, PORT_CLASS_ENTRIES, PORT_CLASS_NONE, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP,
-    PROTO_UDP, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index,
+    DEFAULT_HOST_ENTRIES, DEFAULT_ID_DROP_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES, DEFAULT_RULE_SLOTS,
+    EVENT_FLOW_INSERT_FAILED, EVENT_FLOW_REVOKED, FLOW_ORIG_LO, FlowKey, FlowKeyV4, FlowValue, GENERATIONS,
+    GOVERN_ENFORCE, GenConfig, HostV4, HostV6, ID_ANY, IdDrops, Identity, LpmV4, LpmV6, NO_RULE, OUTCOME_DROP_DEFAULT,
+    OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE,
+    OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_ALLOWED, OUTCOME_PASS_FLOW, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR,
+    OUTCOME_PASS_NON_IP, OUTCOME_PASS_UNGOVERNED, PORT_CLASS_ENTRIES, PORT_CLASS_NONE, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, STATS_ENTRIES, port_class_index, stats_index,
 };
 use parse::{Packet, Parsed, parse};
 
@@ -61,6 +62,8 @@ static GK_FLOWS_V6: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entrie
 static GK_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 #[map]
 static GK_RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DEFAULT_RULE_SLOTS, 0);
+#[map]
+static GK_ID_DROPS: LruPerCpuHashMap<u32, IdDrops> = LruPerCpuHashMap::with_max_entries(DEFAULT_ID_DROP_ENTRIES, 0);
 
 /// A flow's `last_seen_ns` is rewritten at most once per second: timeouts are whole seconds,
 /// and fewer writes keep a busy flow's entry from bouncing between CPUs.
@@ -232,15 +235,55 @@ fn count(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
     }
 }
 
+/// No identity is charged with the packet (it was not dropped by the policy).
+const NO_CHARGE: u32 = u32::MAX;
+
+/// What [`judge`] decided about a packet.
+struct Verdict {
+    /// `OUTCOME_*`.
+    outcome: u32,
+    /// Deciding rule slot, or `NO_RULE`.
+    rule: u32,
+    /// The identity a policy (would-)drop is charged to, or [`NO_CHARGE`].
+    charged: u32,
+}
+
 #[inline(always)]
-fn denied(enforce: bool, rule: u32) -> (u32, u32) {
+const fn verdict(outcome: u32, rule: u32) -> Verdict {
+    Verdict { outcome, rule, charged: NO_CHARGE }
+}
+
+/// A denied flow start, charged to the destination when it is governed, else to the source.
+#[inline(always)]
+fn denied(enforce: bool, rule: u32, src: &Identity, dst: &Identity) -> Verdict {
     let outcome = match (enforce, rule != NO_RULE) {
         (true, true) => OUTCOME_DROP_DENY_RULE,
         (true, false) => OUTCOME_DROP_DEFAULT,
         (false, true) => OUTCOME_MONITOR_DENY_RULE,
         (false, false) => OUTCOME_MONITOR_DEFAULT,
     };
-    (outcome, rule)
+    let charged = if dst.flags != 0 { dst.id } else { src.id };
+    Verdict { outcome, rule, charged }
+}
+
+/// Adds a policy (would-)drop to the charged identity's counter.
+#[inline(always)]
+fn charge(id: u32, enforce: bool) {
+    if let Some(c) = GK_ID_DROPS.get_ptr_mut(&id) {
+        // SAFETY: per-CPU value, preemption off: no concurrent writer. An LRU element recycled
+        // under us would only miscount a drop of an identity that is aging out.
+        unsafe {
+            if enforce {
+                (*c).dropped += 1;
+            } else {
+                (*c).would_drop += 1;
+            }
+        }
+    } else {
+        let first = if enforce { IdDrops { dropped: 1, would_drop: 0 } } else { IdDrops { dropped: 0, would_drop: 1 } };
+        // A failed insert loses one count; nothing else depends on it.
+        let _ = GK_ID_DROPS.insert(&id, &first, 0);
+    }
 }
 
 // ---- The program --------------------------------------------------------------------------------
@@ -248,11 +291,15 @@ fn denied(enforce: bool, rule: u32) -> (u32, u32) {
 #[xdp]
 pub fn gatekeeper(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (outcome, rule) = judge(&ctx, bytes);
-    count(&GK_STATS, outcome, bytes);
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let Verdict { outcome, rule, charged } = judge(&ctx, ifindex, bytes);
+    count(&GK_STATS, stats_index(ifindex, outcome), bytes);
     if rule != NO_RULE {
         // Out-of-range slots find no counter: the per-CPU array bounds the index itself.
         count(&GK_RULE_STATS, rule, bytes);
+    }
+    if charged != NO_CHARGE {
+        charge(charged, outcome == OUTCOME_DROP_DENY_RULE || outcome == OUTCOME_DROP_DEFAULT);
     }
     match outcome {
         OUTCOME_DROP_DENY_RULE | OUTCOME_DROP_DEFAULT | OUTCOME_DROP_MALFORMED => xdp_action::XDP_DROP,
@@ -260,16 +307,15 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Returns `(OUTCOME_*, deciding rule slot or NO_RULE)`.
 #[inline(always)]
-fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
+fn judge(ctx: &XdpContext, ifindex: u32, bytes: u64) -> Verdict {
     // One read of the epoch decides the generation for the whole packet.
     let epoch = GK_EPOCH.get(0).copied().unwrap_or(0);
     let generation = epoch % GENERATIONS;
     let cfg = GK_GEN_CONFIG.get(generation).copied().unwrap_or_default();
 
     let p = match parse(ctx) {
-        Parsed::NonIp => return (OUTCOME_PASS_NON_IP, NO_RULE),
+        Parsed::NonIp => return verdict(OUTCOME_PASS_NON_IP, NO_RULE),
         Parsed::Unattributable => {
             // Nobody can say which segment this packet governs: assume the strictest mode present.
             let outcome = if cfg.flags & CFG_ANY_ENFORCE != 0 {
@@ -279,12 +325,12 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
             } else {
                 OUTCOME_PASS_MALFORMED
             };
-            return (outcome, NO_RULE);
+            return verdict(outcome, NO_RULE);
         }
         Parsed::Ip(p) => p,
     };
     if p.neighbor {
-        return (OUTCOME_PASS_NEIGHBOR, NO_RULE);
+        return verdict(OUTCOME_PASS_NEIGHBOR, NO_RULE);
     }
 
     let (fkey, src_lo) = if p.trackable { flow_key(&p) } else { (Flow::V4(FlowKeyV4::default()), false) };
@@ -304,7 +350,7 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
                     if age > NS_PER_SEC {
                         unsafe { (*fv).last_seen_ns = now };
                     }
-                    return (OUTCOME_PASS_FLOW, NO_RULE);
+                    return verdict(OUTCOME_PASS_FLOW, NO_RULE);
                 }
                 stale = Some(v);
             }
@@ -316,12 +362,12 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
     let governing = src.flags | dst.flags;
     if governing == 0 {
         let outcome = if p.malformed { OUTCOME_PASS_MALFORMED } else { OUTCOME_PASS_UNGOVERNED };
-        return (outcome, NO_RULE);
+        return verdict(outcome, NO_RULE);
     }
     let enforce = governing & GOVERN_ENFORCE != 0;
     if p.malformed {
         let outcome = if enforce { OUTCOME_DROP_MALFORMED } else { OUTCOME_MONITOR_MALFORMED };
-        return (outcome, NO_RULE);
+        return verdict(outcome, NO_RULE);
     }
 
     // A flow opened under an older policy is judged again, in its original direction.
@@ -333,18 +379,18 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
         if allowed {
             let renewed = FlowValue { last_seen_ns: now, epoch, flags: v.flags };
             if fkey.insert(&renewed).is_err() {
-                count(&GK_STATS, EVENT_FLOW_INSERT_FAILED, bytes);
+                count(&GK_STATS, stats_index(ifindex, EVENT_FLOW_INSERT_FAILED), bytes);
             }
-            return (OUTCOME_PASS_FLOW, NO_RULE);
+            return verdict(OUTCOME_PASS_FLOW, NO_RULE);
         }
         fkey.remove();
-        count(&GK_STATS, EVENT_FLOW_REVOKED, bytes);
+        count(&GK_STATS, stats_index(ifindex, EVENT_FLOW_REVOKED), bytes);
     }
 
     let pc = port_class(generation, &p, p.dport);
     let (allowed, rule) = decide(cfg.flags, generation, p.proto, pc, src.id, dst.id);
     if !allowed {
-        return denied(enforce, rule);
+        return denied(enforce, rule, &src, &dst);
     }
     if p.trackable {
         if now == 0 {
@@ -352,10 +398,10 @@ fn judge(ctx: &XdpContext, bytes: u64) -> (u32, u32) {
         }
         let value = FlowValue { last_seen_ns: now, epoch, flags: if src_lo { FLOW_ORIG_LO } else { 0 } };
         if fkey.insert(&value).is_err() {
-            count(&GK_STATS, EVENT_FLOW_INSERT_FAILED, bytes);
+            count(&GK_STATS, stats_index(ifindex, EVENT_FLOW_INSERT_FAILED), bytes);
         }
     }
-    (OUTCOME_PASS_ALLOWED, rule)
+    verdict(OUTCOME_PASS_ALLOWED, rule)
 }
 
 #[cfg(not(test))]

@@ -115,6 +115,27 @@ impl Compiled {
             counts: [0; 4],
         }
     }
+
+    /// The identity of an address, as the program finds it: its host entry if there is one,
+    /// else the longest matching shorter prefix (the host hash, then the LPM trie), else no
+    /// segment at all.
+    pub fn identity(&self, addr: std::net::IpAddr) -> Identity {
+        match addr {
+            std::net::IpAddr::V4(a) => longest_match(&self.v4, 32, |len| Ipv4Net::new(a, len).ok().map(|n| n.trunc())),
+            std::net::IpAddr::V6(a) => longest_match(&self.v6, 128, |len| Ipv6Net::new(a, len).ok().map(|n| n.trunc())),
+        }
+    }
+}
+
+/// Tries every prefix of the address from the host length down. The compiled prefixes have
+/// their host bits clear (the policy validator insists), so `net(len)` finds them exactly; this
+/// costs at most 33 or 129 hash lookups, whatever the size of the policy.
+fn longest_match<N: Eq + std::hash::Hash>(
+    prefixes: &HashMap<N, Identity>,
+    host_len: u8,
+    net: impl Fn(u8) -> Option<N>,
+) -> Identity {
+    (0..=host_len).rev().find_map(|len| net(len).and_then(|n| prefixes.get(&n).copied())).unwrap_or_default()
 }
 
 /// Changes turning one [`Compiled`] into another; `None` values are deletions.

@@ -19,7 +19,7 @@ use gatekeeper::{
     policy::reference::{Outcome, Reference},
     policy::{Action, AssetSpec, Mode, PolicyDocument, Protocol, RuleSpec, Scalar, SegmentSpec},
 };
-use gatekeeper_common::{EVENT_FLOW_REVOKED, NO_RULE, OUTCOME_PASS_FLOW, STATS_ENTRIES};
+use gatekeeper_common::{EVENT_FLOW_REVOKED, NO_RULE, OUTCOME_PASS_FLOW, STATS_COUNTERS};
 use gatekeeper_tests::packet::{Frame, L4, arp};
 
 const XDP_DROP: u32 = 1;
@@ -283,6 +283,10 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
             Some(m) => m.set_policy(policy, now, slots),
         }
         let m = model.as_mut().expect("model");
+        // Every charge the kernel made this round, against those the model expected: no packet
+        // the model charges nobody with may charge an identity.
+        let charges_before = total_charges(dp);
+        let mut expected_charges = 0u64;
         for i in 0..packets {
             // Replies and repeats of earlier packets exercise the flow table.
             let frame = if !history.is_empty() && rng.u8(..3) == 0 {
@@ -307,6 +311,9 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
             }
             let expected = m.judge(&frame);
             let slot_before = expected.rule.map(|s| dp.rule_counter(s).expect("rule counter").packets);
+            // The identity the model says is charged with a policy drop, and its count before.
+            let charged = expected.charged.map(|addr| dp.applied().identity(addr).id);
+            let charged_before = charged.map(|id| dp.id_drops(id).expect("id drops"));
             let before = counters(dp);
             let action = dp.test_run(&frame).expect("test_run");
             let after = counters(dp);
@@ -318,11 +325,24 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
                 (Some(s), Some(b)) => dp.rule_counter(s).expect("rule counter").packets == b + 1,
                 _ => true,
             };
-            if action != want_action || got_outcome != Some(expected.outcome) || revoked != expected.revoked || !rule_ok
+            let charge_ok = match (charged, charged_before) {
+                (Some(id), Some(b)) => {
+                    let a = dp.id_drops(id).expect("id drops");
+                    let (dropped, would) = if expected.outcome.drops() { (1, 0) } else { (0, 1) };
+                    expected_charges += 1;
+                    a.dropped == b.dropped + dropped && a.would_drop == b.would_drop + would
+                }
+                _ => true,
+            };
+            if action != want_action
+                || got_outcome != Some(expected.outcome)
+                || revoked != expected.revoked
+                || !rule_ok
+                || !charge_ok
             {
                 panic!(
                     "seed {seed} policy round {round} packet {i}: kernel action {action} outcome {:?} revoked {revoked} \
-                     rule counter ok {rule_ok}; reference {:?}\nframe: {}\nparsed: {:?}\npolicy:\n{yaml}",
+                     rule counter ok {rule_ok} charge ok {charge_ok}; reference {:?}\nframe: {}\nparsed: {:?}\npolicy:\n{yaml}",
                     got_outcome.map(Outcome::name),
                     expected,
                     frame.iter().map(|b| format!("{b:02x}")).collect::<String>(),
@@ -331,11 +351,27 @@ fn run_seed(dp: &mut Dataplane, seed: u64, policies: usize, packets: usize) -> u
             }
             checked += 1;
         }
+        assert_eq!(
+            total_charges(dp) - charges_before,
+            expected_charges,
+            "seed {seed} policy round {round}: identities charged with drops the model charges nobody with\npolicy:\n{yaml}"
+        );
         if history.len() > 200 {
             history.drain(..100);
         }
     }
     checked
+}
+
+/// The fake's drops by charged identity.
+fn charges(dp: &FakeDataplane) -> BTreeMap<u32, gatekeeper_common::IdDrops> {
+    dp.counters(&[]).expect("counters").id_drops.into_iter().collect()
+}
+
+/// Drops and would-drops charged to any identity so far.
+fn total_charges(dp: &Dataplane) -> u64 {
+    let snapshot = dp.counters(&[]).expect("counters");
+    snapshot.id_drops.iter().map(|(_, d)| d.dropped + d.would_drop).sum()
 }
 
 #[test]
@@ -384,7 +420,7 @@ fn fake_data_plane_matches_reference_model_on_flow_starts() {
     let mut dp = FakeDataplane::new(&LoadOptions::default());
     let outcomes =
         |dp: &FakeDataplane| -> Vec<u64> { dp.stats().expect("stats").by_outcome.iter().map(|c| c.packets).collect() };
-    let mut expected_counts = vec![0u64; STATS_ENTRIES as usize];
+    let mut expected_counts = vec![0u64; STATS_COUNTERS as usize];
     for seed in 0..POLICIES {
         let mut rng = fastrand::Rng::with_seed(seed);
         let doc = random_policy(&mut rng, now);
@@ -410,6 +446,7 @@ fn fake_data_plane_matches_reference_model_on_flow_starts() {
             model.clear_flows();
             let want = model.judge(&frame);
             let (outcomes_before, rules_before) = (outcomes(&dp), rule_counts(&dp));
+            let charges_before = charges(&dp);
             let act = dp.test_run(&frame).expect("test_run");
             let moved = |after: Vec<u64>, before: Vec<u64>| -> Vec<(usize, u64)> {
                 after.iter().zip(&before).map(|(a, b)| a - b).enumerate().filter(|&(_, d)| d != 0).collect()
@@ -425,9 +462,20 @@ fn fake_data_plane_matches_reference_model_on_flow_starts() {
                 ref more => Err(format!("rule counters moved: {more:?}")),
             };
             let want_act = if want.outcome.drops() { XDP_DROP } else { XDP_PASS };
+            // The identity charged with a policy drop: only the model's, by one packet.
+            let mut want_charges = charges_before.clone();
+            if let Some(addr) = want.charged {
+                let d = want_charges.entry(dp.applied().identity(addr).id).or_default();
+                if want.outcome.drops() {
+                    d.dropped += 1;
+                } else {
+                    d.would_drop += 1;
+                }
+            }
+            let charged_ok = charges(&dp) == want_charges;
             assert!(
-                outcome == Some(want.outcome) && rule == Ok(want.rule) && act == want_act,
-                "seed {seed} packet {i}: fake {outcome:?} rule {rule:?} action {act}; reference {want:?}\n\
+                outcome == Some(want.outcome) && rule == Ok(want.rule) && act == want_act && charged_ok,
+                "seed {seed} packet {i}: fake {outcome:?} rule {rule:?} action {act} charges ok {charged_ok}; reference {want:?}\n\
                  frame: {}\nparsed: {:?}\npolicy:\n{yaml}",
                 frame.iter().map(|b| format!("{b:02x}")).collect::<String>(),
                 gatekeeper::policy::reference::parse(&frame),

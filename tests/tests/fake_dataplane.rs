@@ -16,7 +16,7 @@ use gatekeeper::{
 use gatekeeper_common::{
     ETH_P_8021AD, ETH_P_8021Q, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT,
     OUTCOME_PASS_ALLOWED, OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP, OUTCOME_PASS_UNGOVERNED,
-    STATS_ENTRIES,
+    STATS_COUNTERS,
 };
 use gatekeeper_tests::packet::{Frame, L4, arp};
 
@@ -174,5 +174,5 @@ fn attachments_are_bookkeeping() {
     dp.detach_all().expect("detach");
     assert!(dp.attachments().is_empty());
     let stats = dp.stats().expect("stats");
-    assert_eq!((stats.by_outcome.len(), stats.total()), (STATS_ENTRIES as usize, 0));
+    assert_eq!((stats.by_outcome.len(), stats.total()), (STATS_COUNTERS as usize, 0));
 }

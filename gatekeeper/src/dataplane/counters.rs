@@ -1,22 +1,86 @@
-//! Counters: outcomes and rules (per-CPU, summed), and the flow tables' fill.
+//! Counters: outcomes per interface, rules and charged identities (per-CPU, summed), and the
+//! flow tables' fill.
 
 use std::os::fd::AsFd as _;
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
-use gatekeeper_common::{Counter, FlowKey, FlowKeyV4, FlowValue, STATS_ENTRIES};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use gatekeeper_common::{
+    Counter, FlowKey, FlowKeyV4, FlowValue, IdDrops, LOOPBACK_IFINDEX, STATS_COUNTERS, STATS_IFINDEX_LIMIT, stats_index,
+};
 
-use super::{BpfDataplane, DataplaneError, Stats, io_err, map_err};
+use super::{BpfDataplane, CounterSnapshot, DataplaneError, Stats, io_err, map_err};
 
 impl BpfDataplane {
-    /// Counters by outcome, summed over CPUs.
+    /// Counters by outcome, summed over CPUs and over the interfaces counted: those attached,
+    /// the loopback block (frames of `BPF_PROG_TEST_RUN`) and the shared block of large ifindexes.
     pub fn stats(&self) -> Result<Stats, DataplaneError> {
-        let map = self.ebpf.map("GK_STATS").ok_or(DataplaneError::MissingMap("GK_STATS"))?;
-        let stats: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err("GK_STATS"))?;
-        let mut by_outcome = Vec::with_capacity(STATS_ENTRIES as usize);
-        for i in 0..STATS_ENTRIES {
-            by_outcome.push(sum(&stats.get(&i, 0).map_err(map_err("GK_STATS"))?));
+        let mut by_outcome = vec![Counter::default(); STATS_COUNTERS as usize];
+        for (_, block) in self.interface_blocks(&self.counted_ifindexes())? {
+            for (total, c) in by_outcome.iter_mut().zip(block) {
+                *total = add(*total, c);
+            }
         }
         Ok(Stats { by_outcome })
+    }
+
+    /// The ifindexes whose blocks [`BpfDataplane::stats`] sums, each once.
+    fn counted_ifindexes(&self) -> Vec<u32> {
+        let mut blocks = vec![0, LOOPBACK_IFINDEX];
+        for (name, _) in self.attachments() {
+            if let Some(i) = ifindex(&name) {
+                let block = if i < STATS_IFINDEX_LIMIT { i } else { 0 };
+                if !blocks.contains(&block) {
+                    blocks.push(block);
+                }
+            }
+        }
+        blocks
+    }
+
+    /// The block of each of `ifindexes` in `GK_STATS`, summed over CPUs.
+    fn interface_blocks(&self, ifindexes: &[u32]) -> Result<Vec<(u32, Vec<Counter>)>, DataplaneError> {
+        let map = self.ebpf.map("GK_STATS").ok_or(DataplaneError::MissingMap("GK_STATS"))?;
+        let stats: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err("GK_STATS"))?;
+        ifindexes
+            .iter()
+            .map(|&i| {
+                let block = (0..STATS_COUNTERS)
+                    .map(|c| stats.get(&stats_index(i, c), 0).map(|v| sum(&v)).map_err(map_err("GK_STATS")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((i, block))
+            })
+            .collect()
+    }
+
+    /// Everything `/metrics` reports of the counters: the blocks of `ifindexes`, every rule slot
+    /// of the policy in force, every identity charged with drops.
+    pub fn counters(&self, ifindexes: &[u32]) -> Result<CounterSnapshot, DataplaneError> {
+        let interfaces = self.interface_blocks(ifindexes)?;
+        let map = self.ebpf.map("GK_RULE_STATS").ok_or(DataplaneError::MissingMap("GK_RULE_STATS"))?;
+        let stats: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err("GK_RULE_STATS"))?;
+        let rules = self
+            .applied
+            .rule_slots
+            .values()
+            .filter(|&&slot| slot < stats.len())
+            .map(|&slot| stats.get(&slot, 0).map(|v| (slot, sum(&v))).map_err(map_err("GK_RULE_STATS")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let map = self.ebpf.map("GK_ID_DROPS").ok_or(DataplaneError::MissingMap("GK_ID_DROPS"))?;
+        let drops: PerCpuHashMap<_, u32, IdDrops> = PerCpuHashMap::try_from(map).map_err(map_err("GK_ID_DROPS"))?;
+        // An entry evicted or created while walking is missed or seen once: a key that vanished
+        // between the key walk and its lookup is simply skipped.
+        let id_drops = drops
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, per_cpu)| {
+                let d = per_cpu.iter().fold(IdDrops::default(), |a, c| IdDrops {
+                    dropped: a.dropped + c.dropped,
+                    would_drop: a.would_drop + c.would_drop,
+                });
+                (id, d)
+            })
+            .collect();
+        Ok(CounterSnapshot { interfaces, rules, id_drops })
     }
 
     /// The counter of the rule in `slot`, summed over CPUs.
@@ -24,6 +88,20 @@ impl BpfDataplane {
         let map = self.ebpf.map("GK_RULE_STATS").ok_or(DataplaneError::MissingMap("GK_RULE_STATS"))?;
         let stats: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err("GK_RULE_STATS"))?;
         Ok(sum(&stats.get(&slot, 0).map_err(map_err("GK_RULE_STATS"))?))
+    }
+
+    /// The drops charged to identity `id` so far, summed over CPUs (zero if none).
+    pub fn id_drops(&self, id: u32) -> Result<IdDrops, DataplaneError> {
+        let map = self.ebpf.map("GK_ID_DROPS").ok_or(DataplaneError::MissingMap("GK_ID_DROPS"))?;
+        let drops: PerCpuHashMap<_, u32, IdDrops> = PerCpuHashMap::try_from(map).map_err(map_err("GK_ID_DROPS"))?;
+        match drops.get(&id, 0) {
+            Ok(per_cpu) => Ok(per_cpu.iter().fold(IdDrops::default(), |a, c| IdDrops {
+                dropped: a.dropped + c.dropped,
+                would_drop: a.would_drop + c.would_drop,
+            })),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(IdDrops::default()),
+            Err(e) => Err(map_err("GK_ID_DROPS")(e)),
+        }
     }
 
     /// Handles of its own on the flow tables, for counting them on another thread.
@@ -44,8 +122,20 @@ impl BpfDataplane {
     }
 }
 
+fn add(a: Counter, b: Counter) -> Counter {
+    Counter { packets: a.packets + b.packets, bytes: a.bytes + b.bytes }
+}
+
 fn sum(values: &PerCpuValues<Counter>) -> Counter {
-    values.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+    values.iter().fold(Counter::default(), |a, c| add(a, *c))
+}
+
+/// The ifindex of interface `name` in this network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string; the call only reads it.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
 }
 
 /// Handles of their own on the flow tables: counting walks every key (a syscall each), so it

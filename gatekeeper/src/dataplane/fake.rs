@@ -9,7 +9,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicUsize, Ordering},
@@ -18,15 +17,14 @@ use std::{
 };
 
 use gatekeeper_common::{
-    CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, Counter, GOVERN_ENFORCE, ID_ANY, Identity,
-    NO_RULE, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT,
-    OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_ALLOWED, OUTCOME_PASS_MALFORMED,
-    OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP, OUTCOME_PASS_UNGOVERNED, PORT_CLASS_NONE, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey, STATS_ENTRIES,
+    CFG_ANY_ANY, CFG_ANY_ENFORCE, CFG_ANY_MONITOR, CFG_DST_ANY, CFG_SRC_ANY, Counter, GOVERN_ENFORCE, ID_ANY, IdDrops,
+    LOOPBACK_IFINDEX, NO_RULE, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED,
+    OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_ALLOWED,
+    OUTCOME_PASS_MALFORMED, OUTCOME_PASS_NEIGHBOR, OUTCOME_PASS_NON_IP, OUTCOME_PASS_UNGOVERNED, PORT_CLASS_NONE,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PolicyKey, STATS_COUNTERS,
 };
-use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::{ApplyReport, Dataplane, DataplaneError, FlowCounter, LoadOptions, Stats, XdpAttachMode};
+use super::{ApplyReport, CounterSnapshot, Dataplane, DataplaneError, FlowCounter, LoadOptions, Stats, XdpAttachMode};
 use crate::{
     compile::{Compiled, Delta, diff},
     policy::reference::{self, Frame, Header},
@@ -46,6 +44,8 @@ struct Counters {
     by_outcome: Vec<Counter>,
     /// By rule slot, like `GK_RULE_STATS` (sparse: most slots are never used).
     by_rule: BTreeMap<u32, Counter>,
+    /// By charged identity, like `GK_ID_DROPS`.
+    by_identity: BTreeMap<u32, IdDrops>,
 }
 
 /// The in-memory data plane: see the module documentation.
@@ -71,8 +71,9 @@ impl FakeDataplane {
             rule_slots: options.rule_slots,
             attachments: Vec::new(),
             counters: Mutex::new(Counters {
-                by_outcome: vec![Counter::default(); STATS_ENTRIES as usize],
+                by_outcome: vec![Counter::default(); STATS_COUNTERS as usize],
                 by_rule: BTreeMap::new(),
+                by_identity: BTreeMap::new(),
             }),
             refuse: Arc::default(),
         }
@@ -127,30 +128,38 @@ impl FakeDataplane {
 
     /// `(OUTCOME_*, deciding rule slot or NO_RULE)` for `frame`, judged as the XDP program
     /// judges a packet that starts a flow (there is no flow table here).
-    fn judge(&self, frame: &[u8]) -> (u32, u32) {
+    /// `(OUTCOME_*, deciding rule or NO_RULE, identity charged with a policy drop)`.
+    fn judge(&self, frame: &[u8]) -> (u32, u32, Option<u32>) {
         let compiled = &self.applied;
         let h = match reference::parse(frame) {
-            Frame::NonIp => return (OUTCOME_PASS_NON_IP, NO_RULE),
-            Frame::Unattributable => return (unattributable(compiled.config.flags), NO_RULE),
+            Frame::NonIp => return (OUTCOME_PASS_NON_IP, NO_RULE, None),
+            Frame::Unattributable => return (unattributable(compiled.config.flags), NO_RULE, None),
             Frame::Ip(h) => h,
         };
         if h.neighbor {
-            return (OUTCOME_PASS_NEIGHBOR, NO_RULE);
+            return (OUTCOME_PASS_NEIGHBOR, NO_RULE, None);
         }
-        let src = identity(compiled, h.src);
-        let dst = identity(compiled, h.dst);
+        let src = compiled.identity(h.src);
+        let dst = compiled.identity(h.dst);
         let governing = src.flags | dst.flags;
         if governing == 0 {
             let outcome = if h.malformed { OUTCOME_PASS_MALFORMED } else { OUTCOME_PASS_UNGOVERNED };
-            return (outcome, NO_RULE);
+            return (outcome, NO_RULE, None);
         }
         let enforce = governing & GOVERN_ENFORCE != 0;
         if h.malformed {
             let outcome = if enforce { OUTCOME_DROP_MALFORMED } else { OUTCOME_MONITOR_MALFORMED };
-            return (outcome, NO_RULE);
+            return (outcome, NO_RULE, None);
         }
         let (allowed, rule) = decide(compiled, proto_class(h.proto), port_class(compiled, &h), src.id, dst.id);
-        if allowed { (OUTCOME_PASS_ALLOWED, rule) } else { denied(enforce, rule) }
+        if allowed {
+            (OUTCOME_PASS_ALLOWED, rule, None)
+        } else {
+            // Charged as the program charges: the destination when it is governed.
+            let charged = if dst.flags != 0 { dst.id } else { src.id };
+            let (outcome, rule) = denied(enforce, rule);
+            (outcome, rule, Some(charged))
+        }
     }
 }
 
@@ -164,26 +173,6 @@ fn unattributable(cfg_flags: u32) -> u32 {
     } else {
         OUTCOME_PASS_MALFORMED
     }
-}
-
-/// The identity of an address: its host entry if there is one, else the longest matching
-/// shorter prefix (the program's host hash, then its LPM trie), else no segment at all.
-fn identity(compiled: &Compiled, addr: IpAddr) -> Identity {
-    match addr {
-        IpAddr::V4(a) => longest_match(&compiled.v4, 32, |len| Ipv4Net::new(a, len).ok().map(|n| n.trunc())),
-        IpAddr::V6(a) => longest_match(&compiled.v6, 128, |len| Ipv6Net::new(a, len).ok().map(|n| n.trunc())),
-    }
-}
-
-/// Tries every prefix of the address from the host length down. The compiled prefixes have
-/// their host bits clear (the policy validator insists), so `net(len)` finds them exactly; this
-/// costs at most 33 or 129 hash lookups, whatever the size of the policy.
-fn longest_match<N: Eq + std::hash::Hash>(
-    prefixes: &std::collections::HashMap<N, Identity>,
-    host_len: u8,
-    net: impl Fn(u8) -> Option<N>,
-) -> Identity {
-    (0..=host_len).rev().find_map(|len| net(len).and_then(|n| prefixes.get(&n).copied())).unwrap_or_default()
 }
 
 /// Rules can only name these protocols, so the compiler keys every other one as `PROTO_OTHER`.
@@ -315,6 +304,26 @@ impl Dataplane for FakeDataplane {
         Ok(Stats { by_outcome: self.counters().by_outcome.clone() })
     }
 
+    /// Frames of [`Dataplane::test_run`] count on the loopback block, as `BPF_PROG_TEST_RUN`'s do;
+    /// no other interface sees traffic.
+    fn counters(&self, ifindexes: &[u32]) -> Result<CounterSnapshot, DataplaneError> {
+        let c = self.counters();
+        let zero = vec![Counter::default(); STATS_COUNTERS as usize];
+        let interfaces = ifindexes
+            .iter()
+            .map(|&i| (i, if i == LOOPBACK_IFINDEX { c.by_outcome.clone() } else { zero.clone() }))
+            .collect();
+        let rules = self
+            .applied
+            .rule_slots
+            .values()
+            .filter(|&&slot| slot < self.rule_slots)
+            .map(|&slot| (slot, c.by_rule.get(&slot).copied().unwrap_or_default()))
+            .collect();
+        let id_drops = c.by_identity.iter().map(|(&id, &d)| (id, d)).collect();
+        Ok(CounterSnapshot { interfaces, rules, id_drops })
+    }
+
     /// There is no flow table.
     fn flow_counter(&self) -> Result<Option<FlowCounter>, DataplaneError> {
         Ok(None)
@@ -327,11 +336,19 @@ impl Dataplane for FakeDataplane {
     /// Counts one packet and the frame's bytes in the outcome's counter, and in the deciding
     /// rule's counter when a rule decided. Returns the XDP action (1 drop, 2 pass).
     fn test_run(&self, frame: &[u8]) -> Result<u32, DataplaneError> {
-        let (outcome, rule) = self.judge(frame);
+        let (outcome, rule, charged) = self.judge(frame);
         let bytes = frame.len() as u64;
         let mut counters = self.counters();
         if let Some(c) = counters.by_outcome.get_mut(outcome as usize) {
             add(c, bytes);
+        }
+        if let Some(id) = charged {
+            let d = counters.by_identity.entry(id).or_default();
+            if action(outcome) == XDP_DROP {
+                d.dropped += 1;
+            } else {
+                d.would_drop += 1;
+            }
         }
         // Out-of-range slots have no counter, as in the program.
         if rule != NO_RULE && rule < self.rule_slots {

@@ -55,12 +55,12 @@ use aya::{
 };
 use gatekeeper_common::{
     Counter, DEFAULT_FLOW_ENTRIES, DEFAULT_HOST_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_PREFIX_ENTRIES,
-    DEFAULT_RULE_SLOTS, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED, OUTCOME_MONITOR_DEFAULT,
-    OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_MALFORMED,
+    DEFAULT_RULE_SLOTS, IdDrops, OUTCOME_DROP_DEFAULT, OUTCOME_DROP_DENY_RULE, OUTCOME_DROP_MALFORMED,
+    OUTCOME_MONITOR_DEFAULT, OUTCOME_MONITOR_DENY_RULE, OUTCOME_MONITOR_MALFORMED, OUTCOME_PASS_MALFORMED,
 };
 
 pub use self::{
-    counters::FlowCounter,
+    counters::{FlowCounter, ifindex},
     load::{BENCH_OBJECT, BpfDataplane},
     pin::{pin_version_dir, remove_pins},
     testrun::{test_run_fd, test_run_live_fd},
@@ -94,6 +94,8 @@ pub trait Dataplane: Send {
     fn took_over(&self) -> bool;
     /// Counters by outcome, summed over CPUs.
     fn stats(&self) -> Result<Stats, DataplaneError>;
+    /// The counters `/metrics` reports: per interface (`ifindexes`), per rule, per identity.
+    fn counters(&self, ifindexes: &[u32]) -> Result<CounterSnapshot, DataplaneError>;
     /// A handle that counts the flow tables without borrowing the data plane (`None`: no flow
     /// table).
     fn flow_counter(&self) -> Result<Option<FlowCounter>, DataplaneError>;
@@ -131,6 +133,9 @@ impl Dataplane for BpfDataplane {
     }
     fn stats(&self) -> Result<Stats, DataplaneError> {
         BpfDataplane::stats(self)
+    }
+    fn counters(&self, ifindexes: &[u32]) -> Result<CounterSnapshot, DataplaneError> {
+        BpfDataplane::counters(self, ifindexes)
     }
     fn flow_counter(&self) -> Result<Option<FlowCounter>, DataplaneError> {
         BpfDataplane::flow_counter(self).map(Some)
@@ -212,6 +217,18 @@ impl Stats {
     pub fn passed(&self) -> u64 {
         self.total() - self.dropped()
     }
+}
+
+/// The counters at one moment, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// By ifindex (0: the block shared by ifindexes of `STATS_IFINDEX_LIMIT` and above), each
+    /// indexed by `OUTCOME_*` / `EVENT_*`.
+    pub interfaces: Vec<(u32, Vec<Counter>)>,
+    /// By rule slot of the policy in force.
+    pub rules: Vec<(u32, Counter)>,
+    /// By identity charged with policy drops (see [`gatekeeper_common::IdDrops`]).
+    pub id_drops: Vec<(u32, IdDrops)>,
 }
 
 /// Map sizes chosen at load time (all generations together).

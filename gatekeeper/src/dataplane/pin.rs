@@ -19,7 +19,7 @@ use super::{DataplaneError, LoadOptions, io_err};
 
 /// The maps and what their pinned copies must look like to be reused:
 /// (name, BPF map type, key size, value size).
-pub(super) const MAPS: [(&str, u32, u32, u32); 12] = [
+pub(super) const MAPS: [(&str, u32, u32, u32); 13] = [
     ("GK_EPOCH", 2, 4, 4),
     ("GK_GEN_CONFIG", 2, 4, 32),
     ("GK_HOSTS_V4", 1, 8, 8),
@@ -32,6 +32,7 @@ pub(super) const MAPS: [(&str, u32, u32, u32); 12] = [
     ("GK_FLOWS_V6", 9, 40, 16),
     ("GK_STATS", 6, 4, 16),
     ("GK_RULE_STATS", 6, 4, 16),
+    ("GK_ID_DROPS", 10, 4, 16),
 ];
 
 impl LoadOptions {

@@ -96,6 +96,10 @@ pub struct Judgement {
     pub rule: Option<u32>,
     /// An established flow was cut because the policy no longer allows it.
     pub revoked: bool,
+    /// The address whose segments a policy drop (or would-drop) is charged to: the destination
+    /// when it is in an enforce or monitor segment, else the source. `None` for every other
+    /// outcome (malformed packets are nobody's).
+    pub charged: Option<IpAddr>,
 }
 
 /// The header fields the semantics look at.
@@ -352,7 +356,7 @@ impl Reference {
 
     /// Judges one frame, updating the flow state as the data plane would.
     pub fn judge(&mut self, frame: &[u8]) -> Judgement {
-        let j = |outcome, rule, revoked| Judgement { outcome, rule, revoked };
+        let j = |outcome, rule, revoked| Judgement { outcome, rule, revoked, charged: None };
         let h = match parse(frame) {
             Frame::NonIp => return j(Outcome::PassNonIp, None, false),
             Frame::Unattributable => {
@@ -416,7 +420,9 @@ impl Reference {
                     (false, true) => Outcome::MonitorDenyRule,
                     (false, false) => Outcome::MonitorDefault,
                 };
-                j(outcome, rule, revoked)
+                let governs = |set: &SegmentSet| set.iter().any(|&i| self.policy.segments[i].mode != Mode::Label);
+                let charged = if governs(&dst) { h.dst } else { h.src };
+                Judgement { charged: Some(charged), ..j(outcome, rule, revoked) }
             }
         }
     }
@@ -489,8 +495,17 @@ mod tests {
         let mut m = Reference::new(doc("plc"), Utc::now(), slots.clone());
         let req = ipv4_tcp([10, 0, 0, 1], [10, 0, 0, 2], 40000, 502);
         let reply = ipv4_tcp([10, 0, 0, 2], [10, 0, 0, 1], 502, 40000);
-        assert_eq!(m.judge(&reply).outcome, Outcome::DropDefault, "no flow yet");
-        assert_eq!(m.judge(&req), Judgement { outcome: Outcome::PassAllowed, rule: Some(0), revoked: false });
+        let refused = m.judge(&reply);
+        assert_eq!(refused.outcome, Outcome::DropDefault, "no flow yet");
+        assert_eq!(
+            refused.charged,
+            Some(IpAddr::from([10, 0, 0, 2])),
+            "the governed side (the PLC, sending) is charged"
+        );
+        assert_eq!(
+            m.judge(&req),
+            Judgement { outcome: Outcome::PassAllowed, rule: Some(0), revoked: false, charged: None }
+        );
         assert_eq!(m.judge(&reply).outcome, Outcome::PassFlow);
         // Same policy again: the flow survives re-judgement.
         m.set_policy(doc("plc"), Utc::now(), slots.clone());
