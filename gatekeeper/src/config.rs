@@ -25,8 +25,19 @@ pub struct Config {
     pub api: Option<ApiConfig>,
     /// Netskope One private apps follow segment membership (also settable through the API).
     pub netskope: Option<NetskopeConfig>,
+    /// A listener of its own for Prometheus (`/metrics` without a token); only when present.
+    pub metrics: Option<MetricsConfig>,
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// `[metrics]`: where Prometheus scrapes `/metrics` without a token. It serves counters and
+/// object names (segments, rules, interfaces), no secrets; bind it to the management network.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ADDR:PORT`, e.g. `"10.0.10.5:9469"`.
+    pub listen: String,
 }
 
 /// How the daemon logs (to stderr); `GATEKEEPER_LOG_FORMAT` overrides `format`.

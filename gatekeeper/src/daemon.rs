@@ -206,6 +206,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let metrics_listener = match &config.metrics {
+        Some(m) => Some(
+            tokio::net::TcpListener::bind(&m.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("[metrics] listen {}: {e}", m.listen))?,
+        ),
+        None => None,
+    };
     let handle = {
         let (config, tokens) = (config.clone(), tokens.clone());
         tokio::task::spawn_blocking(move || start(&config, tokens.as_ref())).await??
@@ -221,6 +229,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(async move {
             if let Err(e) = api::serve::serve(listener, tls, router).await {
                 tracing::error!(error = %e, "API server stopped");
+            }
+        });
+    }
+    if let (Some(m), Some(listener)) = (&config.metrics, metrics_listener) {
+        let router = metrics::open_router(handle.clone()).layer(axum::middleware::from_fn(api::problem::normalize));
+        tracing::info!(listen = %m.listen, "metrics listening (no token: keep it on the management network)");
+        // The API's server: the same timeouts and connection cap against slow clients.
+        tokio::spawn(async move {
+            if let Err(e) = api::serve::serve(listener, None, router).await {
+                tracing::error!(error = %e, "metrics server stopped");
             }
         });
     }

@@ -119,6 +119,8 @@ pub struct Control {
     /// Asset name to its position in `doc.assets`.
     index: HashMap<String, usize>,
     last_apply: Option<(DateTime<Utc>, f64)>,
+    /// Moves with every [`Control::publish`]: what readers cache derived figures by.
+    revision: u64,
     /// The Netskope integration: its generated objects are enforced with `doc`.
     netskope: Integration,
     /// Wakes the Netskope worker (none until it runs).
@@ -179,6 +181,7 @@ pub struct Governance {
 /// it compiles, and its transaction commits only once the compile succeeded: the two costs
 /// overlap instead of adding up, and the order above holds.
 fn commit_step(
+    kind: telemetry::ApplyKind,
     enforcer: &mut Enforcer,
     store: &mut Store,
     large: bool,
@@ -186,6 +189,28 @@ fn commit_step(
     record: impl FnOnce(&mut Store) -> Result<(), StoreError> + Send,
     revert: impl FnOnce(&mut Store) -> Result<(), StoreError>,
 ) -> Result<Option<ApplyReport>, ControlError> {
+    let started = Instant::now();
+    let result = commit_step_timed(enforcer, store, large, stage, record, revert);
+    match &result {
+        Ok(Some((report, before_publish))) => {
+            telemetry::applied(kind, started.elapsed(), *before_publish + report.enforced_after);
+        }
+        Ok(None) => {}
+        Err(_) => telemetry::apply_failed(),
+    }
+    result.map(|r| r.map(|(report, _)| report))
+}
+
+/// [`commit_step`], also returning how long it took to reach the data-plane write.
+fn commit_step_timed(
+    enforcer: &mut Enforcer,
+    store: &mut Store,
+    large: bool,
+    stage: impl FnOnce(&mut Enforcer) -> Result<Option<Staged>, EnforceError>,
+    record: impl FnOnce(&mut Store) -> Result<(), StoreError> + Send,
+    revert: impl FnOnce(&mut Store) -> Result<(), StoreError>,
+) -> Result<Option<(ApplyReport, std::time::Duration)>, ControlError> {
+    let started = Instant::now();
     let (staged, recorded) = if large {
         let (compiled, gate) = std::sync::mpsc::channel();
         store.gate_next_commit(gate);
@@ -214,8 +239,9 @@ fn commit_step(
         return Err(e.into());
     }
     let Some(staged) = staged else { return Ok(None) };
+    let before_publish = started.elapsed();
     match enforcer.publish(staged) {
-        Ok(report) => Ok(Some(report)),
+        Ok(report) => Ok(Some((report, before_publish))),
         Err(e) => {
             if let Err(back) = revert(store) {
                 // The store now holds a change that is not enforced; the previous policy is
@@ -257,6 +283,7 @@ impl Prepared {
         let diff = changes(&stored, &desired);
         let actor = Actor::named("policy-file");
         let report = commit_step(
+            telemetry::ApplyKind::Policy,
             &mut enforcer,
             &mut store,
             diff.len() >= LARGE_CHANGE,
@@ -271,6 +298,7 @@ impl Prepared {
             doc: desired,
             index: HashMap::new(),
             last_apply: Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3)),
+            revision: 0,
             netskope,
             wake: None,
             board: Arc::new(StatusBoard::default()),
@@ -377,6 +405,11 @@ impl Control {
         self.credentials.remove(name);
         tracing::info!(actor = %actor, token = name, "token revoked");
         Ok(())
+    }
+
+    /// Moves with every change published (see [`Control::publish`]).
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     pub fn enforcer(&self) -> &Enforcer {
@@ -586,6 +619,7 @@ impl Control {
             return Ok(diff);
         }
         self.commit(
+            telemetry::ApplyKind::Policy,
             diff.len() >= LARGE_CHANGE,
             |e| e.stage(policy).map(Some),
             |s| s.commit(&diff, actor, action),
@@ -613,13 +647,14 @@ impl Control {
     /// The one commit step of every change (see [`commit_step`]); records when it last applied.
     fn commit(
         &mut self,
+        kind: telemetry::ApplyKind,
         large: bool,
         stage: impl FnOnce(&mut Enforcer) -> Result<Option<Staged>, EnforceError>,
         record: impl FnOnce(&mut Store) -> Result<(), StoreError> + Send,
         revert: impl FnOnce(&mut Store) -> Result<(), StoreError>,
     ) -> Result<(), ControlError> {
         let started = Instant::now();
-        if commit_step(&mut self.enforcer, &mut self.store, large, stage, record, revert)?.is_some() {
+        if commit_step(kind, &mut self.enforcer, &mut self.store, large, stage, record, revert)?.is_some() {
             self.last_apply = Some((Utc::now(), started.elapsed().as_secs_f64() * 1e3));
         }
         Ok(())
@@ -738,6 +773,7 @@ impl Control {
         };
         // Tag edits stay on this thread: a thread would cost more than their rows.
         let result = self.commit(
+            telemetry::ApplyKind::Assets,
             false,
             |e| e.stage_assets(apply).map(Some),
             |s| s.commit_each(&recorded),
@@ -779,7 +815,8 @@ impl Control {
 
     /// Publishes the status (epoch, last apply, attachments, counts and map fill) for readers
     /// that must not wait for the control lock.
-    pub fn publish(&self) {
+    pub fn publish(&mut self) {
+        self.revision += 1;
         // A change may bring a rule whose expiry comes sooner.
         self.expiry.changed();
         let dp = self.enforcer.dataplane();
@@ -794,6 +831,7 @@ impl Control {
             rules: c.rule_slots.len(),
             capacity: self.enforcer.capacity(),
             flows: None,
+            flows_by_family: None,
         });
     }
 

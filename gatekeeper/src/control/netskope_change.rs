@@ -147,6 +147,7 @@ impl Control {
             ..NetskopeCommit::default()
         };
         let result = self.commit(
+            telemetry::ApplyKind::Policy,
             false,
             |e| policy.map(|p| e.stage(p)).transpose(),
             |s| s.netskope_commit(commit),

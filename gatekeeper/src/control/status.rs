@@ -26,6 +26,8 @@ pub struct StatusView {
     pub capacity: Capacity,
     /// Entries in the flow tables at the last sample (`None`: not sampled yet, or no table).
     pub flows: Option<usize>,
+    /// The same, per table: IPv4, IPv6.
+    pub flows_by_family: Option<[usize; 2]>,
 }
 
 #[derive(Debug, Default)]
@@ -37,15 +39,17 @@ impl StatusBoard {
     /// Replaces the view; the flow sample stays.
     pub fn publish(&self, view: StatusView) {
         let mut v = self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *v = StatusView { flows: v.flows, ..view };
+        *v = StatusView { flows: v.flows, flows_by_family: v.flows_by_family, ..view };
     }
 
     pub fn get(&self) -> StatusView {
         self.view.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    fn set_flows(&self, n: usize) {
-        self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner).flows = Some(n);
+    fn set_flows(&self, n: [usize; 2]) {
+        let mut v = self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        v.flows = Some(n[0] + n[1]);
+        v.flows_by_family = Some(n);
     }
 }
 

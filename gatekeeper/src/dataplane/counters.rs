@@ -80,7 +80,14 @@ impl BpfDataplane {
                 (id, d)
             })
             .collect();
-        Ok(CounterSnapshot { interfaces, rules, id_drops })
+        let size = |name: &'static str| -> Result<u32, DataplaneError> {
+            match self.ebpf.map(name) {
+                Some(Map::LruHashMap(data)) => Ok(data.info().map_err(map_err(name))?.max_entries()),
+                _ => Err(DataplaneError::MissingMap(name)),
+            }
+        };
+        let flow_capacity = [size("GK_FLOWS_V4")?, size("GK_FLOWS_V6")?];
+        Ok(CounterSnapshot { interfaces, rules, id_drops, flow_capacity })
     }
 
     /// The counter of the rule in `slot`, summed over CPUs.
@@ -146,10 +153,10 @@ pub struct FlowCounter {
 }
 
 impl FlowCounter {
-    /// Entries in both flow tables now.
-    pub fn count(&self) -> Result<usize, DataplaneError> {
+    /// Entries in the IPv4 and the IPv6 flow table now.
+    pub fn count(&self) -> Result<[usize; 2], DataplaneError> {
         let v4: HashMap<_, FlowKeyV4, FlowValue> = HashMap::try_from(&self.v4).map_err(map_err("GK_FLOWS_V4"))?;
         let v6: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(&self.v6).map_err(map_err("GK_FLOWS_V6"))?;
-        Ok(v4.keys().filter(Result::is_ok).count() + v6.keys().filter(Result::is_ok).count())
+        Ok([v4.keys().filter(Result::is_ok).count(), v6.keys().filter(Result::is_ok).count()])
     }
 }

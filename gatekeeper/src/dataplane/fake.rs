@@ -321,7 +321,7 @@ impl Dataplane for FakeDataplane {
             .map(|&slot| (slot, c.by_rule.get(&slot).copied().unwrap_or_default()))
             .collect();
         let id_drops = c.by_identity.iter().map(|(&id, &d)| (id, d)).collect();
-        Ok(CounterSnapshot { interfaces, rules, id_drops })
+        Ok(CounterSnapshot { interfaces, rules, id_drops, flow_capacity: [0, 0] })
     }
 
     /// There is no flow table.

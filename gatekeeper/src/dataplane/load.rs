@@ -137,6 +137,14 @@ impl BpfDataplane {
             let epoch_map: Array<_, u32> = Array::try_from(dp.map("GK_EPOCH")?).map_err(map_err("GK_EPOCH"))?;
             dp.epoch = epoch_map.get(&0, 0).map_err(map_err("GK_EPOCH"))?;
             tracing::info!(epoch = dp.epoch, "adopted the pinned data plane; enforcement continues");
+            // Identity ids start again with this daemon's compiler: drops charged to the old
+            // daemon's ids would be counted for the wrong segments.
+            let mut drops: aya::maps::PerCpuHashMap<_, u32, gatekeeper_common::IdDrops> =
+                aya::maps::PerCpuHashMap::try_from(dp.map("GK_ID_DROPS")?).map_err(map_err("GK_ID_DROPS"))?;
+            let ids: Vec<u32> = drops.keys().filter_map(Result::ok).collect();
+            for id in ids {
+                let _ = drops.remove(&id);
+            }
         }
         Ok(dp)
     }

@@ -229,6 +229,8 @@ pub struct CounterSnapshot {
     pub rules: Vec<(u32, Counter)>,
     /// By identity charged with policy drops (see [`gatekeeper_common::IdDrops`]).
     pub id_drops: Vec<(u32, IdDrops)>,
+    /// Sizes of the IPv4 and IPv6 flow tables (0: no flow table).
+    pub flow_capacity: [u32; 2],
 }
 
 /// Map sizes chosen at load time (all generations together).
