@@ -45,9 +45,14 @@ pub fn render(control: &Control) -> String {
         // The rest is still worth serving; the log says why these are missing.
         Err(e) => tracing::warn!(error = %e, "reading the data plane's counters for /metrics failed"),
     }
+    // The encoder refuses a family without samples (say, flow entries before the first sample),
+    // and would stop there: leave those out, as the registry's own gather does.
+    families.retain(|f| !f.get_metric().is_empty());
     families.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out = Vec::new();
-    let _ = TextEncoder::new().encode(&families, &mut out);
+    if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+        tracing::warn!(error = %e, "encoding /metrics failed; the document is cut short");
+    }
     String::from_utf8(out).unwrap_or_default()
 }
 
