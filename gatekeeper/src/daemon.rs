@@ -21,7 +21,7 @@ use crate::{
         netskope::{self, Settings},
         status,
     },
-    dataplane::{ApplyReport, LoadOptions},
+    dataplane::{self, ApplyReport, LoadOptions},
     metrics, netskope_sync,
     policy::{PolicyDocument, PolicyError, read_file},
     tls,
@@ -148,7 +148,16 @@ fn start(config: &Config, tokens: Option<&Tokens>) -> anyhow::Result<Handle> {
     for interface in &config.dataplane.interfaces {
         let dp = control.enforcer_mut().dataplane_mut();
         match dp.attach(interface, config.dataplane.xdp_mode) {
-            Ok(mode) => tracing::info!(interface = %interface, mode, "attached"),
+            Ok(mode) => {
+                tracing::info!(interface = %interface, mode, "attached");
+                if dataplane::ifindex(interface).is_some_and(|i| i >= gatekeeper_common::STATS_IFINDEX_LIMIT) {
+                    tracing::warn!(
+                        interface = %interface,
+                        "ifindex of {} or more: its packets are counted under interface=\"other\" in /metrics",
+                        gatekeeper_common::STATS_IFINDEX_LIMIT
+                    );
+                }
+            }
             Err(e) => {
                 if dp.took_over() {
                     // A running enforcement was taken over: removing its pins would leave the
