@@ -43,6 +43,7 @@ impl BpfDataplane {
                         let pinned =
                             fd.pin(&own).map_err(|source| DataplaneError::Pin { path: own.clone(), source })?;
                         self.pinned.push((interface.to_string(), pinned, "replaced"));
+                        self.note_ifindex(interface);
                         return Ok("replaced");
                     }
                     Err(e) => {
@@ -72,6 +73,7 @@ impl BpfDataplane {
                     } else {
                         self.links.push((interface.to_string(), id, name));
                     }
+                    self.note_ifindex(interface);
                     return Ok(name);
                 }
                 Err(error) => last = Some((name, error)),
@@ -79,6 +81,16 @@ impl BpfDataplane {
         }
         let Some((mode, error)) = last else { unreachable!("every attach mode has at least one try") };
         Err(DataplaneError::Attach { interface: interface.to_string(), mode, error })
+    }
+
+    /// Remembers the ifindex of an interface just attached, resolved now: this thread is in the
+    /// interface's network namespace, which a later reader (the counters) may not be.
+    fn note_ifindex(&mut self, interface: &str) {
+        if let Some(i) = super::ifindex(interface)
+            && !self.ifindexes.contains(&i)
+        {
+            self.ifindexes.push(i);
+        }
     }
 
     /// Interfaces attached, with their mode.
@@ -100,6 +112,7 @@ impl BpfDataplane {
             remove_pins(&dir).map_err(io_err(format!("removing {}", dir.display())))?;
         }
         let links = std::mem::take(&mut self.links);
+        self.ifindexes.clear();
         let mut first_err = None;
         for (_, id, _) in links {
             if let Err(e) = self.program_mut()?.detach(id) {

@@ -26,12 +26,10 @@ impl BpfDataplane {
     /// The ifindexes whose blocks [`BpfDataplane::stats`] sums, each once.
     fn counted_ifindexes(&self) -> Vec<u32> {
         let mut blocks = vec![0, LOOPBACK_IFINDEX];
-        for (name, _) in self.attachments() {
-            if let Some(i) = ifindex(&name) {
-                let block = if i < STATS_IFINDEX_LIMIT { i } else { 0 };
-                if !blocks.contains(&block) {
-                    blocks.push(block);
-                }
+        for &i in &self.ifindexes {
+            let block = if i < STATS_IFINDEX_LIMIT { i } else { 0 };
+            if !blocks.contains(&block) {
+                blocks.push(block);
             }
         }
         blocks

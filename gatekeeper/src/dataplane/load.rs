@@ -38,6 +38,8 @@ pub struct BpfDataplane {
     pub(super) links: Vec<(String, XdpLinkId, &'static str)>,
     /// Pinned links (pinned mode), by interface.
     pub(super) pinned: Vec<(String, PinnedLink, &'static str)>,
+    /// ifindexes of the interfaces attached, resolved when attaching (see `note_ifindex`).
+    pub(super) ifindexes: Vec<u32>,
     /// `<pin_dir>/v<LAYOUT_VERSION>` in pinned mode.
     pub(super) pin_dir: Option<(PathBuf, PathBuf)>,
     /// The maps came from pins with unknown contents: the first apply rewrites every generation.
@@ -123,6 +125,7 @@ impl BpfDataplane {
             applied: Compiled::empty(),
             links: Vec::new(),
             pinned: Vec::new(),
+            ifindexes: Vec::new(),
             pin_dir,
             adopted,
             took_over: adopted,
